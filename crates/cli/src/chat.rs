@@ -1,0 +1,61 @@
+//! `refusal-steer chat`: an interactive conversation, streamed token by token.
+
+use crate::generate::{encode_with_bos, DecodingArgs};
+use crate::ModelArg;
+use anyhow::Result;
+use clap::Args;
+use refusal_steer_engine::{generate, Request};
+use refusal_steer_tokenizer::{Message, StreamDecoder};
+use std::io::{BufRead, Write};
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    decoding: DecodingArgs,
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let options = args.decoding.options()?;
+    let model = args.model.load()?;
+    let mut history: Vec<Message> = args.decoding.system.iter().map(|s| Message::new("system", s)).collect();
+    eprintln!("chatting with {} (/reset clears the conversation, /exit or Ctrl-D quits)", model.path.display());
+    let stdin = std::io::stdin();
+    let mut turn = 0u64;
+    loop {
+        eprint!("> ");
+        std::io::stderr().flush()?;
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        match line.trim() {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.truncate(usize::from(args.decoding.system.is_some()));
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", line));
+        let text = model.template.render(&history, true)?;
+        let request = Request { prompt: encode_with_bos(&model, &text), seed: args.decoding.seed.wrapping_add(turn) };
+        turn += 1;
+        let mut decoder = StreamDecoder::default();
+        let mut hooks = model.new_hooks();
+        let mut stdout = std::io::stdout();
+        let out = generate(&model, &[request], &options, &mut hooks, &mut |_, token| {
+            if let Ok(bytes) = model.tokenizer.token_bytes(token, false) {
+                let _ = write!(stdout, "{}", decoder.push(&bytes));
+                let _ = stdout.flush();
+            }
+        })?;
+        println!("{}", decoder.finish());
+        let answer = model.tokenizer.decode(&out[0].tokens, false)?;
+        history.push(Message::new("assistant", &answer));
+    }
+    Ok(())
+}

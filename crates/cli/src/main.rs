@@ -1,0 +1,126 @@
+//! `refusal-steer`: the command line. Parses arguments and calls the library crates.
+
+mod chat;
+mod generate;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use refusal_steer_catalog as catalog;
+use refusal_steer_engine::Model;
+
+#[derive(Parser)]
+#[command(name = "refusal-steer", version, about = "Find, apply and measure steering vectors that remove or induce refusals.")]
+struct Cli {
+    /// Inference threads (default: all physical cores).
+    #[arg(long, global = true, env = "REFUSAL_STEER_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List or fetch the catalogue's models.
+    Models {
+        #[command(subcommand)]
+        action: ModelsAction,
+    },
+    /// Print the token ids of a text as a JSON array.
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArg,
+        #[arg(long)]
+        text: String,
+        /// Print the token pieces as well.
+        #[arg(long)]
+        pieces: bool,
+        /// Add BOS/EOS as the model file asks.
+        #[arg(long)]
+        add_special: bool,
+        /// Treat special-token text (like <|im_start|>) as plain text.
+        #[arg(long)]
+        no_parse_special: bool,
+    },
+    /// Answer prompts, writing one JSONL line per (prompt, sample). Resumable.
+    Generate(generate::GenerateArgs),
+    /// Chat interactively, streaming the answers.
+    Chat(chat::ChatArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsAction {
+    /// Show the known models and whether each is cached.
+    List,
+    /// Download and verify a model (a no-op when the cache already has it).
+    Fetch { name: String },
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArg {
+    /// A catalogue name (see `models list`) or a path to a .gguf file.
+    #[arg(long, default_value = catalog::DEFAULT_MODEL)]
+    pub model: String,
+}
+
+impl ModelArg {
+    pub fn load(&self) -> Result<Model> {
+        let path = catalog::resolve(&self.model, &mut |msg| eprintln!("{msg}"))?;
+        Model::load(&path).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The kernels read their thread count from the environment on first use.
+    if let Some(n) = cli.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.max(1).to_string());
+    }
+    if let Err(e) = run(cli.command) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Models { action: ModelsAction::List } => {
+            println!("{:<30} {:<8} {:<8} {:>6} {:<5} cached", "name", "arch", "quant", "MB", "chat");
+            for m in catalog::CATALOGUE {
+                let cached = catalog::cached_path(m);
+                let state = if cached.is_file() { cached.display().to_string() } else { "-".into() };
+                let default = if m.name == catalog::DEFAULT_MODEL { " (default)" } else { "" };
+                println!(
+                    "{:<30} {:<8} {:<8} {:>6} {:<5} {state}{default}",
+                    m.name,
+                    m.architecture,
+                    m.quantization,
+                    m.bytes / 1_000_000,
+                    if m.chat { "yes" } else { "no" }
+                );
+            }
+            println!("cache: {} (set {} to move it)", catalog::cache_dir().display(), catalog::CACHE_ENV);
+        }
+        Command::Models { action: ModelsAction::Fetch { name } } => {
+            let entry = catalog::find(&name).ok_or_else(|| {
+                anyhow::anyhow!("unknown model '{name}'; run `refusal-steer models list` for the known names")
+            })?;
+            let path = catalog::fetch(entry, &mut |msg| eprintln!("{msg}"))?;
+            println!("{}", path.display());
+        }
+        Command::Tokenize { model, text, pieces, add_special, no_parse_special } => {
+            let path = catalog::resolve(&model.model, &mut |msg| eprintln!("{msg}"))?;
+            let file = refusal_steer_engine::gguf::GgufFile::open(&path)?;
+            let tokenizer = refusal_steer_tokenizer::Tokenizer::from_gguf_metadata(file.metadata())?;
+            let ids = tokenizer.encode(&text, add_special, !no_parse_special);
+            println!("{}", serde_json::to_string(&ids)?);
+            if pieces {
+                let pieces: Vec<&str> = ids.iter().map(|&id| tokenizer.piece(id)).collect::<Result<_, _>>()?;
+                println!("{}", serde_json::to_string(&pieces)?);
+            }
+        }
+        Command::Generate(args) => generate::run(args)?,
+        Command::Chat(args) => chat::run(args)?,
+    }
+    Ok(())
+}

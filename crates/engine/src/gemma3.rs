@@ -1,0 +1,73 @@
+//! Gemma 3 decoder. Differences from llama: embeddings scaled by sqrt(d); RMS norms after
+//! attention and after the MLP as well as before; per-head RMS norms on queries and keys;
+//! GELU (tanh) MLP; five of every six layers attend within a sliding window and use their own
+//! rope base. The GGUF converter has already folded gemma's `1 + w` into the norm weights.
+//!
+//! Block: h = x + post_attention_norm(attn(attn_norm(x))),
+//!        out = h + post_ffw_norm(mlp(ffn_norm(h))).
+
+use crate::gguf::GgufFile;
+use crate::layers::{Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext};
+use crate::model::{Block, Config, Decoder};
+use crate::Result;
+use candle_core::Tensor;
+
+/// Rope base of the sliding-window layers when the file does not give one.
+const SLIDING_ROPE_THETA: f32 = 10_000.0;
+/// Every sixth layer is global when the file does not give a pattern.
+const SLIDING_PATTERN: usize = 6;
+
+pub struct Gemma3Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    post_attention_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+    post_ffw_norm: RmsNorm,
+    sliding: bool,
+}
+
+impl Block for Gemma3Block {
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut StepContext, ropes: &[Rope]) -> Result<Tensor> {
+        // ropes[0]: global layers, ropes[1]: sliding-window layers.
+        let rope_table = usize::from(self.sliding);
+        let wiring = AttentionWiring { layer, rope: &ropes[rope_table], rope_table, sliding: self.sliding };
+        let attn = self.attn.forward(&self.attn_norm.forward(x)?, ctx, wiring)?;
+        let h = (x + self.post_attention_norm.forward(&attn)?)?;
+        let mlp = self.mlp.forward(&self.ffn_norm.forward(&h)?)?;
+        Ok((&h + self.post_ffw_norm.forward(&mlp)?)?)
+    }
+}
+
+pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
+    let window = file.usize_or("gemma3.attention.sliding_window", 0)?;
+    let pattern = file.usize_or("gemma3.attention.sliding_window_pattern", SLIDING_PATTERN)?;
+    let sliding_theta = file.f32_or("gemma3.rope.freq_base_swa", SLIDING_ROPE_THETA)?;
+    let scale = 1.0 / (c.head_dim as f64).sqrt();
+    let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let p = format!("blk.{i}");
+        blocks.push(Box::new(Gemma3Block {
+            attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
+            attn: Attention::load(file, &p, c.n_heads, c.n_kv_heads, c.head_dim, scale, Some(c.rms_eps))?,
+            post_attention_norm: RmsNorm::load(file, &format!("{p}.post_attention_norm"), c.rms_eps)?,
+            ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
+            mlp: Mlp::load(file, &p, Activation::GeluTanh)?,
+            post_ffw_norm: RmsNorm::load(file, &format!("{p}.post_ffw_norm"), c.rms_eps)?,
+            sliding: window > 0 && (pattern == 0 || i % pattern < pattern - 1),
+        }));
+    }
+    let lm_head = if file.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
+    Ok(Decoder {
+        embed: file.matrix("token_embd.weight")?,
+        embed_scale: Some((c.d_model as f64).sqrt()),
+        blocks,
+        norm: RmsNorm::load(file, "output_norm", c.rms_eps)?,
+        lm_head: file.matrix(lm_head)?,
+        ropes: vec![
+            Rope::new(c.rope_theta, c.head_dim, c.context_length, RopeStyle::Halves)?,
+            Rope::new(sliding_theta, c.head_dim, c.context_length, RopeStyle::Halves)?,
+        ],
+        window: (window > 0).then_some(window),
+    })
+}

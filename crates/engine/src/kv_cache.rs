@@ -1,0 +1,214 @@
+//! The key/value cache of a batch, and the bookkeeping that makes padded batches exact: which
+//! cache slots hold real tokens, and each token's position within its own row.
+//!
+//! Every row of a batch shares the same slots (the cache is rectangular); padding slots are
+//! never attended to, and positions count only a row's real tokens, so a padded row computes
+//! exactly what it would compute alone. Keys and values are written in place into buffers
+//! allocated once for the whole generation.
+
+use crate::{EngineError, Result};
+use candle_core::{Device, Tensor};
+
+/// The new slots of one forward call.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    pub batch: usize,
+    /// Number of new slots per row.
+    pub len: usize,
+    /// Index of the first new slot.
+    pub start: usize,
+    /// `[batch * len]`: whether each new slot holds a real token.
+    pub valid: Vec<bool>,
+    /// `[batch * len]`: position of each new token within its row (0 for padding).
+    pub positions: Vec<u32>,
+    /// Whether these tokens are prompt tokens (prefill) or generated ones.
+    pub prompt: bool,
+}
+
+impl Chunk {
+    pub fn slot(&self, row: usize, i: usize) -> usize {
+        row * self.len + i
+    }
+
+    /// Index within the chunk of each row's last real token.
+    pub fn last_valid(&self, row: usize) -> Option<usize> {
+        (0..self.len).rev().find(|&i| self.valid[self.slot(row, i)])
+    }
+}
+
+pub struct KvCache {
+    batch: usize,
+    capacity: usize,
+    len: usize,
+    /// Per layer: keys and values `[batch, kv_heads, capacity, head_dim]`, allocated on first use.
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[batch * capacity]`
+    valid: Vec<bool>,
+    /// `[batch * capacity]`
+    positions: Vec<u32>,
+    next_position: Vec<u32>,
+}
+
+impl KvCache {
+    pub fn new(batch: usize, capacity: usize, n_layers: usize) -> Self {
+        Self {
+            batch,
+            capacity,
+            len: 0,
+            layers: vec![None; n_layers],
+            valid: vec![false; batch * capacity],
+            positions: vec![0; batch * capacity],
+            next_position: vec![0; batch],
+        }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of real tokens seen so far in `row`.
+    pub fn row_len(&self, row: usize) -> u32 {
+        self.next_position[row]
+    }
+
+    /// Reserves `len` new slots per row; `valid[row * len + i]` says which hold real tokens.
+    pub fn begin(&self, valid: Vec<bool>, len: usize, prompt: bool) -> Result<Chunk> {
+        if valid.len() != self.batch * len {
+            return Err(EngineError::Batch(format!("{} validity flags for a batch of {} x {len}", valid.len(), self.batch)));
+        }
+        if self.len + len > self.capacity {
+            return Err(EngineError::Batch(format!(
+                "cache of {} slots cannot take {len} more after {}",
+                self.capacity, self.len
+            )));
+        }
+        let mut positions = vec![0; valid.len()];
+        for row in 0..self.batch {
+            let mut next = self.next_position[row];
+            for i in 0..len {
+                if valid[row * len + i] {
+                    positions[row * len + i] = next;
+                    next += 1;
+                }
+            }
+        }
+        Ok(Chunk { batch: self.batch, len, start: self.len, valid, positions, prompt })
+    }
+
+    /// Records the chunk's slots once every layer has written its keys and values.
+    pub fn commit(&mut self, chunk: &Chunk) {
+        for row in 0..self.batch {
+            for i in 0..chunk.len {
+                let src = chunk.slot(row, i);
+                let dst = row * self.capacity + chunk.start + i;
+                self.valid[dst] = chunk.valid[src];
+                self.positions[dst] = chunk.positions[src];
+                if chunk.valid[src] {
+                    self.next_position[row] = chunk.positions[src] + 1;
+                }
+            }
+        }
+        self.len = chunk.start + chunk.len;
+    }
+
+    /// Writes this chunk's keys and values `[batch, kv_heads, chunk.len, head_dim]` for `layer`
+    /// and returns all keys and values so far (contiguous).
+    pub fn append(&mut self, layer: usize, chunk: &Chunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        if self.layers[layer].is_none() {
+            let (b, h, _, d) = k.dims4()?;
+            let zeros = || Tensor::zeros((b, h, self.capacity, d), k.dtype(), &Device::Cpu);
+            self.layers[layer] = Some((zeros()?, zeros()?));
+        }
+        let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 2, chunk.start)?;
+        cv.slice_set(&v.contiguous()?, 2, chunk.start)?;
+        let total = chunk.start + chunk.len;
+        Ok((ck.narrow(2, 0, total)?.contiguous()?, cv.narrow(2, 0, total)?.contiguous()?))
+    }
+
+    /// Additive attention mask `[batch, 1, 1, chunk.len, chunk.start + chunk.len]`: a query sees
+    /// real earlier-or-equal tokens of its own row (within `window` positions, if given).
+    /// A padding query sees only itself, so its (ignored) softmax stays finite.
+    pub fn mask(&self, chunk: &Chunk, window: Option<usize>) -> Result<Tensor> {
+        let total = chunk.start + chunk.len;
+        let mut mask = vec![f32::NEG_INFINITY; self.batch * chunk.len * total];
+        for row in 0..self.batch {
+            let key = |j: usize| -> (bool, u32) {
+                if j < chunk.start {
+                    let s = row * self.capacity + j;
+                    (self.valid[s], self.positions[s])
+                } else {
+                    let s = chunk.slot(row, j - chunk.start);
+                    (chunk.valid[s], chunk.positions[s])
+                }
+            };
+            for i in 0..chunk.len {
+                let q = chunk.slot(row, i);
+                let out = &mut mask[(row * chunk.len + i) * total..(row * chunk.len + i + 1) * total];
+                let query_slot = chunk.start + i;
+                if !chunk.valid[q] {
+                    out[query_slot] = 0.0;
+                    continue;
+                }
+                let qpos = chunk.positions[q];
+                for (j, m) in out.iter_mut().enumerate().take(query_slot + 1) {
+                    let (valid, kpos) = key(j);
+                    let in_window = window.is_none_or(|w| (qpos - kpos) < w as u32);
+                    if valid && kpos <= qpos && in_window {
+                        *m = 0.0;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(mask, (self.batch, 1, 1, chunk.len, total), &Device::Cpu)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_skip_padding_and_continue_across_chunks() {
+        let mut cache = KvCache::new(2, 8, 1);
+        // Row 0 is left-padded by two slots.
+        let chunk = cache.begin(vec![false, false, true, true, true, true], 3, true).unwrap();
+        assert_eq!(chunk.positions, vec![0, 0, 0, 0, 1, 2]);
+        assert_eq!(chunk.last_valid(0), Some(2));
+        cache.commit(&chunk);
+        let next = cache.begin(vec![true, true], 1, false).unwrap();
+        assert_eq!(next.positions, vec![1, 3]);
+        assert_eq!((cache.row_len(0), cache.row_len(1)), (1, 3));
+    }
+
+    #[test]
+    fn mask_hides_padding_future_and_out_of_window_tokens() {
+        let cache = KvCache::new(1, 4, 1);
+        let chunk = cache.begin(vec![false, true, true, true], 4, true).unwrap();
+        let m: Vec<f32> = cache.mask(&chunk, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let open: Vec<Vec<bool>> = m.chunks(4).map(|r| r.iter().map(|&x| x == 0.0).collect()).collect();
+        assert_eq!(open[0], vec![true, false, false, false]); // padding query sees itself only
+        assert_eq!(open[1], vec![false, true, false, false]);
+        assert_eq!(open[3], vec![false, true, true, true]);
+        let w: Vec<f32> = cache.mask(&chunk, Some(2)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(w[12..16].iter().map(|&x| x == 0.0).collect::<Vec<_>>(), vec![false, false, true, true]);
+    }
+
+    #[test]
+    fn overflowing_the_cache_is_an_error() {
+        let cache = KvCache::new(1, 2, 1);
+        assert!(cache.begin(vec![true; 3], 3, true).is_err());
+    }
+}

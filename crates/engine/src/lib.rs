@@ -1,0 +1,44 @@
+//! The inference engine: GGUF decoder models with intervention points on the residual stream.
+//!
+//! ```text
+//! tokens -> embeddings -[point 0]-> block 0 -[point 1]-> ... block n-1 -[point n]-> norm -> logits
+//! ```
+//! See [`hooks`] for what can happen at a point.
+
+mod gemma3;
+pub mod generate;
+pub mod gguf;
+pub mod hooks;
+pub mod kv_cache;
+mod layers;
+mod llama;
+pub mod model;
+pub mod tiny;
+
+pub use generate::{generate, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling};
+pub use hooks::{Action, Captured, Hooks, Intervention, Positions, Rows};
+pub use model::{Architecture, Config, Logits, Model};
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{path}: not a usable GGUF model: {detail}")]
+    BadFile { path: PathBuf, detail: String },
+    #[error("unsupported architecture '{0}' (supported: {supported})", supported = Architecture::SUPPORTED)]
+    UnsupportedArchitecture(String),
+    #[error("tensor '{name}' has type {dtype}, which the engine cannot run (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K); requantize the file")]
+    UnsupportedTensorType { name: String, dtype: String },
+    #[error("prompt of {prompt} tokens plus {new_tokens} new tokens exceeds the model's context of {context} tokens; shorten the prompt or lower --max-tokens")]
+    ContextLength { prompt: usize, new_tokens: usize, context: usize },
+    #[error("invalid intervention: {0}")]
+    BadIntervention(String),
+    #[error("invalid batch: {0}")]
+    Batch(String),
+    #[error(transparent)]
+    Tokenizer(#[from] refusal_steer_tokenizer::TokenizerError),
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,54 @@
+//! Llama-family decoder (SmolLM2, Llama 3) and Qwen2, which is the same block with biases on
+//! the q/k/v projections (loaded when the file has them) and halves-style rope.
+//!
+//! Block: x + attn(attn_norm(x)), then x + mlp(ffn_norm(x)).
+
+use crate::gguf::GgufFile;
+use crate::layers::{Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext};
+use crate::model::{Architecture, Block, Config, Decoder};
+use crate::Result;
+use candle_core::Tensor;
+
+pub struct LlamaBlock {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    ffn_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block for LlamaBlock {
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut StepContext, ropes: &[Rope]) -> Result<Tensor> {
+        let wiring = AttentionWiring { layer, rope: &ropes[0], rope_table: 0, sliding: false };
+        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, ctx, wiring)?)?;
+        Ok((&x + self.mlp.forward(&self.ffn_norm.forward(&x)?)?)?)
+    }
+}
+
+pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
+    let style = match c.architecture {
+        Architecture::Llama => RopeStyle::Interleaved,
+        _ => RopeStyle::Halves,
+    };
+    let scale = 1.0 / (c.head_dim as f64).sqrt();
+    let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let p = format!("blk.{i}");
+        blocks.push(Box::new(LlamaBlock {
+            attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
+            attn: Attention::load(file, &p, c.n_heads, c.n_kv_heads, c.head_dim, scale, None)?,
+            ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
+            mlp: Mlp::load(file, &p, Activation::Silu)?,
+        }));
+    }
+    // Small models tie the output projection to the embeddings.
+    let lm_head = if file.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
+    Ok(Decoder {
+        embed: file.matrix("token_embd.weight")?,
+        embed_scale: None,
+        blocks,
+        norm: RmsNorm::load(file, "output_norm", c.rms_eps)?,
+        lm_head: file.matrix(lm_head)?,
+        ropes: vec![Rope::new(c.rope_theta, c.head_dim, c.context_length, style)?],
+        window: None,
+    })
+}

@@ -1,0 +1,197 @@
+//! A loaded model: tokenizer, chat template and the decoder, with one forward pass for all
+//! architectures. Each architecture contributes its block (see `llama.rs`, `gemma3.rs`).
+
+use crate::gguf::GgufFile;
+use crate::hooks::Hooks;
+use crate::kv_cache::{Chunk, KvCache};
+use crate::layers::{RmsNorm, Rope, StepContext};
+use crate::{gemma3, llama, EngineError, Result};
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module, Tensor};
+use refusal_steer_tokenizer::{ChatTemplate, Tokenizer};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Gemma3,
+}
+
+impl Architecture {
+    pub const SUPPORTED: &'static str = "llama, qwen2, gemma3";
+
+    pub fn from_gguf(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            "gemma3" => Ok(Self::Gemma3),
+            other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: Architecture,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_eps: f32,
+    pub rope_theta: f32,
+}
+
+impl Config {
+    fn from_gguf(file: &GgufFile, architecture: Architecture) -> Result<Self> {
+        let a = architecture.name();
+        let n_heads = file.usize(&format!("{a}.attention.head_count"))?;
+        let d_model = file.usize(&format!("{a}.embedding_length"))?;
+        let vocab_size = match file.content.tensor_infos.get("token_embd.weight") {
+            Some(info) => info.shape.dims()[0],
+            None => return Err(EngineError::BadFile { path: file.path.clone(), detail: "tensor 'token_embd.weight' is missing".into() }),
+        };
+        Ok(Self {
+            architecture,
+            n_layers: file.usize(&format!("{a}.block_count"))?,
+            d_model,
+            n_heads,
+            n_kv_heads: file.usize_or(&format!("{a}.attention.head_count_kv"), n_heads)?,
+            head_dim: file.usize_or(&format!("{a}.attention.key_length"), d_model / n_heads)?,
+            vocab_size,
+            context_length: file.usize(&format!("{a}.context_length"))?,
+            rms_eps: file.f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
+            rope_theta: file.f32_or(&format!("{a}.rope.freq_base"), 10_000.0)?,
+        })
+    }
+}
+
+/// One decoder block: residual stream in, residual stream out.
+pub trait Block: Send + Sync {
+    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut StepContext, ropes: &[Rope]) -> Result<Tensor>;
+}
+
+/// What an architecture provides beyond its blocks.
+pub struct Decoder {
+    pub embed: QMatMul,
+    /// Multiplies the embeddings (gemma scales them by sqrt(d)).
+    pub embed_scale: Option<f64>,
+    pub blocks: Vec<Box<dyn Block>>,
+    pub norm: RmsNorm,
+    pub lm_head: QMatMul,
+    pub ropes: Vec<Rope>,
+    /// Sliding attention window, for architectures whose blocks use one.
+    pub window: Option<usize>,
+}
+
+/// Which positions need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last real token of each row: `[batch, vocab]` (what generation needs).
+    Last,
+    /// Every slot: `[batch, len, vocab]`.
+    All,
+}
+
+pub struct Model {
+    pub config: Config,
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub path: PathBuf,
+    decoder: Decoder,
+}
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut file = GgufFile::open(path)?;
+        let architecture = Architecture::from_gguf(&file.architecture()?)?;
+        let config = Config::from_gguf(&file, architecture)?;
+        let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
+        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.piece(i).ok()).unwrap_or("").to_string();
+        let template = ChatTemplate::from_gguf_metadata(file.metadata(), &token_text(tokenizer.bos), &token_text(tokenizer.eos))?;
+        if tokenizer.vocab_size() < config.vocab_size {
+            return Err(EngineError::BadFile {
+                path: path.to_path_buf(),
+                detail: format!("tokenizer has {} tokens but the embedding has {} rows", tokenizer.vocab_size(), config.vocab_size),
+            });
+        }
+        let decoder = match architecture {
+            Architecture::Llama | Architecture::Qwen2 => llama::load(&mut file, &config)?,
+            Architecture::Gemma3 => gemma3::load(&mut file, &config)?,
+        };
+        Ok(Self { config, tokenizer, template, path: path.to_path_buf(), decoder })
+    }
+
+    /// A new cache for `batch` rows and up to `capacity` tokens per row.
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> KvCache {
+        KvCache::new(batch, capacity, self.config.n_layers)
+    }
+
+    /// Hooks sized for this model.
+    pub fn new_hooks(&self) -> Hooks {
+        Hooks::new(self.config.n_layers, self.config.d_model)
+    }
+
+    /// Runs `tokens` (`[batch * chunk.len]`, row-major; padding slots may hold any id) through
+    /// the model, appending to `cache`, applying `hooks`, and returns logits (f32).
+    pub fn forward(&self, tokens: &[u32], chunk: &Chunk, cache: &mut KvCache, hooks: &mut Hooks, logits: Logits) -> Result<Tensor> {
+        let (b, t) = (chunk.batch, chunk.len);
+        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(EngineError::Batch(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+        }
+        let ids = Tensor::from_slice(tokens, (b, t), &Device::Cpu)?;
+        let d = &self.decoder;
+        let mut x = d.embed.embedding(&ids)?;
+        if let Some(s) = d.embed_scale {
+            x = (x * s)?;
+        }
+        if hooks.is_active(0) {
+            x = hooks.apply(0, x, chunk)?;
+        }
+        let mut ctx = StepContext {
+            chunk,
+            mask: cache.mask(chunk, None)?,
+            window_mask: d.window.map(|w| cache.mask(chunk, Some(w))).transpose()?,
+            rope_tables: d.ropes.iter().map(|r| r.tables(chunk)).collect::<Result<_>>()?,
+            cache,
+        };
+        for (layer, block) in d.blocks.iter().enumerate() {
+            x = block.forward(&x, layer, &mut ctx, &d.ropes)?;
+            if hooks.is_active(layer + 1) {
+                x = hooks.apply(layer + 1, x, chunk)?;
+            }
+        }
+        ctx.cache.commit(chunk);
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => {
+                let last: Vec<u32> = (0..b).map(|r| (r * t + chunk.last_valid(r).unwrap_or(t - 1)) as u32).collect();
+                let idx = Tensor::from_vec(last, b, &Device::Cpu)?;
+                x.reshape((b * t, ()))?.index_select(&idx, 0)?
+            }
+        };
+        self.head(&x)
+    }
+
+    /// Final norm and output projection: residual stream `[.., d]` to logits `[.., vocab]`.
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.decoder.lm_head.forward(&self.decoder.norm.forward(x)?)?)
+    }
+
+    /// Logits for one residual-stream vector taken at the last point (after the last block).
+    pub fn logits_from_hidden(&self, hidden: &[f32]) -> Result<Vec<f32>> {
+        let x = Tensor::from_slice(hidden, (1, hidden.len()), &Device::Cpu)?;
+        Ok(self.head(&x)?.flatten_all()?.to_vec1()?)
+    }
+}
