@@ -1,0 +1,94 @@
+//! The command line end to end, on a tiny random-weight model and on the real SmolLM2.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn refusal_steer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_refusal-steer")).args(["--threads", "1"]).args(args).output().unwrap()
+}
+
+fn lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn generate_writes_every_answer_and_resumes_without_repeating() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    refusal_steer_engine::tiny::write(&model).unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    let out = dir.path().join("answers.jsonl");
+    std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"the cat\", \"set\": \"s\"}\n{\"id\": 2, \"prompt\": \"in an\"}\n").unwrap();
+    let args = |batch: &str| {
+        let mut v = vec!["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        v.extend_from_slice(&["--max-tokens", "6", "--samples", "2", "--temperature", "0.9", "--seed", "5", "--batch", batch]);
+        v.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |a: Vec<String>| refusal_steer(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let first = run(args("3"));
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let answers = lines(&out);
+    assert_eq!(answers.len(), 4);
+    for a in &answers {
+        for field in ["id", "sample", "prompt", "answer", "n_tokens", "mean_logprob", "finish_reason"] {
+            assert!(a.get(field).is_some(), "missing {field} in {a}");
+        }
+        assert!(a["mean_logprob"].as_f64().unwrap() <= 0.0);
+    }
+    assert_eq!(answers.iter().filter(|a| a["set"] == "s").count(), 2);
+
+    // Nothing left to do: the file is unchanged.
+    let again = run(args("3"));
+    assert!(again.status.success());
+    assert_eq!(lines(&out), answers);
+
+    // A new prompt: only its answers are generated; the others are identical to a fresh run,
+    // whatever batch they ran in.
+    std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"the cat\", \"set\": \"s\"}\n{\"id\": 2, \"prompt\": \"in an\"}\n{\"id\": \"c\", \"prompt\": \"er\"}\n").unwrap();
+    assert!(run(args("3")).status.success());
+    let grown = lines(&out);
+    assert_eq!(grown.len(), 6);
+    assert_eq!(&grown[..4], &answers[..]);
+    std::fs::remove_file(&out).unwrap();
+    assert!(run(args("1")).status.success());
+    let mut fresh = lines(&out);
+    let key = |a: &serde_json::Value| (a["id"].to_string(), a["sample"].as_u64());
+    fresh.sort_by_key(key);
+    let mut grown = grown;
+    grown.sort_by_key(key);
+    assert_eq!(fresh, grown, "answers must not depend on batching");
+}
+
+#[test]
+fn malformed_prompt_lines_are_reported_with_their_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    refusal_steer_engine::tiny::write(&model).unwrap();
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"id\": 1, \"prompt\": \"ok\"}\n{\"id\": 2, \"prompt\": }\n").unwrap();
+    let out = dir.path().join("o.jsonl");
+    let result = refusal_steer(&["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("prompts.jsonl:2") && stderr.contains("not valid JSON"), "{stderr}");
+}
+
+#[test]
+fn unknown_model_and_missing_file_say_what_to_do() {
+    let result = refusal_steer(&["generate", "--model", "no-such-model", "--prompt", "hi"]);
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("known models"));
+    let result = refusal_steer(&["tokenize", "--model", "/tmp/does-not-exist.gguf", "--text", "hi"]);
+    assert!(String::from_utf8_lossy(&result.stderr).contains("does not exist"));
+}
+
+#[test]
+fn tokenize_and_a_real_answer_from_smollm2() {
+    let result = refusal_steer(&["tokenize", "--model", "smollm2-135m-instruct", "--text", "Hello world", "--pieces"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), vec!["[19556,905]", "[\"Hello\",\"Ġworld\"]"]);
+    let result = refusal_steer(&["generate", "--model", "smollm2-135m-instruct", "--prompt", "What is the capital of Australia?", "--max-tokens", "12"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(String::from_utf8_lossy(&result.stdout).contains("Canberra"));
+}

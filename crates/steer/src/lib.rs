@@ -1,0 +1,1 @@
+//! Steering-vector math and files.
