@@ -1,5 +1,6 @@
 //! `refusal-steer`: the command line. Parses arguments and calls the library crates.
 
+mod bench;
 mod chat;
 mod generate;
 
@@ -45,6 +46,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat interactively, streaming the answers.
     Chat(chat::ChatArgs),
+    /// Measure prefill and decode speed (tokens per second), as llama-bench does.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -121,6 +124,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Generate(args) => generate::run(args)?,
         Command::Chat(args) => chat::run(args)?,
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
 }

@@ -59,7 +59,7 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
     }
     let lm_head = if file.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
     Ok(Decoder {
-        embed: file.matrix("token_embd.weight")?,
+        embed: file.embedding("token_embd.weight")?,
         embed_scale: Some((c.d_model as f64).sqrt()),
         blocks,
         norm: RmsNorm::load(file, "output_norm", c.rms_eps)?,

@@ -1,5 +1,6 @@
 //! Reading a GGUF file: metadata with clear errors, and weights by their checkpoint names.
 
+use crate::quant::Matrix;
 use crate::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -110,7 +111,12 @@ impl GgufFile {
     }
 
     /// A weight used as a matrix: stays quantized.
-    pub fn matrix(&mut self, name: &str) -> Result<QMatMul> {
+    pub fn matrix(&mut self, name: &str) -> Result<Matrix> {
+        Matrix::new(self.qtensor(name)?)
+    }
+
+    /// The token embedding table: rows are looked up, so candle's quantized lookup serves.
+    pub fn embedding(&mut self, name: &str) -> Result<QMatMul> {
         Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
     }
 

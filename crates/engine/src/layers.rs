@@ -3,12 +3,12 @@
 use crate::gguf::GgufFile;
 use crate::kv_cache::{Chunk, KvCache};
 use crate::Result;
-use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use crate::quant::Matrix;
+use candle_core::{Device, Tensor};
 
 /// A projection `blk.N.<name>.weight` (quantized) with an optional `.bias`.
 pub struct Linear {
-    weight: QMatMul,
+    weight: Matrix,
     bias: Option<Tensor>,
 }
 

@@ -13,6 +13,7 @@ pub mod kv_cache;
 mod layers;
 mod llama;
 pub mod model;
+mod quant;
 pub mod tiny;
 
 pub use generate::{generate, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling};

@@ -43,7 +43,7 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
     // Small models tie the output projection to the embeddings.
     let lm_head = if file.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
     Ok(Decoder {
-        embed: file.matrix("token_embd.weight")?,
+        embed: file.embedding("token_embd.weight")?,
         embed_scale: None,
         blocks,
         norm: RmsNorm::load(file, "output_norm", c.rms_eps)?,

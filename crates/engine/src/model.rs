@@ -5,9 +5,10 @@ use crate::gguf::GgufFile;
 use crate::hooks::Hooks;
 use crate::kv_cache::{Chunk, KvCache};
 use crate::layers::{RmsNorm, Rope, StepContext};
+use crate::quant::Matrix;
 use crate::{gemma3, llama, EngineError, Result};
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use refusal_steer_tokenizer::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
 
@@ -89,7 +90,7 @@ pub struct Decoder {
     pub embed_scale: Option<f64>,
     pub blocks: Vec<Box<dyn Block>>,
     pub norm: RmsNorm,
-    pub lm_head: QMatMul,
+    pub lm_head: Matrix,
     pub ropes: Vec<Rope>,
     /// Sliding attention window, for architectures whose blocks use one.
     pub window: Option<usize>,
@@ -186,7 +187,7 @@ impl Model {
 
     /// Final norm and output projection: residual stream `[.., d]` to logits `[.., vocab]`.
     fn head(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.decoder.lm_head.forward(&self.decoder.norm.forward(x)?)?)
+        self.decoder.lm_head.forward(&self.decoder.norm.forward(x)?)
     }
 
     /// Logits for one residual-stream vector taken at the last point (after the last block).
