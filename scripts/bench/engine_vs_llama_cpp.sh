@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Prefill (pp) and decode (tg) speed of refusal-steer against llama.cpp's llama-bench on the
+# same GGUF files and thread counts, measured in the same run; prints tokens/s and the ratio.
+#
+#   scripts/bench/engine_vs_llama_cpp.sh [model ...]
+#
+# LLAMA_BENCH: path to llama-bench (build it with scripts/reference/build_llama_cpp.sh).
+# THREADS: thread counts to try (default "1 2"). PP, TG: prompt and decode lengths (128, 64).
+# Run it on an otherwise idle machine: both engines spin while waiting for their threads.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+LLAMA_BENCH=${LLAMA_BENCH:-$(command -v llama-bench || echo /work/ref/build/bin/llama-bench)}
+THREADS=${THREADS:-"1 2"}
+PP=${PP:-128}
+TG=${TG:-64}
+models=("$@")
+[ ${#models[@]} -gt 0 ] || models=(smollm2-135m-instruct qwen2.5-coder-0.5b-instruct)
+[ -x "$LLAMA_BENCH" ] || { echo "llama-bench not found; set LLAMA_BENCH" >&2; exit 1; }
+cargo build --release -q -p refusal-steer
+ours=target/release/refusal-steer
+
+printf "%-30s %3s %6s %12s %12s %7s %9s\n" model thr test "ours tok/s" "llama.cpp" ratio "ours MiB"
+for model in "${models[@]}"; do
+  path=$($ours models fetch "$model")
+  for t in $THREADS; do
+    o=$($ours --threads "$t" bench --model "$path" --prompt-tokens "$PP" --gen-tokens "$TG" --repetitions 3)
+    l=$("$LLAMA_BENCH" -m "$path" -t "$t" -p "$PP" -n "$TG" -r 3 -o json 2>/dev/null)
+    OURS="$o" LLAMA="$l" MODEL="$model" T="$t" python3 - <<'PY'
+import json, os
+ours = json.loads(os.environ["OURS"])
+llama = {("pp%d" % r["n_prompt"] if r["n_gen"] == 0 else "tg%d" % r["n_gen"]): r["avg_ts"] for r in json.loads(os.environ["LLAMA"])}
+for r in ours["results"]:
+    theirs = llama.get(r["test"])
+    ratio = r["tokens_per_second"] / theirs if theirs else float("nan")
+    print("%-30s %3s %6s %12.1f %12.1f %6.2fx %9.0f" % (os.environ["MODEL"], os.environ["T"], r["test"], r["tokens_per_second"], theirs or float("nan"), ratio, ours["peak_rss_mb"]))
+PY
+  done
+done
