@@ -1,1 +1,25 @@
-//! Steering-vector math and files.
+//! Steering-vector math and files, independent of the engine.
+//!
+//! - [`fit`](mod@fit): one layer's refusal direction from labelled activations (MD, RMD, WRMD, PCA).
+//! - [`separability`]: how well a direction separates refusals from compliances (AUC,
+//!   Pearson r, k-fold held-out AUC for ranking layers).
+//! - [`vectors`]: the project's steering-vector file (safetensors), one vector per point.
+//! - [`control_vector`]: llama.cpp control-vector GGUF export and import.
+//!
+//! Point numbering follows the engine: point 0 is the embeddings, point `p >= 1` the output
+//! of block `p - 1`.
+
+pub mod control_vector;
+pub mod fit;
+mod rng;
+pub mod separability;
+#[cfg(test)]
+mod synthetic;
+pub mod vectors;
+
+pub use control_vector::{
+    export_control_vector, import_control_vector, ControlVector, ControlVectorError,
+};
+pub use fit::{fit, Class, FitError, FitReport, FittedVector, Method, Ridge, Samples};
+pub use separability::{auc, k_fold_auc, pearson, projections, SeparabilityError};
+pub use vectors::{SteeringVectors, VectorFileError};
