@@ -1,6 +1,7 @@
 //! `refusal-steer chat`: an interactive conversation, streamed token by token.
 
 use crate::generate::{encode_with_bos, DecodingArgs};
+use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
@@ -14,12 +15,15 @@ pub struct ChatArgs {
     model: ModelArg,
     #[command(flatten)]
     decoding: DecodingArgs,
+    #[command(flatten)]
+    steering: SteerArgs,
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let options = args.decoding.options()?;
     let model = args.model.load()?;
-    let mut history: Vec<Message> = args.decoding.system.iter().map(|s| Message::new("system", s)).collect();
+    let (mut hooks, _) = args.steering.hooks(&model)?;
+    let mut history: Vec<Message> = args.decoding.format.system.iter().map(|s| Message::new("system", s)).collect();
     eprintln!("chatting with {} (/reset clears the conversation, /exit or Ctrl-D quits)", model.path.display());
     let stdin = std::io::stdin();
     let mut turn = 0u64;
@@ -35,7 +39,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             "" => continue,
             "/exit" | "/quit" => break,
             "/reset" => {
-                history.truncate(usize::from(args.decoding.system.is_some()));
+                history.truncate(usize::from(args.decoding.format.system.is_some()));
                 continue;
             }
             _ => {}
@@ -45,7 +49,6 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let request = Request { prompt: encode_with_bos(&model, &text), seed: args.decoding.seed.wrapping_add(turn) };
         turn += 1;
         let mut decoder = StreamDecoder::default();
-        let mut hooks = model.new_hooks();
         let mut stdout = std::io::stdout();
         let out = generate(&model, &[request], &options, &mut hooks, &mut |_, token| {
             if let Ok(bytes) = model.tokenizer.token_bytes(token, false) {

@@ -1,5 +1,6 @@
 //! `refusal-steer generate`: answers for a prompt file (or one prompt), batched and resumable.
 
+use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -30,16 +31,42 @@ pub struct GenerateArgs {
     /// Prompts run together in one batch.
     #[arg(long, default_value_t = 8)]
     batch: usize,
+    #[command(flatten)]
+    steering: SteerArgs,
 }
 
+/// How a prompt becomes the model's input text.
 #[derive(Args, Clone)]
-pub struct DecodingArgs {
+pub struct FormatArgs {
     /// System message (the model's template decides where it goes).
     #[arg(long)]
     pub system: Option<String>,
     /// Send the prompt as it is, without the chat template.
     #[arg(long)]
     pub raw: bool,
+}
+
+impl FormatArgs {
+    /// The prompt's tokens as the model will see them: chat-formatted unless `--raw`.
+    pub fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>> {
+        let text = if self.raw { prompt.to_string() } else { model.template.prompt(self.system.as_deref(), prompt)? };
+        Ok(encode_with_bos(model, &text))
+    }
+
+    /// How prompts were formatted, for the metadata of derived files.
+    pub fn describe(&self) -> String {
+        match (self.raw, &self.system) {
+            (true, _) => "raw".into(),
+            (false, None) => "chat".into(),
+            (false, Some(s)) => format!("chat, system: {s}"),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct DecodingArgs {
+    #[command(flatten)]
+    pub format: FormatArgs,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// 0 is greedy.
@@ -69,11 +96,6 @@ impl DecodingArgs {
         })
     }
 
-    /// The prompt's tokens as the model will see them: chat-formatted unless `--raw`.
-    pub fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>> {
-        let text = if self.raw { prompt.to_string() } else { model.template.prompt(self.system.as_deref(), prompt)? };
-        Ok(encode_with_bos(model, &text))
-    }
 }
 
 /// Tokenizes a rendered prompt, adding BOS only when the template has not already written it.
@@ -111,9 +133,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         None => (None, HashSet::new()),
     };
     let model = args.model.load()?;
+    // Steering hooks hold no per-batch state, so one set serves every batch.
+    let (mut hooks, steering) = args.steering.hooks(&model)?;
     let mut jobs = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        let tokens = args.decoding.encode(&model, &p.prompt).with_context(|| format!("formatting prompt {}", p.id))?;
+        let tokens = args.decoding.format.encode(&model, &p.prompt).with_context(|| format!("formatting prompt {}", p.id))?;
         for sample in 0..args.samples {
             if !done.contains(&(p.id.clone(), sample)) {
                 jobs.push((i, sample, tokens.clone()));
@@ -133,7 +157,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .iter()
             .map(|(i, sample, tokens)| Request { prompt: tokens.clone(), seed: answer_seed(args.decoding.seed, &prompts[*i].id, *sample) })
             .collect();
-        let mut hooks = model.new_hooks();
         let outputs = generate(&model, &requests, &options, &mut hooks, &mut |_, _| {})?;
         for ((i, sample, _), out) in batch.iter().zip(outputs) {
             let p = &prompts[*i];
@@ -146,7 +169,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 n_tokens: out.tokens.len(),
                 mean_logprob: out.mean_logprob(),
                 finish_reason: out.finish.as_str().to_string(),
-                steering: None,
+                steering: steering.clone(),
             };
             match &mut writer {
                 Some(w) => w.append(&answer)?,

@@ -1,8 +1,12 @@
 //! `refusal-steer`: the command line. Parses arguments and calls the library crates.
 
 mod bench;
+mod capture;
 mod chat;
+mod exchange;
+mod fit;
 mod generate;
+mod steering;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -46,6 +50,14 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat interactively, streaming the answers.
     Chat(chat::ChatArgs),
+    /// Record the residual stream at every point for each prompt. Resumable.
+    Capture(capture::CaptureArgs),
+    /// Fit one steering vector per point from activations and labels.
+    Fit(fit::FitArgs),
+    /// Write steering vectors as a llama.cpp control vector (GGUF).
+    Export(exchange::ExportArgs),
+    /// Read a llama.cpp control vector into a steering-vector file.
+    Import(exchange::ImportArgs),
     /// Measure prefill and decode speed (tokens per second), as llama-bench does.
     Bench(bench::BenchArgs),
 }
@@ -124,6 +136,10 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Generate(args) => generate::run(args)?,
         Command::Chat(args) => chat::run(args)?,
+        Command::Capture(args) => capture::run(args)?,
+        Command::Fit(args) => fit::run(args)?,
+        Command::Export(args) => exchange::export(args)?,
+        Command::Import(args) => exchange::import(args)?,
         Command::Bench(args) => bench::run(args)?,
     }
     Ok(())

@@ -92,3 +92,45 @@ fn tokenize_and_a_real_answer_from_smollm2() {
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
     assert!(String::from_utf8_lossy(&result.stdout).contains("Canberra"));
 }
+
+#[test]
+fn capture_fit_and_steer_chain_through_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    refusal_steer_engine::tiny::write(Path::new(&p("tiny.gguf"))).unwrap();
+    let mut prompts = String::new();
+    let mut labels = String::new();
+    for i in 0..12 {
+        let text = if i % 2 == 0 { "the theer an" } else { "in an er" };
+        prompts.push_str(&format!("{{\"id\": \"{i}\", \"prompt\": \"{text} {i}\"}}\n"));
+        labels.push_str(&format!("{{\"id\": \"{i}\", \"c\": {}}}\n", if i % 2 == 0 { 0.9 } else { -0.8 }));
+    }
+    std::fs::write(p("prompts.jsonl"), prompts).unwrap();
+    std::fs::write(p("labels.jsonl"), labels).unwrap();
+
+    let capture = refusal_steer(&["capture", "--model", &p("tiny.gguf"), "--prompts", &p("prompts.jsonl"), "--out", &p("acts.safetensors"), "--batch", "5"]);
+    assert!(capture.status.success(), "{}", String::from_utf8_lossy(&capture.stderr));
+    let fit = refusal_steer(&["fit", "--acts", &p("acts.safetensors"), "--labels", &p("labels.jsonl"), "--method", "md", "--folds", "3", "--out", &p("v.safetensors")]);
+    assert!(fit.status.success(), "{}", String::from_utf8_lossy(&fit.stderr));
+    let vectors = refusal_steer_steer::SteeringVectors::load(Path::new(&p("v.safetensors"))).unwrap();
+    assert_eq!((vectors.n_points, vectors.d), (refusal_steer_engine::tiny::N_LAYERS + 1, refusal_steer_engine::tiny::D_MODEL));
+    // The two prompt families differ, so later points separate them on held-out folds.
+    let aucs: Vec<f64> = serde_json::from_str(&vectors.metadata["heldout_auc_per_point"]).unwrap();
+    assert!(aucs[1..].iter().all(|&a| a > 0.9), "{aucs:?}");
+
+    let answer = |alpha: &str, out: &str| {
+        let r = refusal_steer(&["generate", "--model", &p("tiny.gguf"), "--prompts", &p("prompts.jsonl"), "--out", &p(out), "--max-tokens", "5", "--steer", &p("v.safetensors"), "--layers", "1-3", "--alpha", alpha]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        lines(Path::new(&p(out)))
+    };
+    let plain = refusal_steer(&["generate", "--model", &p("tiny.gguf"), "--prompts", &p("prompts.jsonl"), "--out", &p("plain.jsonl"), "--max-tokens", "5"]);
+    assert!(plain.status.success());
+    let plain = lines(Path::new(&p("plain.jsonl")));
+    let zero = answer("0", "zero.jsonl");
+    let strong = answer("-8", "strong.jsonl");
+    let texts = |v: &[serde_json::Value]| v.iter().map(|a| a["answer"].clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&zero), texts(&plain), "alpha 0 must change nothing");
+    assert_ne!(texts(&strong), texts(&plain));
+    assert_eq!(strong[0]["steering"]["alpha"], -8.0);
+    assert_eq!(strong[0]["steering"]["points"], serde_json::json!([1, 2, 3]));
+}

@@ -6,6 +6,8 @@
 //! - Every output is append-only JSONL keyed by id, so an interrupted run resumes where it
 //!   stopped: finished keys are skipped, and a half-written last line is cut off.
 
+pub mod activations;
+
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -18,6 +20,8 @@ pub enum DataError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}:{line}: {detail}")]
     Line { path: PathBuf, line: usize, detail: String },
+    #[error("{path}: {detail}")]
+    Invalid { path: PathBuf, detail: String },
     #[error("{path}: no prompts found; expected JSONL lines like {{\"id\": \"1\", \"prompt\": \"...\"}}")]
     Empty { path: PathBuf },
 }

@@ -3,9 +3,11 @@
 //! batch it ran in.
 
 use crate::hooks::Hooks;
+use crate::kv_cache::KvCache;
 use crate::layers::log_softmax;
 use crate::model::{Logits, Model};
 use crate::{EngineError, Result};
+use candle_core::Tensor;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -134,6 +136,36 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> (u32, f3
     (chosen as u32, logprobs[chosen])
 }
 
+/// Runs the prompts through the model as one padded batch, leaving room in the cache for
+/// `room` more tokens per row; returns the cache and each row's last-token logits.
+pub fn prefill(model: &Model, prompts: &[&[u32]], padding: Padding, room: usize, hooks: &mut Hooks) -> Result<(KvCache, Tensor)> {
+    if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(EngineError::Batch(format!("prompt {r} is empty: there is nothing to run")));
+    }
+    let batch = prompts.len();
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let context = model.config.context_length;
+    if longest + room > context {
+        return Err(EngineError::ContextLength { prompt: longest, new_tokens: room, context });
+    }
+    let mut tokens = vec![0u32; batch * longest];
+    let mut valid = vec![false; batch * longest];
+    for (row, prompt) in prompts.iter().enumerate() {
+        let offset = match padding {
+            Padding::Left => longest - prompt.len(),
+            Padding::Right => 0,
+        };
+        for (i, &t) in prompt.iter().enumerate() {
+            tokens[row * longest + offset + i] = t;
+            valid[row * longest + offset + i] = true;
+        }
+    }
+    let mut cache = model.new_cache(batch, longest + room);
+    let chunk = cache.begin(valid, longest, true)?;
+    let logits = model.forward(&tokens, &chunk, &mut cache, hooks, Logits::Last)?;
+    Ok((cache, logits))
+}
+
 /// Generates a continuation for each request in one batch. `on_token(row, token)` sees every
 /// generated token as it is sampled (for streaming).
 pub fn generate(
@@ -146,30 +178,9 @@ pub fn generate(
     if requests.is_empty() {
         return Ok(Vec::new());
     }
-    if let Some(r) = requests.iter().position(|r| r.prompt.is_empty()) {
-        return Err(EngineError::Batch(format!("prompt {r} is empty: there is nothing to continue")));
-    }
     let batch = requests.len();
-    let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
-    let context = model.config.context_length;
-    if longest + options.max_new_tokens > context {
-        return Err(EngineError::ContextLength { prompt: longest, new_tokens: options.max_new_tokens, context });
-    }
-    let mut tokens = vec![0u32; batch * longest];
-    let mut valid = vec![false; batch * longest];
-    for (row, r) in requests.iter().enumerate() {
-        let offset = match options.padding {
-            Padding::Left => longest - r.prompt.len(),
-            Padding::Right => 0,
-        };
-        for (i, &t) in r.prompt.iter().enumerate() {
-            tokens[row * longest + offset + i] = t;
-            valid[row * longest + offset + i] = true;
-        }
-    }
-    let mut cache = model.new_cache(batch, longest + options.max_new_tokens);
-    let chunk = cache.begin(valid, longest, true)?;
-    let mut logits = model.forward(&tokens, &chunk, &mut cache, hooks, Logits::Last)?;
+    let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
+    let (mut cache, mut logits) = prefill(model, &prompts, options.padding, options.max_new_tokens, hooks)?;
 
     let mut rngs: Vec<StdRng> = requests.iter().map(|r| StdRng::seed_from_u64(r.seed)).collect();
     let mut out: Vec<Generation> = (0..batch)

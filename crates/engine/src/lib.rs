@@ -16,7 +16,7 @@ pub mod model;
 mod quant;
 pub mod tiny;
 
-pub use generate::{generate, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling};
+pub use generate::{generate, prefill, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling};
 pub use hooks::{Action, Captured, Hooks, Intervention, Positions, Rows};
 pub use model::{Architecture, Config, Logits, Model};
 

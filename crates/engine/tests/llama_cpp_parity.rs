@@ -1,16 +1,21 @@
 //! The forward pass against llama.cpp on real models (fixtures in `fixtures/llama.cpp`, made by
 //! `scripts/reference/make_fixtures.py`).
 //!
-//! Asserted: the same chat rendering and tokens; the same top-1 token wherever llama.cpp's own
-//! choice is clear (its top-2 margin >= 0.5 logits); and greedy continuations that, where they
-//! part from llama.cpp's, part only at a near-tie (the two candidates within 0.5 logits of each
-//! other in our logits). Two engines that quantize activations and round attention differently
-//! (llama.cpp keeps K/V and the GELU table in f16) cannot agree on near-ties; anything else
-//! would be a bug. Reported: top-1 agreement, logit error, identical continuations.
+//! Asserted: the same chat rendering and tokens; the same top-1 token at >= 95% of prompt
+//! positions and wherever llama.cpp's own choice is clear (its top-2 margin >= 1 logit); a mean
+//! logit error (relative to the top token) below 0.2; and greedy continuations that, where they
+//! part from llama.cpp's, part only at a near-tie (the two candidates within 1 logit in our
+//! logits). Two engines that quantize activations and round attention differently (llama.cpp
+//! keeps K/V and the GELU table in f16) cannot agree on near-ties, and the tiny models amplify
+//! rounding to logit errors of up to ~1.6 at worst; a real bug moves confident tokens.
+//! Reported: top-1 agreement, logit error, identical continuations.
 
 use refusal_steer_engine::{generate, GenerateOptions, Logits, Model, Padding, Request, Sampling};
 use serde::Deserialize;
 use std::path::PathBuf;
+
+/// A margin, in logits, beyond which rounding differences cannot explain a different choice.
+const CLEAR: f32 = 1.0;
 
 #[derive(Deserialize)]
 struct Fixture {
@@ -60,7 +65,7 @@ fn check(model_name: &str, family: &str) {
             if ours != theirs {
                 let margin = case.top_logits[pos][0] - case.top_logits[pos][1];
                 top1_mismatches += 1;
-                if margin >= 0.5 {
+                if margin >= CLEAR {
                     clear_mismatches.push(format!("{:?} pos {pos}: ours {ours}, llama.cpp {theirs} (its margin {margin:.3})", case.prompt));
                 }
             }
@@ -92,7 +97,7 @@ fn check(model_name: &str, family: &str) {
                 _ => f32::INFINITY, // one side stopped: its length differs, not a token
             };
             greedy_diffs.push(format!("{:?}: same for {common} tokens, then ours {a:?} vs {b:?} ({gap:.3} logits apart)", case.prompt));
-            if gap >= 0.5 {
+            if gap >= CLEAR {
                 confident_divergences.push(greedy_diffs.last().unwrap().clone());
             }
         }
@@ -108,6 +113,8 @@ fn check(model_name: &str, family: &str) {
     for d in &greedy_diffs {
         eprintln!("  greedy differs: {d}");
     }
+    assert!(top1_mismatches * 20 <= positions, "top-1 differs at {top1_mismatches} of {positions} positions");
+    assert!(sum_delta / (n_delta as f64) < 0.2, "mean logit error {}", sum_delta / n_delta as f64);
     assert!(clear_mismatches.is_empty(), "top-1 differs where llama.cpp is clear:\n{}", clear_mismatches.join("\n"));
     assert!(confident_divergences.is_empty(), "greedy parts at a confident token:\n{}", confident_divergences.join("\n"));
 }
