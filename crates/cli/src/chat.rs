@@ -23,8 +23,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let options = args.decoding.options()?;
     let model = args.model.load()?;
     let (mut hooks, _) = args.steering.hooks(&model)?;
-    let mut history: Vec<Message> = args.decoding.format.system.iter().map(|s| Message::new("system", s)).collect();
-    eprintln!("chatting with {} (/reset clears the conversation, /exit or Ctrl-D quits)", model.path.display());
+    let mut history: Vec<Message> = args
+        .decoding
+        .format
+        .system
+        .iter()
+        .map(|s| Message::new("system", s))
+        .collect();
+    eprintln!(
+        "chatting with {} (/reset clears the conversation, /exit or Ctrl-D quits)",
+        model.path.display()
+    );
     let stdin = std::io::stdin();
     let mut turn = 0u64;
     loop {
@@ -46,7 +55,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         history.push(Message::new("user", line));
         let text = model.template.render(&history, true)?;
-        let request = Request { prompt: encode_with_bos(&model, &text), seed: args.decoding.seed.wrapping_add(turn) };
+        let request = Request {
+            prompt: encode_with_bos(&model, &text),
+            seed: args.decoding.seed.wrapping_add(turn),
+        };
         turn += 1;
         let mut decoder = StreamDecoder::default();
         let mut stdout = std::io::stdout();

@@ -43,15 +43,26 @@ pub fn export(args: ExportArgs) -> Result<()> {
     let vectors = SteeringVectors::load(&args.vectors)?;
     let points = parse_points(&args.layers, vectors.n_points - 1)?;
     let hint = vectors.metadata.get("model").cloned().unwrap_or_default();
-    export_control_vector(&args.out, &vectors, args.alpha, &points, &hint)
-        .with_context(|| format!("exporting {} as a llama.cpp control vector", args.vectors.display()))?;
-    println!("wrote {} (our points {points:?} as llama.cpp direction.{{point-1}})", args.out.display());
+    export_control_vector(&args.out, &vectors, args.alpha, &points, &hint).with_context(|| {
+        format!(
+            "exporting {} as a llama.cpp control vector",
+            args.vectors.display()
+        )
+    })?;
+    println!(
+        "wrote {} (our points {points:?} as llama.cpp direction.{{point-1}})",
+        args.out.display()
+    );
     Ok(())
 }
 
 pub fn import(args: ImportArgs) -> Result<()> {
     let cv = import_control_vector(&args.control_vector)?;
     cv.to_steering_vectors(args.n_layers + 1)?.save(&args.out)?;
-    println!("wrote {} (points {:?})", args.out.display(), cv.directions.keys().collect::<Vec<_>>());
+    println!(
+        "wrote {} (points {:?})",
+        args.out.display(),
+        cv.directions.keys().collect::<Vec<_>>()
+    );
     Ok(())
 }

@@ -4,7 +4,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_steer_data::activations::Activations;
-use refusal_steer_steer::{fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors};
+use refusal_steer_steer::{
+    fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -48,7 +50,8 @@ fn read_labels(path: &Path) -> Result<HashMap<String, f64>> {
             continue;
         }
         let at = || format!("{}:{}", path.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
         let id = match &v["id"] {
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(x) => x.to_string(),
@@ -60,7 +63,12 @@ fn read_labels(path: &Path) -> Result<HashMap<String, f64>> {
             (_, Some("compliance")) => Some(-1.0),
             _ => None,
         };
-        let Some(c) = c else { bail!("{}: needs \"c\" in [-1, 1] or \"label\": \"refusal\" | \"compliance\"", at()) };
+        let Some(c) = c else {
+            bail!(
+                "{}: needs \"c\" in [-1, 1] or \"label\": \"refusal\" | \"compliance\"",
+                at()
+            )
+        };
         out.insert(id, c);
     }
     Ok(out)
@@ -79,9 +87,18 @@ pub fn run(args: FitArgs) -> Result<()> {
             _ => Class::Unused,
         })
         .collect();
-    let weights: Vec<f64> = h.ids.iter().map(|id| labels.get(id).map_or(0.0, |c| c.abs())).collect();
+    let weights: Vec<f64> = h
+        .ids
+        .iter()
+        .map(|id| labels.get(id).map_or(0.0, |c| c.abs()))
+        .collect();
     let count = |k: Class| classes.iter().filter(|&&c| c == k).count();
-    eprintln!("{} refusal, {} compliance, {} unused prompts", count(Class::Refusal), count(Class::Compliance), count(Class::Unused));
+    eprintln!(
+        "{} refusal, {} compliance, {} unused prompts",
+        count(Class::Refusal),
+        count(Class::Compliance),
+        count(Class::Unused)
+    );
     let ridge = match args.lambda {
         Some(l) => Ridge::Absolute(l),
         None => Ridge::Relative(args.kappa),
@@ -107,22 +124,45 @@ pub fn run(args: FitArgs) -> Result<()> {
         vectors[point * h.d..(point + 1) * h.d].copy_from_slice(&fitted.vector);
         norms.push(fitted.report.norm);
         lambdas.push(fitted.report.lambda);
-        aucs.push(k_fold_auc(&samples, args.method, ridge, args.folds, args.seed).with_context(|| format!("held-out AUC at point {point}"))?);
-        eprintln!("point {point:>3}: norm {:>10.4}  held-out AUC {:.3}", fitted.report.norm, aucs[point]);
+        aucs.push(
+            k_fold_auc(&samples, args.method, ridge, args.folds, args.seed)
+                .with_context(|| format!("held-out AUC at point {point}"))?,
+        );
+        eprintln!(
+            "point {point:>3}: norm {:>10.4}  held-out AUC {:.3}",
+            fitted.report.norm, aucs[point]
+        );
     }
     // Recommend the points that separate best on held-out prompts: within 0.02 of the best.
     let best = aucs.iter().copied().fold(f64::MIN, f64::max);
-    let recommended: Vec<usize> = (1..h.n_points).filter(|&p| aucs[p] >= best - 0.02).collect();
+    let recommended: Vec<usize> = (1..h.n_points)
+        .filter(|&p| aucs[p] >= best - 0.02)
+        .collect();
     let mut metadata = BTreeMap::from([
         ("method".to_string(), args.method.to_string()),
         ("ridge".to_string(), format!("{ridge:?}")),
-        ("lambda_per_point".to_string(), serde_json::to_string(&lambdas)?),
+        (
+            "lambda_per_point".to_string(),
+            serde_json::to_string(&lambdas)?,
+        ),
         ("norm_per_point".to_string(), serde_json::to_string(&norms)?),
-        ("heldout_auc_per_point".to_string(), serde_json::to_string(&aucs)?),
-        ("recommended_points".to_string(), serde_json::to_string(&recommended)?),
+        (
+            "heldout_auc_per_point".to_string(),
+            serde_json::to_string(&aucs)?,
+        ),
+        (
+            "recommended_points".to_string(),
+            serde_json::to_string(&recommended)?,
+        ),
         ("n_refusal".to_string(), count(Class::Refusal).to_string()),
-        ("n_compliance".to_string(), count(Class::Compliance).to_string()),
-        ("sign".to_string(), "compliance -> refusal: negative alpha removes refusals".to_string()),
+        (
+            "n_compliance".to_string(),
+            count(Class::Compliance).to_string(),
+        ),
+        (
+            "sign".to_string(),
+            "compliance -> refusal: negative alpha removes refusals".to_string(),
+        ),
     ]);
     for key in ["model", "model_sha256", "position", "format"] {
         if let Some(v) = h.metadata.get(key) {
@@ -130,6 +170,10 @@ pub fn run(args: FitArgs) -> Result<()> {
         }
     }
     SteeringVectors::new(vectors, h.n_points, h.d, metadata)?.save(&args.out)?;
-    println!("wrote {} (recommended points {:?})", args.out.display(), recommended);
+    println!(
+        "wrote {} (recommended points {:?})",
+        args.out.display(),
+        recommended
+    );
     Ok(())
 }

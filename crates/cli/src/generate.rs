@@ -49,7 +49,11 @@ pub struct FormatArgs {
 impl FormatArgs {
     /// The prompt's tokens as the model will see them: chat-formatted unless `--raw`.
     pub fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>> {
-        let text = if self.raw { prompt.to_string() } else { model.template.prompt(self.system.as_deref(), prompt)? };
+        let text = if self.raw {
+            prompt.to_string()
+        } else {
+            model.template.prompt(self.system.as_deref(), prompt)?
+        };
         Ok(encode_with_bos(model, &text))
     }
 
@@ -87,28 +91,42 @@ impl DecodingArgs {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
         if self.temperature < 0.0 || !self.temperature.is_finite() {
-            bail!("--temperature must be 0 (greedy) or positive, got {}", self.temperature);
+            bail!(
+                "--temperature must be 0 (greedy) or positive, got {}",
+                self.temperature
+            );
         }
         Ok(GenerateOptions {
             max_new_tokens: self.max_tokens,
-            sampling: Sampling { temperature: self.temperature, top_p: self.top_p, top_k: self.top_k },
+            sampling: Sampling {
+                temperature: self.temperature,
+                top_p: self.top_p,
+                top_k: self.top_k,
+            },
             padding: Padding::Left,
         })
     }
-
 }
 
 /// Tokenizes a rendered prompt, adding BOS only when the template has not already written it.
 pub fn encode_with_bos(model: &Model, text: &str) -> Vec<u32> {
     let t = &model.tokenizer;
-    let has_bos = t.bos.and_then(|b| t.piece(b).ok()).is_some_and(|bos| text.starts_with(bos));
+    let has_bos = t
+        .bos
+        .and_then(|b| t.piece(b).ok())
+        .is_some_and(|bos| text.starts_with(bos));
     t.encode(text, !has_bos, true)
 }
 
 /// FNV-1a over the run seed, prompt id and sample: each answer's own reproducible seed.
 fn answer_seed(seed: u64, id: &str, sample: usize) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in seed.to_le_bytes().iter().chain(id.as_bytes()).chain(&(sample as u64).to_le_bytes()) {
+    for b in seed
+        .to_le_bytes()
+        .iter()
+        .chain(id.as_bytes())
+        .chain(&(sample as u64).to_le_bytes())
+    {
         h ^= *b as u64;
         h = h.wrapping_mul(0x100_0000_01b3);
     }
@@ -122,13 +140,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let options = args.decoding.options()?;
     let prompts = match (&args.prompts, &args.prompt) {
         (Some(path), _) => read_prompts(path)?,
-        (None, Some(p)) => vec![Prompt { id: "prompt".into(), prompt: p.clone(), set: None }],
+        (None, Some(p)) => vec![Prompt {
+            id: "prompt".into(),
+            prompt: p.clone(),
+            set: None,
+        }],
         (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
     };
     let (mut writer, done) = match &args.out {
         Some(path) => {
             let (w, old) = JsonlAppender::open::<Answer>(path)?;
-            (Some(w), old.into_iter().map(|a| (a.id, a.sample)).collect::<HashSet<_>>())
+            (
+                Some(w),
+                old.into_iter()
+                    .map(|a| (a.id, a.sample))
+                    .collect::<HashSet<_>>(),
+            )
         }
         None => (None, HashSet::new()),
     };
@@ -137,7 +164,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let (mut hooks, steering) = args.steering.hooks(&model)?;
     let mut jobs = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
-        let tokens = args.decoding.format.encode(&model, &p.prompt).with_context(|| format!("formatting prompt {}", p.id))?;
+        let tokens = args
+            .decoding
+            .format
+            .encode(&model, &p.prompt)
+            .with_context(|| format!("formatting prompt {}", p.id))?;
         for sample in 0..args.samples {
             if !done.contains(&(p.id.clone(), sample)) {
                 jobs.push((i, sample, tokens.clone()));
@@ -145,17 +176,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
     }
     if jobs.is_empty() {
-        eprintln!("all {} answers are already in the output", prompts.len() * args.samples);
+        eprintln!(
+            "all {} answers are already in the output",
+            prompts.len() * args.samples
+        );
         return Ok(());
     }
     // Similar lengths together waste less work on padding.
     jobs.sort_by_key(|(_, _, tokens)| tokens.len());
-    let progress = if writer.is_some() { ProgressBar::new(jobs.len() as u64) } else { ProgressBar::hidden() };
-    progress.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}  {msg}")?);
+    let progress = if writer.is_some() {
+        ProgressBar::new(jobs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    progress.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}  {msg}",
+    )?);
     for batch in jobs.chunks(args.batch) {
         let requests: Vec<Request> = batch
             .iter()
-            .map(|(i, sample, tokens)| Request { prompt: tokens.clone(), seed: answer_seed(args.decoding.seed, &prompts[*i].id, *sample) })
+            .map(|(i, sample, tokens)| Request {
+                prompt: tokens.clone(),
+                seed: answer_seed(args.decoding.seed, &prompts[*i].id, *sample),
+            })
             .collect();
         let outputs = generate(&model, &requests, &options, &mut hooks, &mut |_, _| {})?;
         for ((i, sample, _), out) in batch.iter().zip(outputs) {

@@ -14,7 +14,11 @@ use refusal_steer_catalog as catalog;
 use refusal_steer_engine::Model;
 
 #[derive(Parser)]
-#[command(name = "refusal-steer", version, about = "Find, apply and measure steering vectors that remove or induce refusals.")]
+#[command(
+    name = "refusal-steer",
+    version,
+    about = "Find, apply and measure steering vectors that remove or induce refusals."
+)]
 struct Cli {
     /// Inference threads (default: all physical cores).
     #[arg(long, global = true, env = "REFUSAL_STEER_THREADS")]
@@ -99,12 +103,25 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Models { action: ModelsAction::List } => {
-            println!("{:<30} {:<8} {:<8} {:>6} {:<5} cached", "name", "arch", "quant", "MB", "chat");
+        Command::Models {
+            action: ModelsAction::List,
+        } => {
+            println!(
+                "{:<30} {:<8} {:<8} {:>6} {:<5} cached",
+                "name", "arch", "quant", "MB", "chat"
+            );
             for m in catalog::CATALOGUE {
                 let cached = catalog::cached_path(m);
-                let state = if cached.is_file() { cached.display().to_string() } else { "-".into() };
-                let default = if m.name == catalog::DEFAULT_MODEL { " (default)" } else { "" };
+                let state = if cached.is_file() {
+                    cached.display().to_string()
+                } else {
+                    "-".into()
+                };
+                let default = if m.name == catalog::DEFAULT_MODEL {
+                    " (default)"
+                } else {
+                    ""
+                };
                 println!(
                     "{:<30} {:<8} {:<8} {:>6} {:<5} {state}{default}",
                     m.name,
@@ -114,23 +131,41 @@ fn run(command: Command) -> Result<()> {
                     if m.chat { "yes" } else { "no" }
                 );
             }
-            println!("cache: {} (set {} to move it)", catalog::cache_dir().display(), catalog::CACHE_ENV);
+            println!(
+                "cache: {} (set {} to move it)",
+                catalog::cache_dir().display(),
+                catalog::CACHE_ENV
+            );
         }
-        Command::Models { action: ModelsAction::Fetch { name } } => {
+        Command::Models {
+            action: ModelsAction::Fetch { name },
+        } => {
             let entry = catalog::find(&name).ok_or_else(|| {
-                anyhow::anyhow!("unknown model '{name}'; run `refusal-steer models list` for the known names")
+                anyhow::anyhow!(
+                    "unknown model '{name}'; run `refusal-steer models list` for the known names"
+                )
             })?;
             let path = catalog::fetch(entry, &mut |msg| eprintln!("{msg}"))?;
             println!("{}", path.display());
         }
-        Command::Tokenize { model, text, pieces, add_special, no_parse_special } => {
+        Command::Tokenize {
+            model,
+            text,
+            pieces,
+            add_special,
+            no_parse_special,
+        } => {
             let path = catalog::resolve(&model.model, &mut |msg| eprintln!("{msg}"))?;
             let file = refusal_steer_engine::gguf::GgufFile::open(&path)?;
-            let tokenizer = refusal_steer_tokenizer::Tokenizer::from_gguf_metadata(file.metadata())?;
+            let tokenizer =
+                refusal_steer_tokenizer::Tokenizer::from_gguf_metadata(file.metadata())?;
             let ids = tokenizer.encode(&text, add_special, !no_parse_special);
             println!("{}", serde_json::to_string(&ids)?);
             if pieces {
-                let pieces: Vec<&str> = ids.iter().map(|&id| tokenizer.piece(id)).collect::<Result<_, _>>()?;
+                let pieces: Vec<&str> = ids
+                    .iter()
+                    .map(|&id| tokenizer.piece(id))
+                    .collect::<Result<_, _>>()?;
                 println!("{}", serde_json::to_string(&pieces)?);
             }
         }

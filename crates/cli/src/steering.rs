@@ -54,7 +54,10 @@ pub fn parse_points(spec: &str, max: usize) -> Result<Vec<usize>> {
     for part in spec.split(',').map(str::trim) {
         let bad = || format!("bad layer list '{spec}': use forms like 12-20, 5,7,9 or all");
         let (a, b) = match part.split_once('-') {
-            Some((a, b)) => (a.trim().parse::<usize>().with_context(bad)?, b.trim().parse::<usize>().with_context(bad)?),
+            Some((a, b)) => (
+                a.trim().parse::<usize>().with_context(bad)?,
+                b.trim().parse::<usize>().with_context(bad)?,
+            ),
             None => {
                 let p = part.parse::<usize>().with_context(bad)?;
                 (p, p)
@@ -86,15 +89,32 @@ impl SteerArgs {
         };
         for path in &self.steer {
             let vectors = SteeringVectors::load(path)?;
-            vectors.check_dims(n_points, d).with_context(|| format!("{} does not fit this model", path.display()))?;
+            vectors
+                .check_dims(n_points, d)
+                .with_context(|| format!("{} does not fit this model", path.display()))?;
             for &p in &points {
                 let v = vectors.point(p).expect("checked dims").to_vec();
-                let mut add = |action| hooks.add(Intervention { point: p, action, rows: Rows::All, positions: positions.clone() });
-                if matches!(self.mode, SteerMode::Ablate | SteerMode::AblateAdd) && v.iter().any(|&x| x != 0.0) {
-                    add(Action::ProjectOut { direction: v.clone(), scale: 1.0 })?;
+                let mut add = |action| {
+                    hooks.add(Intervention {
+                        point: p,
+                        action,
+                        rows: Rows::All,
+                        positions: positions.clone(),
+                    })
+                };
+                if matches!(self.mode, SteerMode::Ablate | SteerMode::AblateAdd)
+                    && v.iter().any(|&x| x != 0.0)
+                {
+                    add(Action::ProjectOut {
+                        direction: v.clone(),
+                        scale: 1.0,
+                    })?;
                 }
                 if matches!(self.mode, SteerMode::Add | SteerMode::AblateAdd) {
-                    add(Action::Add { vector: v, alpha: self.alpha })?;
+                    add(Action::Add {
+                        vector: v,
+                        alpha: self.alpha,
+                    })?;
                 }
             }
         }
@@ -118,7 +138,13 @@ mod tests {
         assert_eq!(parse_points("all", 3).unwrap(), vec![1, 2, 3]);
         assert_eq!(parse_points("2-4, 1,3", 10).unwrap(), vec![1, 2, 3, 4]);
         assert!(parse_points("4-2", 10).is_err());
-        assert!(parse_points("12", 10).unwrap_err().to_string().contains("outside 0..=10"));
-        assert!(parse_points("x", 10).unwrap_err().to_string().contains("use forms like"));
+        assert!(parse_points("12", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("outside 0..=10"));
+        assert!(parse_points("x", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("use forms like"));
     }
 }

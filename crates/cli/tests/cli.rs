@@ -4,11 +4,19 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn refusal_steer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_refusal-steer")).args(["--threads", "1"]).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_refusal-steer"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -20,17 +28,48 @@ fn generate_writes_every_answer_and_resumes_without_repeating() {
     let out = dir.path().join("answers.jsonl");
     std::fs::write(&prompts, "{\"id\": \"a\", \"prompt\": \"the cat\", \"set\": \"s\"}\n{\"id\": 2, \"prompt\": \"in an\"}\n").unwrap();
     let args = |batch: &str| {
-        let mut v = vec!["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--out", out.to_str().unwrap()];
-        v.extend_from_slice(&["--max-tokens", "6", "--samples", "2", "--temperature", "0.9", "--seed", "5", "--batch", batch]);
+        let mut v = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        v.extend_from_slice(&[
+            "--max-tokens",
+            "6",
+            "--samples",
+            "2",
+            "--temperature",
+            "0.9",
+            "--seed",
+            "5",
+            "--batch",
+            batch,
+        ]);
         v.into_iter().map(String::from).collect::<Vec<_>>()
     };
     let run = |a: Vec<String>| refusal_steer(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let first = run(args("3"));
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let answers = lines(&out);
     assert_eq!(answers.len(), 4);
     for a in &answers {
-        for field in ["id", "sample", "prompt", "answer", "n_tokens", "mean_logprob", "finish_reason"] {
+        for field in [
+            "id",
+            "sample",
+            "prompt",
+            "answer",
+            "n_tokens",
+            "mean_logprob",
+            "finish_reason",
+        ] {
             assert!(a.get(field).is_some(), "missing {field} in {a}");
         }
         assert!(a["mean_logprob"].as_f64().unwrap() <= 0.0);
@@ -65,12 +104,27 @@ fn malformed_prompt_lines_are_reported_with_their_number() {
     let model = dir.path().join("tiny.gguf");
     refusal_steer_engine::tiny::write(&model).unwrap();
     let prompts = dir.path().join("prompts.jsonl");
-    std::fs::write(&prompts, "{\"id\": 1, \"prompt\": \"ok\"}\n{\"id\": 2, \"prompt\": }\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "{\"id\": 1, \"prompt\": \"ok\"}\n{\"id\": 2, \"prompt\": }\n",
+    )
+    .unwrap();
     let out = dir.path().join("o.jsonl");
-    let result = refusal_steer(&["generate", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let result = refusal_steer(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!result.status.success());
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(stderr.contains("prompts.jsonl:2") && stderr.contains("not valid JSON"), "{stderr}");
+    assert!(
+        stderr.contains("prompts.jsonl:2") && stderr.contains("not valid JSON"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -78,18 +132,50 @@ fn unknown_model_and_missing_file_say_what_to_do() {
     let result = refusal_steer(&["generate", "--model", "no-such-model", "--prompt", "hi"]);
     assert!(!result.status.success());
     assert!(String::from_utf8_lossy(&result.stderr).contains("known models"));
-    let result = refusal_steer(&["tokenize", "--model", "/tmp/does-not-exist.gguf", "--text", "hi"]);
+    let result = refusal_steer(&[
+        "tokenize",
+        "--model",
+        "/tmp/does-not-exist.gguf",
+        "--text",
+        "hi",
+    ]);
     assert!(String::from_utf8_lossy(&result.stderr).contains("does not exist"));
 }
 
 #[test]
 fn tokenize_and_a_real_answer_from_smollm2() {
-    let result = refusal_steer(&["tokenize", "--model", "smollm2-135m-instruct", "--text", "Hello world", "--pieces"]);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let result = refusal_steer(&[
+        "tokenize",
+        "--model",
+        "smollm2-135m-instruct",
+        "--text",
+        "Hello world",
+        "--pieces",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     let stdout = String::from_utf8_lossy(&result.stdout);
-    assert_eq!(stdout.lines().collect::<Vec<_>>(), vec!["[19556,905]", "[\"Hello\",\"Ġworld\"]"]);
-    let result = refusal_steer(&["generate", "--model", "smollm2-135m-instruct", "--prompt", "What is the capital of Australia?", "--max-tokens", "12"]);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec!["[19556,905]", "[\"Hello\",\"Ġworld\"]"]
+    );
+    let result = refusal_steer(&[
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "What is the capital of Australia?",
+        "--max-tokens",
+        "12",
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
     assert!(String::from_utf8_lossy(&result.stdout).contains("Canberra"));
 }
 
@@ -101,29 +187,101 @@ fn capture_fit_and_steer_chain_through_files() {
     let mut prompts = String::new();
     let mut labels = String::new();
     for i in 0..12 {
-        let text = if i % 2 == 0 { "the theer an" } else { "in an er" };
-        prompts.push_str(&format!("{{\"id\": \"{i}\", \"prompt\": \"{text} {i}\"}}\n"));
-        labels.push_str(&format!("{{\"id\": \"{i}\", \"c\": {}}}\n", if i % 2 == 0 { 0.9 } else { -0.8 }));
+        let text = if i % 2 == 0 {
+            "the theer an"
+        } else {
+            "in an er"
+        };
+        prompts.push_str(&format!(
+            "{{\"id\": \"{i}\", \"prompt\": \"{text} {i}\"}}\n"
+        ));
+        labels.push_str(&format!(
+            "{{\"id\": \"{i}\", \"c\": {}}}\n",
+            if i % 2 == 0 { 0.9 } else { -0.8 }
+        ));
     }
     std::fs::write(p("prompts.jsonl"), prompts).unwrap();
     std::fs::write(p("labels.jsonl"), labels).unwrap();
 
-    let capture = refusal_steer(&["capture", "--model", &p("tiny.gguf"), "--prompts", &p("prompts.jsonl"), "--out", &p("acts.safetensors"), "--batch", "5"]);
-    assert!(capture.status.success(), "{}", String::from_utf8_lossy(&capture.stderr));
-    let fit = refusal_steer(&["fit", "--acts", &p("acts.safetensors"), "--labels", &p("labels.jsonl"), "--method", "md", "--folds", "3", "--out", &p("v.safetensors")]);
-    assert!(fit.status.success(), "{}", String::from_utf8_lossy(&fit.stderr));
-    let vectors = refusal_steer_steer::SteeringVectors::load(Path::new(&p("v.safetensors"))).unwrap();
-    assert_eq!((vectors.n_points, vectors.d), (refusal_steer_engine::tiny::N_LAYERS + 1, refusal_steer_engine::tiny::D_MODEL));
+    let capture = refusal_steer(&[
+        "capture",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompts",
+        &p("prompts.jsonl"),
+        "--out",
+        &p("acts.safetensors"),
+        "--batch",
+        "5",
+    ]);
+    assert!(
+        capture.status.success(),
+        "{}",
+        String::from_utf8_lossy(&capture.stderr)
+    );
+    let fit = refusal_steer(&[
+        "fit",
+        "--acts",
+        &p("acts.safetensors"),
+        "--labels",
+        &p("labels.jsonl"),
+        "--method",
+        "md",
+        "--folds",
+        "3",
+        "--out",
+        &p("v.safetensors"),
+    ]);
+    assert!(
+        fit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fit.stderr)
+    );
+    let vectors =
+        refusal_steer_steer::SteeringVectors::load(Path::new(&p("v.safetensors"))).unwrap();
+    assert_eq!(
+        (vectors.n_points, vectors.d),
+        (
+            refusal_steer_engine::tiny::N_LAYERS + 1,
+            refusal_steer_engine::tiny::D_MODEL
+        )
+    );
     // The two prompt families differ, so later points separate them on held-out folds.
     let aucs: Vec<f64> = serde_json::from_str(&vectors.metadata["heldout_auc_per_point"]).unwrap();
     assert!(aucs[1..].iter().all(|&a| a > 0.9), "{aucs:?}");
 
     let answer = |alpha: &str, out: &str| {
-        let r = refusal_steer(&["generate", "--model", &p("tiny.gguf"), "--prompts", &p("prompts.jsonl"), "--out", &p(out), "--max-tokens", "5", "--steer", &p("v.safetensors"), "--layers", "1-3", "--alpha", alpha]);
+        let r = refusal_steer(&[
+            "generate",
+            "--model",
+            &p("tiny.gguf"),
+            "--prompts",
+            &p("prompts.jsonl"),
+            "--out",
+            &p(out),
+            "--max-tokens",
+            "5",
+            "--steer",
+            &p("v.safetensors"),
+            "--layers",
+            "1-3",
+            "--alpha",
+            alpha,
+        ]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         lines(Path::new(&p(out)))
     };
-    let plain = refusal_steer(&["generate", "--model", &p("tiny.gguf"), "--prompts", &p("prompts.jsonl"), "--out", &p("plain.jsonl"), "--max-tokens", "5"]);
+    let plain = refusal_steer(&[
+        "generate",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompts",
+        &p("prompts.jsonl"),
+        "--out",
+        &p("plain.jsonl"),
+        "--max-tokens",
+        "5",
+    ]);
     assert!(plain.status.success());
     let plain = lines(Path::new(&p("plain.jsonl")));
     let zero = answer("0", "zero.jsonl");
@@ -132,5 +290,8 @@ fn capture_fit_and_steer_chain_through_files() {
     assert_eq!(texts(&zero), texts(&plain), "alpha 0 must change nothing");
     assert_ne!(texts(&strong), texts(&plain));
     assert_eq!(strong[0]["steering"]["alpha"], -8.0);
-    assert_eq!(strong[0]["steering"]["points"], serde_json::json!([1, 2, 3]));
+    assert_eq!(
+        strong[0]["steering"]["points"],
+        serde_json::json!([1, 2, 3])
+    );
 }

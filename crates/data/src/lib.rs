@@ -17,9 +17,16 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}:{line}: {detail}")]
-    Line { path: PathBuf, line: usize, detail: String },
+    Line {
+        path: PathBuf,
+        line: usize,
+        detail: String,
+    },
     #[error("{path}: {detail}")]
     Invalid { path: PathBuf, detail: String },
     #[error("{path}: no prompts found; expected JSONL lines like {{\"id\": \"1\", \"prompt\": \"...\"}}")]
@@ -54,7 +61,10 @@ pub struct Answer {
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
-    move |source| DataError::Io { path: path.to_path_buf(), source }
+    move |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Reads a JSONL prompt file. Ids may be strings or numbers; every malformed line is
@@ -69,9 +79,16 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |detail: String| DataError::Line { path: path.to_path_buf(), line: line_no, detail };
-        let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| bad("expected a JSON object".into()))?;
+        let bad = |detail: String| DataError::Line {
+            path: path.to_path_buf(),
+            line: line_no,
+            detail,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| bad("expected a JSON object".into()))?;
         let id = match obj.get("id") {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Number(n)) => n.to_string(),
@@ -90,7 +107,9 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
         prompts.push(Prompt { id, prompt, set });
     }
     if prompts.is_empty() {
-        return Err(DataError::Empty { path: path.to_path_buf() });
+        return Err(DataError::Empty {
+            path: path.to_path_buf(),
+        });
     }
     Ok(prompts)
 }
@@ -108,7 +127,12 @@ impl JsonlAppender {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
-        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io_err(path))?;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io_err(path))?;
         let mut text = String::new();
         file.read_to_string(&mut text).map_err(io_err(path))?;
         let complete = text.rfind('\n').map_or(0, |i| i + 1);
@@ -120,7 +144,9 @@ impl JsonlAppender {
             let record = serde_json::from_str(line).map_err(|e| DataError::Line {
                 path: path.to_path_buf(),
                 line: n + 1,
-                detail: format!("existing output line does not parse ({e}); move the file away to start over"),
+                detail: format!(
+                    "existing output line does not parse ({e}); move the file away to start over"
+                ),
             })?;
             records.push(record);
         }
@@ -128,14 +154,22 @@ impl JsonlAppender {
             file.set_len(complete as u64).map_err(io_err(path))?;
             file.seek(SeekFrom::End(0)).map_err(io_err(path))?;
         }
-        Ok((Self { path: path.to_path_buf(), writer: BufWriter::new(file) }, records))
+        Ok((
+            Self {
+                path: path.to_path_buf(),
+                writer: BufWriter::new(file),
+            },
+            records,
+        ))
     }
 
     /// Appends one record and flushes it, so a kill loses at most the line being written.
     pub fn append<T: Serialize>(&mut self, record: &T) -> Result<()> {
         let mut line = serde_json::to_string(record).expect("records serialize");
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).map_err(io_err(&self.path))?;
+        self.writer
+            .write_all(line.as_bytes())
+            .map_err(io_err(&self.path))?;
         self.writer.flush().map_err(io_err(&self.path))
     }
 }
@@ -148,22 +182,50 @@ mod tests {
     fn prompt_errors_name_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.jsonl");
-        std::fs::write(&path, "{\"id\": 1, \"prompt\": \"a\"}\n\n{\"id\": 2, \"prompt\": \"b\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "{\"id\": 1, \"prompt\": \"a\"}\n\n{\"id\": 2, \"prompt\": \"b\"\n",
+        )
+        .unwrap();
         let err = read_prompts(&path).unwrap_err().to_string();
-        assert!(err.contains("p.jsonl:3") && err.contains("not valid JSON"), "{err}");
+        assert!(
+            err.contains("p.jsonl:3") && err.contains("not valid JSON"),
+            "{err}"
+        );
         std::fs::write(&path, "{\"id\": 1, \"text\": \"a\"}\n").unwrap();
-        assert!(read_prompts(&path).unwrap_err().to_string().contains(":1: missing \"prompt\""));
-        std::fs::write(&path, "{\"id\": 1, \"prompt\": \"a\"}\n{\"id\": \"1\", \"prompt\": \"b\"}\n").unwrap();
-        assert!(read_prompts(&path).unwrap_err().to_string().contains("duplicate id"));
+        assert!(read_prompts(&path)
+            .unwrap_err()
+            .to_string()
+            .contains(":1: missing \"prompt\""));
+        std::fs::write(
+            &path,
+            "{\"id\": 1, \"prompt\": \"a\"}\n{\"id\": \"1\", \"prompt\": \"b\"}\n",
+        )
+        .unwrap();
+        assert!(read_prompts(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate id"));
     }
 
     #[test]
     fn numeric_and_string_ids_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.jsonl");
-        std::fs::write(&path, "{\"id\": 7, \"prompt\": \"a\", \"set\": \"x\"}\n{\"id\": \"b\", \"prompt\": \"c\"}\n").unwrap();
+        std::fs::write(
+            &path,
+            "{\"id\": 7, \"prompt\": \"a\", \"set\": \"x\"}\n{\"id\": \"b\", \"prompt\": \"c\"}\n",
+        )
+        .unwrap();
         let p = read_prompts(&path).unwrap();
-        assert_eq!(p[0], Prompt { id: "7".into(), prompt: "a".into(), set: Some("x".into()) });
+        assert_eq!(
+            p[0],
+            Prompt {
+                id: "7".into(),
+                prompt: "a".into(),
+                set: Some("x".into())
+            }
+        );
         assert_eq!(p[1].id, "b");
     }
 
@@ -184,6 +246,9 @@ mod tests {
         assert_eq!(old, vec![serde_json::json!({"id": "a"})]);
         w.append(&serde_json::json!({"id": "c"})).unwrap();
         drop(w);
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"id\":\"a\"}\n{\"id\":\"c\"}\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "{\"id\":\"a\"}\n{\"id\":\"c\"}\n"
+        );
     }
 }

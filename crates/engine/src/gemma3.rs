@@ -7,7 +7,9 @@
 //!        out = h + post_ffw_norm(mlp(ffn_norm(h))).
 
 use crate::gguf::GgufFile;
-use crate::layers::{Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext};
+use crate::layers::{
+    Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext,
+};
 use crate::model::{Block, Config, Decoder};
 use crate::Result;
 use candle_core::Tensor;
@@ -28,11 +30,24 @@ pub struct Gemma3Block {
 }
 
 impl Block for Gemma3Block {
-    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut StepContext, ropes: &[Rope]) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &mut StepContext,
+        ropes: &[Rope],
+    ) -> Result<Tensor> {
         // ropes[0]: global layers, ropes[1]: sliding-window layers.
         let rope_table = usize::from(self.sliding);
-        let wiring = AttentionWiring { layer, rope: &ropes[rope_table], rope_table, sliding: self.sliding };
-        let attn = self.attn.forward(&self.attn_norm.forward(x)?, ctx, wiring)?;
+        let wiring = AttentionWiring {
+            layer,
+            rope: &ropes[rope_table],
+            rope_table,
+            sliding: self.sliding,
+        };
+        let attn = self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, ctx, wiring)?;
         let h = (x + self.post_attention_norm.forward(&attn)?)?;
         let mlp = self.mlp.forward(&self.ffn_norm.forward(&h)?)?;
         Ok((&h + self.post_ffw_norm.forward(&mlp)?)?)
@@ -49,24 +64,45 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
         let p = format!("blk.{i}");
         blocks.push(Box::new(Gemma3Block {
             attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
-            attn: Attention::load(file, &p, c.n_heads, c.n_kv_heads, c.head_dim, scale, Some(c.rms_eps))?,
-            post_attention_norm: RmsNorm::load(file, &format!("{p}.post_attention_norm"), c.rms_eps)?,
+            attn: Attention::load(
+                file,
+                &p,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                scale,
+                Some(c.rms_eps),
+            )?,
+            post_attention_norm: RmsNorm::load(
+                file,
+                &format!("{p}.post_attention_norm"),
+                c.rms_eps,
+            )?,
             ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
             mlp: Mlp::load(file, &p, Activation::GeluTanh)?,
             post_ffw_norm: RmsNorm::load(file, &format!("{p}.post_ffw_norm"), c.rms_eps)?,
             sliding: window > 0 && (pattern == 0 || i % pattern < pattern - 1),
         }));
     }
-    let lm_head = if file.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
     Ok(Decoder {
         embed: file.embedding("token_embd.weight")?,
         embed_scale: Some((c.d_model as f64).sqrt()),
         blocks,
         norm: RmsNorm::load(file, "output_norm", c.rms_eps)?,
-        lm_head: file.matrix(lm_head)?,
+        lm_head: file.output_head()?,
         ropes: vec![
-            Rope::new(c.rope_theta, c.head_dim, c.context_length, RopeStyle::Halves)?,
-            Rope::new(sliding_theta, c.head_dim, c.context_length, RopeStyle::Halves)?,
+            Rope::new(
+                c.rope_theta,
+                c.head_dim,
+                c.context_length,
+                RopeStyle::Halves,
+            )?,
+            Rope::new(
+                sliding_theta,
+                c.head_dim,
+                c.context_length,
+                RopeStyle::Halves,
+            )?,
         ],
         window: (window > 0).then_some(window),
     })

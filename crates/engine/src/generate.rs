@@ -22,7 +22,11 @@ pub struct Sampling {
 }
 
 impl Sampling {
-    pub const GREEDY: Sampling = Sampling { temperature: 0.0, top_p: 1.0, top_k: 0 };
+    pub const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+    };
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +84,8 @@ impl Generation {
         if self.logprobs.is_empty() {
             0.0
         } else {
-            (self.logprobs.iter().map(|&l| l as f64).sum::<f64>() / self.logprobs.len() as f64) as f32
+            (self.logprobs.iter().map(|&l| l as f64).sum::<f64>() / self.logprobs.len() as f64)
+                as f32
         }
     }
 }
@@ -107,7 +112,10 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> (u32, f3
         }
         let max = logits[order[0]] as f64;
         let t = sampling.temperature as f64;
-        let mut weights: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / t).exp()).collect();
+        let mut weights: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i] as f64 - max) / t).exp())
+            .collect();
         let total: f64 = weights.iter().sum();
         if sampling.top_p < 1.0 {
             let mut cumulative = 0.0;
@@ -138,15 +146,27 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> (u32, f3
 
 /// Runs the prompts through the model as one padded batch, leaving room in the cache for
 /// `room` more tokens per row; returns the cache and each row's last-token logits.
-pub fn prefill(model: &Model, prompts: &[&[u32]], padding: Padding, room: usize, hooks: &mut Hooks) -> Result<(KvCache, Tensor)> {
+pub fn prefill(
+    model: &Model,
+    prompts: &[&[u32]],
+    padding: Padding,
+    room: usize,
+    hooks: &mut Hooks,
+) -> Result<(KvCache, Tensor)> {
     if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(EngineError::Batch(format!("prompt {r} is empty: there is nothing to run")));
+        return Err(EngineError::Batch(format!(
+            "prompt {r} is empty: there is nothing to run"
+        )));
     }
     let batch = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let context = model.config.context_length;
     if longest + room > context {
-        return Err(EngineError::ContextLength { prompt: longest, new_tokens: room, context });
+        return Err(EngineError::ContextLength {
+            prompt: longest,
+            new_tokens: room,
+            context,
+        });
     }
     let mut tokens = vec![0u32; batch * longest];
     let mut valid = vec![false; batch * longest];
@@ -180,11 +200,25 @@ pub fn generate(
     }
     let batch = requests.len();
     let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
-    let (mut cache, mut logits) = prefill(model, &prompts, options.padding, options.max_new_tokens, hooks)?;
+    let (mut cache, mut logits) = prefill(
+        model,
+        &prompts,
+        options.padding,
+        options.max_new_tokens,
+        hooks,
+    )?;
 
-    let mut rngs: Vec<StdRng> = requests.iter().map(|r| StdRng::seed_from_u64(r.seed)).collect();
+    let mut rngs: Vec<StdRng> = requests
+        .iter()
+        .map(|r| StdRng::seed_from_u64(r.seed))
+        .collect();
     let mut out: Vec<Generation> = (0..batch)
-        .map(|_| Generation { tokens: Vec::new(), logprobs: Vec::new(), finish: FinishReason::Length, stop_token: None })
+        .map(|_| Generation {
+            tokens: Vec::new(),
+            logprobs: Vec::new(),
+            finish: FinishReason::Length,
+            stop_token: None,
+        })
         .collect();
     let mut active = vec![true; batch];
     for step in 0..options.max_new_tokens {
@@ -230,13 +264,26 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_seeds_reproduce() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let s = Sampling { temperature: 1.0, top_p: 1.0, top_k: 1 };
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 1,
+        };
         let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(sample(&logits, &s, &mut rng).0, sample(&logits, &Sampling::GREEDY, &mut rng).0);
-        let s = Sampling { temperature: 1.0, top_p: 0.9, top_k: 0 };
+        assert_eq!(
+            sample(&logits, &s, &mut rng).0,
+            sample(&logits, &Sampling::GREEDY, &mut rng).0
+        );
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.9,
+            top_k: 0,
+        };
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..20).map(|_| sample(&logits, &s, &mut rng).0).collect::<Vec<_>>()
+            (0..20)
+                .map(|_| sample(&logits, &s, &mut rng).0)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));
@@ -246,7 +293,11 @@ mod tests {
     fn top_p_never_picks_outside_the_nucleus() {
         // One token holds ~88% of the mass: with top_p 0.5 it is the only candidate.
         let logits = [5.0, 3.0, 0.0, 0.0];
-        let s = Sampling { temperature: 1.0, top_p: 0.5, top_k: 0 };
+        let s = Sampling {
+            temperature: 1.0,
+            top_p: 0.5,
+            top_k: 0,
+        };
         let mut rng = StdRng::seed_from_u64(3);
         assert!((0..100).all(|_| sample(&logits, &s, &mut rng).0 == 0));
     }

@@ -35,16 +35,26 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let bad = |detail: String| EngineError::BadFile { path: path.to_path_buf(), detail };
+        let bad = |detail: String| EngineError::BadFile {
+            path: path.to_path_buf(),
+            detail,
+        };
         let file = File::open(path).map_err(|e| bad(format!("cannot open: {e}")))?;
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| bad(e.to_string()))?;
         for (name, info) in &content.tensor_infos {
             if !SUPPORTED_TYPES.contains(&info.ggml_dtype) {
-                return Err(EngineError::UnsupportedTensorType { name: name.clone(), dtype: format!("{:?}", info.ggml_dtype) });
+                return Err(EngineError::UnsupportedTensorType {
+                    name: name.clone(),
+                    dtype: format!("{:?}", info.ggml_dtype),
+                });
             }
         }
-        Ok(Self { path: path.to_path_buf(), content, reader })
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -57,12 +67,17 @@ impl GgufFile {
 
     pub fn string(&self, key: &str) -> Result<&str> {
         let v = self.value(key)?;
-        v.to_string().map(String::as_str).map_err(|e| self.bad_meta(key, e))
+        v.to_string()
+            .map(String::as_str)
+            .map_err(|e| self.bad_meta(key, e))
     }
 
     pub fn usize(&self, key: &str) -> Result<usize> {
         let v = self.value(key)?;
-        v.to_u64().map(|x| x as usize).or_else(|_| v.to_u32().map(|x| x as usize)).map_err(|e| self.bad_meta(key, e))
+        v.to_u64()
+            .map(|x| x as usize)
+            .or_else(|_| v.to_u32().map(|x| x as usize))
+            .map_err(|e| self.bad_meta(key, e))
     }
 
     pub fn f32(&self, key: &str) -> Result<f32> {
@@ -90,11 +105,17 @@ impl GgufFile {
         self.content
             .metadata
             .get(key)
-            .ok_or_else(|| EngineError::BadFile { path: self.path.clone(), detail: format!("metadata key '{key}' is missing") })
+            .ok_or_else(|| EngineError::BadFile {
+                path: self.path.clone(),
+                detail: format!("metadata key '{key}' is missing"),
+            })
     }
 
     fn bad_meta(&self, key: &str, e: candle_core::Error) -> EngineError {
-        EngineError::BadFile { path: self.path.clone(), detail: format!("metadata key '{key}': {e}") }
+        EngineError::BadFile {
+            path: self.path.clone(),
+            detail: format!("metadata key '{key}': {e}"),
+        }
     }
 
     pub fn has_tensor(&self, name: &str) -> bool {
@@ -103,16 +124,32 @@ impl GgufFile {
 
     pub fn qtensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.has_tensor(name) {
-            return Err(EngineError::BadFile { path: self.path.clone(), detail: format!("tensor '{name}' is missing") });
+            return Err(EngineError::BadFile {
+                path: self.path.clone(),
+                detail: format!("tensor '{name}' is missing"),
+            });
         }
         self.content
             .tensor(&mut self.reader, name, &Device::Cpu)
-            .map_err(|e| EngineError::BadFile { path: self.path.clone(), detail: format!("tensor '{name}': {e}") })
+            .map_err(|e| EngineError::BadFile {
+                path: self.path.clone(),
+                detail: format!("tensor '{name}': {e}"),
+            })
     }
 
     /// A weight used as a matrix: stays quantized.
     pub fn matrix(&mut self, name: &str) -> Result<Matrix> {
         Matrix::new(self.qtensor(name)?)
+    }
+
+    /// The output projection; small models tie it to the token embeddings.
+    pub fn output_head(&mut self) -> Result<Matrix> {
+        let name = if self.has_tensor("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        self.matrix(name)
     }
 
     /// The token embedding table: rows are looked up, so candle's quantized lookup serves.

@@ -80,7 +80,11 @@ pub struct Hooks {
 impl Hooks {
     /// No interventions, for a model with `n_layers` blocks and width `d_model`.
     pub fn new(n_layers: usize, d_model: usize) -> Self {
-        Self { d_model, by_point: (0..=n_layers).map(|_| Vec::new()).collect(), captured: Vec::new() }
+        Self {
+            d_model,
+            by_point: (0..=n_layers).map(|_| Vec::new()).collect(),
+            captured: Vec::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,7 +94,11 @@ impl Hooks {
     pub fn add(&mut self, iv: Intervention) -> Result<()> {
         let bad = |msg: String| Err(EngineError::BadIntervention(msg));
         if iv.point >= self.by_point.len() {
-            return bad(format!("point {} does not exist; this model has points 0..={}", iv.point, self.by_point.len() - 1));
+            return bad(format!(
+                "point {} does not exist; this model has points 0..={}",
+                iv.point,
+                self.by_point.len() - 1
+            ));
         }
         if let Positions::Range(s, e) = iv.positions {
             if s >= e {
@@ -99,7 +107,11 @@ impl Hooks {
         }
         let check = |v: &[f32]| -> Result<()> {
             if v.len() != self.d_model {
-                return bad(format!("vector has {} dimensions, the model's residual stream has {}", v.len(), self.d_model));
+                return bad(format!(
+                    "vector has {} dimensions, the model's residual stream has {}",
+                    v.len(),
+                    self.d_model
+                ));
             }
             if v.iter().any(|x| !x.is_finite()) {
                 return bad("vector contains NaN or infinity".into());
@@ -115,15 +127,29 @@ impl Hooks {
             }
             Action::ProjectOut { direction, scale } => {
                 check(direction)?;
-                let norm = direction.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+                let norm = direction
+                    .iter()
+                    .map(|x| (*x as f64) * (*x as f64))
+                    .sum::<f64>()
+                    .sqrt();
                 if norm == 0.0 {
                     return bad("cannot project out a zero direction".into());
                 }
-                let unit: Vec<f32> = direction.iter().map(|x| (*x as f64 / norm) as f32).collect();
-                Prepared::ProjectOut(Tensor::from_vec(unit, (self.d_model, 1), &Device::Cpu)?, *scale)
+                let unit: Vec<f32> = direction
+                    .iter()
+                    .map(|x| (*x as f64 / norm) as f32)
+                    .collect();
+                Prepared::ProjectOut(
+                    Tensor::from_vec(unit, (self.d_model, 1), &Device::Cpu)?,
+                    *scale,
+                )
             }
         };
-        self.by_point[iv.point].push(Active { prepared, rows: iv.rows, positions: iv.positions });
+        self.by_point[iv.point].push(Active {
+            prepared,
+            rows: iv.rows,
+            positions: iv.positions,
+        });
         Ok(())
     }
 
@@ -146,8 +172,15 @@ impl Hooks {
             }
             let everything = n_selected == selected.len();
             let mask = || -> Result<Tensor> {
-                let m: Vec<f32> = selected.iter().map(|&s| if s { 1.0 } else { 0.0 }).collect();
-                Ok(Tensor::from_vec(m, (chunk.batch, chunk.len, 1), &Device::Cpu)?)
+                let m: Vec<f32> = selected
+                    .iter()
+                    .map(|&s| if s { 1.0 } else { 0.0 })
+                    .collect();
+                Ok(Tensor::from_vec(
+                    m,
+                    (chunk.batch, chunk.len, 1),
+                    &Device::Cpu,
+                )?)
             };
             h = match &active.prepared {
                 Prepared::Capture => {
@@ -168,7 +201,8 @@ impl Hooks {
                 Prepared::Add(v) => (h + mask()?.broadcast_mul(v)?)?,
                 Prepared::ProjectOut(u, scale) => {
                     let (b, t, d) = h.dims3()?;
-                    let coef = (h.reshape((b * t, d))?.matmul(u)?.reshape((b, t, 1))? * (*scale as f64))?;
+                    let coef =
+                        (h.reshape((b * t, d))?.matmul(u)?.reshape((b, t, 1))? * (*scale as f64))?;
                     let coef = if everything { coef } else { (coef * mask()?)? };
                     (h - coef.broadcast_mul(&u.reshape(d)?)?)?
                 }

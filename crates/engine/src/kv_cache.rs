@@ -86,7 +86,11 @@ impl KvCache {
     /// Reserves `len` new slots per row; `valid[row * len + i]` says which hold real tokens.
     pub fn begin(&self, valid: Vec<bool>, len: usize, prompt: bool) -> Result<Chunk> {
         if valid.len() != self.batch * len {
-            return Err(EngineError::Batch(format!("{} validity flags for a batch of {} x {len}", valid.len(), self.batch)));
+            return Err(EngineError::Batch(format!(
+                "{} validity flags for a batch of {} x {len}",
+                valid.len(),
+                self.batch
+            )));
         }
         if self.len + len > self.capacity {
             return Err(EngineError::Batch(format!(
@@ -104,7 +108,14 @@ impl KvCache {
                 }
             }
         }
-        Ok(Chunk { batch: self.batch, len, start: self.len, valid, positions, prompt })
+        Ok(Chunk {
+            batch: self.batch,
+            len,
+            start: self.len,
+            valid,
+            positions,
+            prompt,
+        })
     }
 
     /// Records the chunk's slots once every layer has written its keys and values.
@@ -125,7 +136,13 @@ impl KvCache {
 
     /// Writes this chunk's keys and values `[batch, kv_heads, chunk.len, head_dim]` for `layer`
     /// and returns all keys and values so far (contiguous).
-    pub fn append(&mut self, layer: usize, chunk: &Chunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        chunk: &Chunk,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         if self.layers[layer].is_none() {
             let (b, h, _, d) = k.dims4()?;
             let zeros = || Tensor::zeros((b, h, self.capacity, d), k.dtype(), &Device::Cpu);
@@ -135,7 +152,10 @@ impl KvCache {
         ck.slice_set(&k.contiguous()?, 2, chunk.start)?;
         cv.slice_set(&v.contiguous()?, 2, chunk.start)?;
         let total = chunk.start + chunk.len;
-        Ok((ck.narrow(2, 0, total)?.contiguous()?, cv.narrow(2, 0, total)?.contiguous()?))
+        Ok((
+            ck.narrow(2, 0, total)?.contiguous()?,
+            cv.narrow(2, 0, total)?.contiguous()?,
+        ))
     }
 
     /// Additive attention mask `[batch, 1, 1, chunk.len, chunk.start + chunk.len]`: a query sees
@@ -156,7 +176,8 @@ impl KvCache {
             };
             for i in 0..chunk.len {
                 let q = chunk.slot(row, i);
-                let out = &mut mask[(row * chunk.len + i) * total..(row * chunk.len + i + 1) * total];
+                let out =
+                    &mut mask[(row * chunk.len + i) * total..(row * chunk.len + i + 1) * total];
                 let query_slot = chunk.start + i;
                 if !chunk.valid[q] {
                     out[query_slot] = 0.0;
@@ -172,7 +193,11 @@ impl KvCache {
                 }
             }
         }
-        Ok(Tensor::from_vec(mask, (self.batch, 1, 1, chunk.len, total), &Device::Cpu)?)
+        Ok(Tensor::from_vec(
+            mask,
+            (self.batch, 1, 1, chunk.len, total),
+            &Device::Cpu,
+        )?)
     }
 }
 
@@ -184,7 +209,9 @@ mod tests {
     fn positions_skip_padding_and_continue_across_chunks() {
         let mut cache = KvCache::new(2, 8, 1);
         // Row 0 is left-padded by two slots.
-        let chunk = cache.begin(vec![false, false, true, true, true, true], 3, true).unwrap();
+        let chunk = cache
+            .begin(vec![false, false, true, true, true, true], 3, true)
+            .unwrap();
         assert_eq!(chunk.positions, vec![0, 0, 0, 0, 1, 2]);
         assert_eq!(chunk.last_valid(0), Some(2));
         cache.commit(&chunk);
@@ -197,13 +224,31 @@ mod tests {
     fn mask_hides_padding_future_and_out_of_window_tokens() {
         let cache = KvCache::new(1, 4, 1);
         let chunk = cache.begin(vec![false, true, true, true], 4, true).unwrap();
-        let m: Vec<f32> = cache.mask(&chunk, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let open: Vec<Vec<bool>> = m.chunks(4).map(|r| r.iter().map(|&x| x == 0.0).collect()).collect();
+        let m: Vec<f32> = cache
+            .mask(&chunk, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let open: Vec<Vec<bool>> = m
+            .chunks(4)
+            .map(|r| r.iter().map(|&x| x == 0.0).collect())
+            .collect();
         assert_eq!(open[0], vec![true, false, false, false]); // padding query sees itself only
         assert_eq!(open[1], vec![false, true, false, false]);
         assert_eq!(open[3], vec![false, true, true, true]);
-        let w: Vec<f32> = cache.mask(&chunk, Some(2)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        assert_eq!(w[12..16].iter().map(|&x| x == 0.0).collect::<Vec<_>>(), vec![false, false, true, true]);
+        let w: Vec<f32> = cache
+            .mask(&chunk, Some(2))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            w[12..16].iter().map(|&x| x == 0.0).collect::<Vec<_>>(),
+            vec![false, false, true, true]
+        );
     }
 
     #[test]

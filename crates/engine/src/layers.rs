@@ -2,8 +2,8 @@
 
 use crate::gguf::GgufFile;
 use crate::kv_cache::{Chunk, KvCache};
-use crate::Result;
 use crate::quant::Matrix;
+use crate::Result;
 use candle_core::{Device, Tensor};
 
 /// A projection `blk.N.<name>.weight` (quantized) with an optional `.bias`.
@@ -16,7 +16,11 @@ impl Linear {
     pub fn load(file: &mut GgufFile, name: &str) -> Result<Self> {
         let weight = file.matrix(&format!("{name}.weight"))?;
         let bias_name = format!("{name}.bias");
-        let bias = if file.has_tensor(&bias_name) { Some(file.vector(&bias_name)?) } else { None };
+        let bias = if file.has_tensor(&bias_name) {
+            Some(file.vector(&bias_name)?)
+        } else {
+            None
+        };
         Ok(Self { weight, bias })
     }
 
@@ -36,11 +40,18 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn load(file: &mut GgufFile, name: &str, eps: f32) -> Result<Self> {
-        Ok(Self { weight: file.vector(&format!("{name}.weight"))?, eps })
+        Ok(Self {
+            weight: file.vector(&format!("{name}.weight"))?,
+            eps,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -61,9 +72,16 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(theta: f32, head_dim: usize, max_positions: usize, style: RopeStyle) -> Result<Self> {
+    pub fn new(
+        theta: f32,
+        head_dim: usize,
+        max_positions: usize,
+        style: RopeStyle,
+    ) -> Result<Self> {
         let half = head_dim / 2;
-        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+            .collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);
         for p in 0..max_positions {
@@ -84,7 +102,8 @@ impl Rope {
     pub fn tables(&self, chunk: &Chunk) -> Result<(Tensor, Tensor)> {
         let ids = Tensor::from_slice(&chunk.positions, chunk.positions.len(), &Device::Cpu)?;
         let gather = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.index_select(&ids, 0)?.reshape((chunk.batch, chunk.len, ()))?)
+            Ok(t.index_select(&ids, 0)?
+                .reshape((chunk.batch, chunk.len, ()))?)
         };
         Ok((gather(&self.cos)?, gather(&self.sin)?))
     }
@@ -169,7 +188,15 @@ pub struct AttentionWiring<'a> {
 }
 
 impl Attention {
-    pub fn load(file: &mut GgufFile, prefix: &str, n_heads: usize, n_kv_heads: usize, head_dim: usize, scale: f64, qk_norm_eps: Option<f32>) -> Result<Self> {
+    pub fn load(
+        file: &mut GgufFile,
+        prefix: &str,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: f64,
+        qk_norm_eps: Option<f32>,
+    ) -> Result<Self> {
         let (q_norm, k_norm) = match qk_norm_eps {
             Some(eps) => (
                 Some(RmsNorm::load(file, &format!("{prefix}.attn_q_norm"), eps)?),
@@ -192,10 +219,17 @@ impl Attention {
     }
 
     /// `x`: `[batch, len, d]` -> `[batch, len, d]`.
-    pub fn forward(&self, x: &Tensor, ctx: &mut StepContext, wiring: AttentionWiring) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &mut StepContext,
+        wiring: AttentionWiring,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?)
+        };
         let mut q = heads(self.q.forward(x)?, h)?;
         let mut k = heads(self.k.forward(x)?, kvh)?;
         let v = heads(self.v.forward(x)?, kvh)?;
@@ -218,7 +252,10 @@ impl Attention {
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
         let out = probs.reshape((b, kvh, group * t, total))?.matmul(&v)?;
-        let out = out.reshape((b, h, t, hd))?.transpose(1, 2)?.reshape((b, t, h * hd))?;
+        let out = out
+            .reshape((b, h, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * hd))?;
         self.o.forward(&out)
     }
 }
@@ -226,6 +263,14 @@ impl Attention {
 /// Softmax in f64 then log, for reporting log-probabilities of chosen tokens.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let log_sum = logits.iter().map(|&l| (l as f64 - max).exp()).sum::<f64>().ln() + max;
-    logits.iter().map(|&l| (l as f64 - log_sum) as f32).collect()
+    let log_sum = logits
+        .iter()
+        .map(|&l| (l as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+        + max;
+    logits
+        .iter()
+        .map(|&l| (l as f64 - log_sum) as f32)
+        .collect()
 }

@@ -16,7 +16,9 @@ pub mod model;
 mod quant;
 pub mod tiny;
 
-pub use generate::{generate, prefill, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling};
+pub use generate::{
+    generate, prefill, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling,
+};
 pub use hooks::{Action, Captured, Hooks, Intervention, Positions, Rows};
 pub use model::{Architecture, Config, Logits, Model};
 
@@ -31,7 +33,11 @@ pub enum EngineError {
     #[error("tensor '{name}' has type {dtype}, which the engine cannot run (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K); requantize the file")]
     UnsupportedTensorType { name: String, dtype: String },
     #[error("prompt of {prompt} tokens plus {new_tokens} new tokens exceeds the model's context of {context} tokens; shorten the prompt or lower --max-tokens")]
-    ContextLength { prompt: usize, new_tokens: usize, context: usize },
+    ContextLength {
+        prompt: usize,
+        new_tokens: usize,
+        context: usize,
+    },
     #[error("invalid intervention: {0}")]
     BadIntervention(String),
     #[error("invalid batch: {0}")]

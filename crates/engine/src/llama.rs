@@ -4,7 +4,9 @@
 //! Block: x + attn(attn_norm(x)), then x + mlp(ffn_norm(x)).
 
 use crate::gguf::GgufFile;
-use crate::layers::{Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext};
+use crate::layers::{
+    Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext,
+};
 use crate::model::{Architecture, Block, Config, Decoder};
 use crate::Result;
 use candle_core::Tensor;
@@ -17,9 +19,22 @@ pub struct LlamaBlock {
 }
 
 impl Block for LlamaBlock {
-    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut StepContext, ropes: &[Rope]) -> Result<Tensor> {
-        let wiring = AttentionWiring { layer, rope: &ropes[0], rope_table: 0, sliding: false };
-        let x = (x + self.attn.forward(&self.attn_norm.forward(x)?, ctx, wiring)?)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &mut StepContext,
+        ropes: &[Rope],
+    ) -> Result<Tensor> {
+        let wiring = AttentionWiring {
+            layer,
+            rope: &ropes[0],
+            rope_table: 0,
+            sliding: false,
+        };
+        let x = (x + self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, ctx, wiring)?)?;
         Ok((&x + self.mlp.forward(&self.ffn_norm.forward(&x)?)?)?)
     }
 }
@@ -40,15 +55,18 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
             mlp: Mlp::load(file, &p, Activation::Silu)?,
         }));
     }
-    // Small models tie the output projection to the embeddings.
-    let lm_head = if file.has_tensor("output.weight") { "output.weight" } else { "token_embd.weight" };
     Ok(Decoder {
         embed: file.embedding("token_embd.weight")?,
         embed_scale: None,
         blocks,
         norm: RmsNorm::load(file, "output_norm", c.rms_eps)?,
-        lm_head: file.matrix(lm_head)?,
-        ropes: vec![Rope::new(c.rope_theta, c.head_dim, c.context_length, style)?],
+        lm_head: file.output_head()?,
+        ropes: vec![Rope::new(
+            c.rope_theta,
+            c.head_dim,
+            c.context_length,
+            style,
+        )?],
         window: None,
     })
 }

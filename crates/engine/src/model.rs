@@ -61,7 +61,12 @@ impl Config {
         let d_model = file.usize(&format!("{a}.embedding_length"))?;
         let vocab_size = match file.content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims()[0],
-            None => return Err(EngineError::BadFile { path: file.path.clone(), detail: "tensor 'token_embd.weight' is missing".into() }),
+            None => {
+                return Err(EngineError::BadFile {
+                    path: file.path.clone(),
+                    detail: "tensor 'token_embd.weight' is missing".into(),
+                })
+            }
         };
         Ok(Self {
             architecture,
@@ -80,7 +85,13 @@ impl Config {
 
 /// One decoder block: residual stream in, residual stream out.
 pub trait Block: Send + Sync {
-    fn forward(&self, x: &Tensor, layer: usize, ctx: &mut StepContext, ropes: &[Rope]) -> Result<Tensor>;
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        ctx: &mut StepContext,
+        ropes: &[Rope],
+    ) -> Result<Tensor>;
 }
 
 /// What an architecture provides beyond its blocks.
@@ -119,19 +130,37 @@ impl Model {
         let architecture = Architecture::from_gguf(&file.architecture()?)?;
         let config = Config::from_gguf(&file, architecture)?;
         let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
-        let token_text = |id: Option<u32>| id.and_then(|i| tokenizer.piece(i).ok()).unwrap_or("").to_string();
-        let template = ChatTemplate::from_gguf_metadata(file.metadata(), &token_text(tokenizer.bos), &token_text(tokenizer.eos))?;
+        let token_text = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.piece(i).ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let template = ChatTemplate::from_gguf_metadata(
+            file.metadata(),
+            &token_text(tokenizer.bos),
+            &token_text(tokenizer.eos),
+        )?;
         if tokenizer.vocab_size() < config.vocab_size {
             return Err(EngineError::BadFile {
                 path: path.to_path_buf(),
-                detail: format!("tokenizer has {} tokens but the embedding has {} rows", tokenizer.vocab_size(), config.vocab_size),
+                detail: format!(
+                    "tokenizer has {} tokens but the embedding has {} rows",
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
             });
         }
         let decoder = match architecture {
             Architecture::Llama | Architecture::Qwen2 => llama::load(&mut file, &config)?,
             Architecture::Gemma3 => gemma3::load(&mut file, &config)?,
         };
-        Ok(Self { config, tokenizer, template, path: path.to_path_buf(), decoder })
+        Ok(Self {
+            config,
+            tokenizer,
+            template,
+            path: path.to_path_buf(),
+            decoder,
+        })
     }
 
     /// A new cache for `batch` rows and up to `capacity` tokens per row.
@@ -146,10 +175,23 @@ impl Model {
 
     /// Runs `tokens` (`[batch * chunk.len]`, row-major; padding slots may hold any id) through
     /// the model, appending to `cache`, applying `hooks`, and returns logits (f32).
-    pub fn forward(&self, tokens: &[u32], chunk: &Chunk, cache: &mut KvCache, hooks: &mut Hooks, logits: Logits) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        chunk: &Chunk,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        logits: Logits,
+    ) -> Result<Tensor> {
         let (b, t) = (chunk.batch, chunk.len);
-        if let Some(&bad) = tokens.iter().find(|&&id| id as usize >= self.config.vocab_size) {
-            return Err(EngineError::Batch(format!("token id {bad} is outside the vocabulary of {}", self.config.vocab_size)));
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            return Err(EngineError::Batch(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
         }
         let ids = Tensor::from_slice(tokens, (b, t), &Device::Cpu)?;
         let d = &self.decoder;
@@ -164,7 +206,11 @@ impl Model {
             chunk,
             mask: cache.mask(chunk, None)?,
             window_mask: d.window.map(|w| cache.mask(chunk, Some(w))).transpose()?,
-            rope_tables: d.ropes.iter().map(|r| r.tables(chunk)).collect::<Result<_>>()?,
+            rope_tables: d
+                .ropes
+                .iter()
+                .map(|r| r.tables(chunk))
+                .collect::<Result<_>>()?,
             cache,
         };
         for (layer, block) in d.blocks.iter().enumerate() {
@@ -177,7 +223,9 @@ impl Model {
         let x = match logits {
             Logits::All => x,
             Logits::Last => {
-                let last: Vec<u32> = (0..b).map(|r| (r * t + chunk.last_valid(r).unwrap_or(t - 1)) as u32).collect();
+                let last: Vec<u32> = (0..b)
+                    .map(|r| (r * t + chunk.last_valid(r).unwrap_or(t - 1)) as u32)
+                    .collect();
                 let idx = Tensor::from_vec(last, b, &Device::Cpu)?;
                 x.reshape((b * t, ()))?.index_select(&idx, 0)?
             }

@@ -91,7 +91,12 @@ impl QuantMatrix {
             _ => return Ok(None),
         };
         let (rows, cols) = t.shape().dims2()?;
-        Ok(Some(Self { kind, rows, cols, data: t.data()?.into_owned() }))
+        Ok(Some(Self {
+            kind,
+            rows,
+            cols,
+            data: t.data()?.into_owned(),
+        }))
     }
 
     /// `x`: `[.., cols]` -> `[.., rows]`.
@@ -100,7 +105,10 @@ impl QuantMatrix {
         let m = x.elem_count() / self.cols;
         let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let blocks = self.cols / BLOCK;
-        let activations: Vec<BlockQ8> = input.chunks(BLOCK).map(|b| quantize_block(b, self.kind)).collect();
+        let activations: Vec<BlockQ8> = input
+            .chunks(BLOCK)
+            .map(|b| quantize_block(b, self.kind))
+            .collect();
         let row_bytes = blocks * self.kind.block_bytes();
         // Each task owns a run of output columns for every input row: a weight row is
         // unpacked once and then meets all activation rows while it is in L1.
@@ -116,14 +124,19 @@ impl QuantMatrix {
                     let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
                     if m < UNPACK_FROM_ROWS {
                         for r in 0..m {
-                            part[r * width + col - first] = dot_packed(self.kind, w, &activations[r * blocks..(r + 1) * blocks]);
+                            part[r * width + col - first] = dot_packed(
+                                self.kind,
+                                w,
+                                &activations[r * blocks..(r + 1) * blocks],
+                            );
                         }
                         continue;
                     }
                     unpacked.clear();
                     unpack_row(self.kind, w, &mut unpacked);
                     for r in 0..m {
-                        part[r * width + col - first] = dot(&unpacked, &activations[r * blocks..(r + 1) * blocks]);
+                        part[r * width + col - first] =
+                            dot(&unpacked, &activations[r * blocks..(r + 1) * blocks]);
                     }
                 }
                 part
@@ -134,7 +147,8 @@ impl QuantMatrix {
             let first = task * COLUMNS_PER_TASK;
             let width = part.len() / m.max(1);
             for r in 0..m {
-                out[r * self.rows + first..r * self.rows + first + width].copy_from_slice(&part[r * width..(r + 1) * width]);
+                out[r * self.rows + first..r * self.rows + first + width]
+                    .copy_from_slice(&part[r * width..(r + 1) * width]);
             }
         }
         *out_dims.last_mut().expect("at least one dim") = self.rows;
@@ -174,8 +188,8 @@ fn unpack_row(kind: Kind, row: &[u8], out: &mut Vec<Unpacked>) {
             // 5-bit values 0..31 stand for -16..15.
             Kind::Q5_0 => {
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                for j in 0..BLOCK {
-                    q[j] = (((qh >> j) & 1) as u8) << 4;
+                for (j, qj) in q.iter_mut().enumerate() {
+                    *qj = (((qh >> j) & 1) as u8) << 4;
                 }
                 (&b[6..22], -16.0 * d)
             }
@@ -193,7 +207,8 @@ fn unpack_row(kind: Kind, row: &[u8], out: &mut Vec<Unpacked>) {
 fn dot(w: &[Unpacked], a: &[BlockQ8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA (checked above).
             return unsafe { avx2::dot(w, a) };
         }
@@ -205,7 +220,8 @@ fn dot(w: &[Unpacked], a: &[BlockQ8]) -> f32 {
 fn dot_packed(kind: Kind, w: &[u8], a: &[BlockQ8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has AVX2 and FMA (checked above); `w` holds whole blocks.
             return unsafe { avx2::dot_packed(kind, w, a) };
         }
@@ -218,7 +234,11 @@ fn dot_packed(kind: Kind, w: &[u8], a: &[BlockQ8]) -> f32 {
 fn dot_scalar(w: &[Unpacked], a: &[BlockQ8]) -> f32 {
     let mut total = 0f32;
     for (w, a) in w.iter().zip(a) {
-        let acc: i32 = w.q.iter().zip(&a.q).map(|(&x, &y)| x as i32 * y as i32).sum();
+        let acc: i32 =
+            w.q.iter()
+                .zip(&a.q)
+                .map(|(&x, &y)| x as i32 * y as i32)
+                .sum();
         total += w.d * a.d * acc as f32 + w.offset * a.s;
     }
     total
@@ -245,7 +265,12 @@ mod avx2 {
         // Broadcast byte j/8 of `bits` to byte j, then test bit j%8 by OR-ing all other bits in.
         let spread = _mm256_shuffle_epi8(
             _mm256_set1_epi32(bits as i32),
-            _mm256_set_epi64x(0x0303_0303_0303_0303, 0x0202_0202_0202_0202, 0x0101_0101_0101_0101, 0),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
         );
         let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
         let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
@@ -276,7 +301,10 @@ mod avx2 {
         let d = f16_at(b, 0);
         let (u, offset) = if Q5 {
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            (_mm256_or_si256(nibbles(b.as_ptr().add(6)), fifth_bits(qh)), -16.0 * d)
+            (
+                _mm256_or_si256(nibbles(b.as_ptr().add(6)), fifth_bits(qh)),
+                -16.0 * d,
+            )
         } else {
             (nibbles(b.as_ptr().add(4)), f16_at(b, 2))
         };
@@ -333,7 +361,10 @@ mod tests {
     fn weights(rows: usize, cols: usize, seed: u32) -> Tensor {
         let data: Vec<f32> = (0..rows * cols)
             .map(|i| {
-                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761).rotate_left(13).wrapping_mul(2_246_822_519);
+                let h = (i as u32 ^ seed)
+                    .wrapping_mul(2_654_435_761)
+                    .rotate_left(13)
+                    .wrapping_mul(2_246_822_519);
                 (h as f32 / u32::MAX as f32 - 0.5) * 2.0
             })
             .collect();
@@ -345,15 +376,50 @@ mod tests {
         for dtype in [GgmlDType::Q5_0, GgmlDType::Q4_1] {
             let q = QTensor::quantize(&weights(70, 256, 1), dtype).unwrap();
             for rows in [1, 5] {
-            let x = (weights(rows, 256, 2) * 3.0).unwrap().reshape((1, rows, 256)).unwrap();
-            let ours = QuantMatrix::from_qtensor(&q).unwrap().unwrap().forward(&x).unwrap();
-            let exact = x.broadcast_matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
-            let again = QTensor::quantize(&weights(70, 256, 1), dtype).unwrap();
-            let candle = candle_core::quantized::QMatMul::from_qtensor(again).unwrap().forward(&x).unwrap();
-            let max_diff = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let scale = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(max_diff(&ours, &exact) < 0.02 * scale, "{dtype:?}: {} vs scale {scale}", max_diff(&ours, &exact));
-            assert!(max_diff(&ours, &candle) < 0.002 * scale, "{dtype:?}: ours and candle differ by {}", max_diff(&ours, &candle));
+                let x = (weights(rows, 256, 2) * 3.0)
+                    .unwrap()
+                    .reshape((1, rows, 256))
+                    .unwrap();
+                let ours = QuantMatrix::from_qtensor(&q)
+                    .unwrap()
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap();
+                let exact = x
+                    .broadcast_matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap())
+                    .unwrap();
+                let again = QTensor::quantize(&weights(70, 256, 1), dtype).unwrap();
+                let candle = candle_core::quantized::QMatMul::from_qtensor(again)
+                    .unwrap()
+                    .forward(&x)
+                    .unwrap();
+                let max_diff = |a: &Tensor, b: &Tensor| {
+                    (a - b)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap()
+                };
+                let scale = exact
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    max_diff(&ours, &exact) < 0.02 * scale,
+                    "{dtype:?}: {} vs scale {scale}",
+                    max_diff(&ours, &exact)
+                );
+                assert!(
+                    max_diff(&ours, &candle) < 0.002 * scale,
+                    "{dtype:?}: ours and candle differ by {}",
+                    max_diff(&ours, &candle)
+                );
             }
         }
     }
@@ -368,9 +434,15 @@ mod tests {
             let mut w = Vec::new();
             unpack_row(m.kind, &m.data[..4 * m.kind.block_bytes()], &mut w);
             let scalar = dot_scalar(&w, &a);
-            assert!((dot(&w, &a) - scalar).abs() < 1e-4 * scalar.abs().max(1.0), "{dtype:?}");
+            assert!(
+                (dot(&w, &a) - scalar).abs() < 1e-4 * scalar.abs().max(1.0),
+                "{dtype:?}"
+            );
             let packed = dot_packed(m.kind, &m.data[..4 * m.kind.block_bytes()], &a);
-            assert!((packed - scalar).abs() < 1e-4 * scalar.abs().max(1.0), "{dtype:?}");
+            assert!(
+                (packed - scalar).abs() < 1e-4 * scalar.abs().max(1.0),
+                "{dtype:?}"
+            );
         }
     }
 

@@ -1,7 +1,10 @@
 //! Intervention points on a tiny random-weight model: what they capture, that they change
 //! exactly what they are told to and nothing else, and that batching changes nothing.
 
-use refusal_steer_engine::{generate, tiny, Action, GenerateOptions, Intervention, Logits, Model, Padding, Positions, Request, Rows, Sampling};
+use refusal_steer_engine::{
+    generate, tiny, Action, GenerateOptions, Intervention, Logits, Model, Padding, Positions,
+    Request, Rows, Sampling,
+};
 
 fn model() -> (tempfile::TempDir, Model) {
     std::env::set_var("RAYON_NUM_THREADS", "1");
@@ -15,8 +18,15 @@ fn model() -> (tempfile::TempDir, Model) {
 const PROMPTS: [&str; 3] = ["the cat sat", "in an hour there", "a"];
 
 /// Runs one padded prefill over `prompts` and returns the logits of every row's last token.
-fn last_logits(model: &Model, prompts: &[&str], hooks: &mut refusal_steer_engine::Hooks) -> Vec<Vec<f32>> {
-    let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| model.tokenizer.encode(p, false, true)).collect();
+fn last_logits(
+    model: &Model,
+    prompts: &[&str],
+    hooks: &mut refusal_steer_engine::Hooks,
+) -> Vec<Vec<f32>> {
+    let encoded: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| model.tokenizer.encode(p, false, true))
+        .collect();
     let len = encoded.iter().map(Vec::len).max().unwrap();
     let mut tokens = vec![0; prompts.len() * len];
     let mut valid = vec![false; prompts.len() * len];
@@ -29,11 +39,17 @@ fn last_logits(model: &Model, prompts: &[&str], hooks: &mut refusal_steer_engine
     }
     let mut cache = model.new_cache(prompts.len(), len);
     let chunk = cache.begin(valid, len, true).unwrap();
-    model.forward(&tokens, &chunk, &mut cache, hooks, Logits::Last).unwrap().to_vec2().unwrap()
+    model
+        .forward(&tokens, &chunk, &mut cache, hooks, Logits::Last)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 fn steering(model: &Model) -> Vec<f32> {
-    (0..model.config.d_model).map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0).collect()
+    (0..model.config.d_model)
+        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 3.0)
+        .collect()
 }
 
 #[test]
@@ -42,7 +58,15 @@ fn add_with_zero_alpha_changes_nothing() {
     let plain = last_logits(&model, &PROMPTS, &mut model.new_hooks());
     let mut hooks = model.new_hooks();
     for point in 0..=model.config.n_layers {
-        let iv = Intervention { point, action: Action::Add { vector: steering(&model), alpha: 0.0 }, rows: Rows::All, positions: Positions::All };
+        let iv = Intervention {
+            point,
+            action: Action::Add {
+                vector: steering(&model),
+                alpha: 0.0,
+            },
+            rows: Rows::All,
+            positions: Positions::All,
+        };
         hooks.add(iv).unwrap();
     }
     assert_eq!(last_logits(&model, &PROMPTS, &mut hooks), plain);
@@ -53,7 +77,15 @@ fn hooks_on_one_row_leave_the_other_rows_bit_identical() {
     let (_d, model) = model();
     let plain = last_logits(&model, &PROMPTS, &mut model.new_hooks());
     let mut hooks = model.new_hooks();
-    let iv = Intervention { point: 1, action: Action::Add { vector: steering(&model), alpha: 2.0 }, rows: Rows::Only(vec![1]), positions: Positions::All };
+    let iv = Intervention {
+        point: 1,
+        action: Action::Add {
+            vector: steering(&model),
+            alpha: 2.0,
+        },
+        rows: Rows::Only(vec![1]),
+        positions: Positions::All,
+    };
     hooks.add(iv).unwrap();
     let steered = last_logits(&model, &PROMPTS, &mut hooks);
     assert_eq!(steered[0], plain[0]);
@@ -66,16 +98,43 @@ fn project_out_leaves_no_component_along_the_direction() {
     let (_d, model) = model();
     let u = steering(&model);
     let mut hooks = model.new_hooks();
-    hooks.add(Intervention { point: 2, action: Action::ProjectOut { direction: u.clone(), scale: 1.0 }, rows: Rows::All, positions: Positions::All }).unwrap();
-    hooks.add(Intervention { point: 2, action: Action::Capture, rows: Rows::All, positions: Positions::All }).unwrap();
+    hooks
+        .add(Intervention {
+            point: 2,
+            action: Action::ProjectOut {
+                direction: u.clone(),
+                scale: 1.0,
+            },
+            rows: Rows::All,
+            positions: Positions::All,
+        })
+        .unwrap();
+    hooks
+        .add(Intervention {
+            point: 2,
+            action: Action::Capture,
+            rows: Rows::All,
+            positions: Positions::All,
+        })
+        .unwrap();
     last_logits(&model, &PROMPTS, &mut hooks);
     let norm_u: f32 = u.iter().map(|x| x * x).sum::<f32>().sqrt();
     let captured = hooks.take_captured();
-    assert_eq!(captured.len(), PROMPTS.iter().map(|p| model.tokenizer.encode(p, false, true).len()).sum::<usize>());
+    assert_eq!(
+        captured.len(),
+        PROMPTS
+            .iter()
+            .map(|p| model.tokenizer.encode(p, false, true).len())
+            .sum::<usize>()
+    );
     for c in captured {
         let norm_h: f32 = c.values.iter().map(|x| x * x).sum::<f32>().sqrt();
         let dot: f32 = c.values.iter().zip(&u).map(|(a, b)| a * b).sum();
-        assert!(dot.abs() / (norm_h * norm_u) < 1e-5, "cosine {} after projection", dot / (norm_h * norm_u));
+        assert!(
+            dot.abs() / (norm_h * norm_u) < 1e-5,
+            "cosine {} after projection",
+            dot / (norm_h * norm_u)
+        );
     }
 }
 
@@ -87,9 +146,33 @@ fn capture_at_the_last_point_is_what_the_head_reads() {
     let n = model.config.n_layers;
     let v = steering(&model);
     let mut hooks = model.new_hooks();
-    hooks.add(Intervention { point: n, action: Action::Capture, rows: Rows::All, positions: Positions::LastPrompt }).unwrap();
-    hooks.add(Intervention { point: n, action: Action::Add { vector: v.clone(), alpha: 1.0 }, rows: Rows::All, positions: Positions::All }).unwrap();
-    hooks.add(Intervention { point: n, action: Action::Capture, rows: Rows::All, positions: Positions::LastPrompt }).unwrap();
+    hooks
+        .add(Intervention {
+            point: n,
+            action: Action::Capture,
+            rows: Rows::All,
+            positions: Positions::LastPrompt,
+        })
+        .unwrap();
+    hooks
+        .add(Intervention {
+            point: n,
+            action: Action::Add {
+                vector: v.clone(),
+                alpha: 1.0,
+            },
+            rows: Rows::All,
+            positions: Positions::All,
+        })
+        .unwrap();
+    hooks
+        .add(Intervention {
+            point: n,
+            action: Action::Capture,
+            rows: Rows::All,
+            positions: Positions::LastPrompt,
+        })
+        .unwrap();
     let logits = last_logits(&model, &PROMPTS, &mut hooks);
     let captured = hooks.take_captured();
     assert_eq!(captured.len(), 2 * PROMPTS.len());
@@ -102,8 +185,16 @@ fn capture_at_the_last_point_is_what_the_head_reads() {
     }
     for a in after {
         let head = model.logits_from_hidden(&a.values).unwrap();
-        let diff = head.iter().zip(&logits[a.row]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff < 1e-4, "row {}: head of the captured stream differs by {diff}", a.row);
+        let diff = head
+            .iter()
+            .zip(&logits[a.row])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-4,
+            "row {}: head of the captured stream differs by {diff}",
+            a.row
+        );
     }
 }
 
@@ -112,7 +203,15 @@ fn generated_positions_leave_the_prompt_untouched() {
     let (_d, model) = model();
     let plain = last_logits(&model, &PROMPTS, &mut model.new_hooks());
     let mut hooks = model.new_hooks();
-    let iv = Intervention { point: 1, action: Action::Add { vector: steering(&model), alpha: 3.0 }, rows: Rows::All, positions: Positions::Generated };
+    let iv = Intervention {
+        point: 1,
+        action: Action::Add {
+            vector: steering(&model),
+            alpha: 3.0,
+        },
+        rows: Rows::All,
+        positions: Positions::Generated,
+    };
     hooks.add(iv).unwrap();
     assert_eq!(last_logits(&model, &PROMPTS, &mut hooks), plain);
 }
@@ -121,17 +220,48 @@ fn generated_positions_leave_the_prompt_untouched() {
 fn batched_generation_equals_one_at_a_time() {
     let (_d, model) = model();
     for padding in [Padding::Left, Padding::Right] {
-        for sampling in [Sampling::GREEDY, Sampling { temperature: 0.8, top_p: 0.95, top_k: 40 }] {
-            let options = GenerateOptions { max_new_tokens: 12, sampling, padding };
+        for sampling in [
+            Sampling::GREEDY,
+            Sampling {
+                temperature: 0.8,
+                top_p: 0.95,
+                top_k: 40,
+            },
+        ] {
+            let options = GenerateOptions {
+                max_new_tokens: 12,
+                sampling,
+                padding,
+            };
             let requests: Vec<Request> = PROMPTS
                 .iter()
                 .enumerate()
-                .map(|(i, p)| Request { prompt: model.tokenizer.encode(p, false, true), seed: i as u64 })
+                .map(|(i, p)| Request {
+                    prompt: model.tokenizer.encode(p, false, true),
+                    seed: i as u64,
+                })
                 .collect();
-            let batched = generate(&model, &requests, &options, &mut model.new_hooks(), &mut |_, _| {}).unwrap();
+            let batched = generate(
+                &model,
+                &requests,
+                &options,
+                &mut model.new_hooks(),
+                &mut |_, _| {},
+            )
+            .unwrap();
             for (r, request) in requests.iter().enumerate() {
-                let alone = generate(&model, std::slice::from_ref(request), &options, &mut model.new_hooks(), &mut |_, _| {}).unwrap();
-                assert_eq!(alone[0].tokens, batched[r].tokens, "row {r}, {padding:?}, {sampling:?}");
+                let alone = generate(
+                    &model,
+                    std::slice::from_ref(request),
+                    &options,
+                    &mut model.new_hooks(),
+                    &mut |_, _| {},
+                )
+                .unwrap();
+                assert_eq!(
+                    alone[0].tokens, batched[r].tokens,
+                    "row {r}, {padding:?}, {sampling:?}"
+                );
             }
         }
     }
@@ -142,17 +272,38 @@ fn bad_interventions_are_rejected_with_reasons() {
     let (_d, model) = model();
     let mut hooks = model.new_hooks();
     let err = hooks
-        .add(Intervention { point: 99, action: Action::Capture, rows: Rows::All, positions: Positions::All })
+        .add(Intervention {
+            point: 99,
+            action: Action::Capture,
+            rows: Rows::All,
+            positions: Positions::All,
+        })
         .unwrap_err()
         .to_string();
     assert!(err.contains("point 99 does not exist"), "{err}");
     let err = hooks
-        .add(Intervention { point: 1, action: Action::Add { vector: vec![1.0; 3], alpha: 1.0 }, rows: Rows::All, positions: Positions::All })
+        .add(Intervention {
+            point: 1,
+            action: Action::Add {
+                vector: vec![1.0; 3],
+                alpha: 1.0,
+            },
+            rows: Rows::All,
+            positions: Positions::All,
+        })
         .unwrap_err()
         .to_string();
     assert!(err.contains("3 dimensions"), "{err}");
     let err = hooks
-        .add(Intervention { point: 1, action: Action::ProjectOut { direction: vec![0.0; model.config.d_model], scale: 1.0 }, rows: Rows::All, positions: Positions::All })
+        .add(Intervention {
+            point: 1,
+            action: Action::ProjectOut {
+                direction: vec![0.0; model.config.d_model],
+                scale: 1.0,
+            },
+            rows: Rows::All,
+            positions: Positions::All,
+        })
         .unwrap_err()
         .to_string();
     assert!(err.contains("zero direction"), "{err}");
@@ -161,10 +312,28 @@ fn bad_interventions_are_rejected_with_reasons() {
 #[test]
 fn context_overflow_is_a_clear_error() {
     let (_d, model) = model();
-    let options = GenerateOptions { max_new_tokens: 1000, sampling: Sampling::GREEDY, padding: Padding::Left };
-    let request = Request { prompt: model.tokenizer.encode("the", false, true), seed: 0 };
-    let err = generate(&model, &[request], &options, &mut model.new_hooks(), &mut |_, _| {}).unwrap_err().to_string();
-    assert!(err.contains("exceeds the model's context of 256 tokens"), "{err}");
+    let options = GenerateOptions {
+        max_new_tokens: 1000,
+        sampling: Sampling::GREEDY,
+        padding: Padding::Left,
+    };
+    let request = Request {
+        prompt: model.tokenizer.encode("the", false, true),
+        seed: 0,
+    };
+    let err = generate(
+        &model,
+        &[request],
+        &options,
+        &mut model.new_hooks(),
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("exceeds the model's context of 256 tokens"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -174,7 +343,10 @@ fn truncated_and_foreign_files_are_errors_not_panics() {
     tiny::write(&path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = Model::load(&path).err().expect("truncated file must not load").to_string();
+    let err = Model::load(&path)
+        .err()
+        .expect("truncated file must not load")
+        .to_string();
     assert!(err.contains("not a usable GGUF model"), "{err}");
     std::fs::write(&path, b"definitely not gguf").unwrap();
     assert!(Model::load(&path).is_err());

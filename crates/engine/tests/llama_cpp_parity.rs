@@ -34,25 +34,46 @@ struct Case {
 
 fn check(model_name: &str, family: &str) {
     std::env::set_var("RAYON_NUM_THREADS", "1");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../fixtures/llama.cpp/logits-{family}.json"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("../../fixtures/llama.cpp/logits-{family}.json"));
     let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let model = Model::load(&refusal_steer_catalog::resolve(model_name, &mut |m| eprintln!("{m}")).unwrap()).unwrap();
+    let model = Model::load(
+        &refusal_steer_catalog::resolve(model_name, &mut |m| eprintln!("{m}")).unwrap(),
+    )
+    .unwrap();
     assert!(fixture.prompts.len() >= 20);
 
     let (mut max_delta, mut sum_delta, mut n_delta) = (0f32, 0f64, 0);
     let (mut positions, mut top1_mismatches, mut clear_mismatches) = (0, 0, Vec::new());
-    let (mut greedy_same, mut greedy_diffs, mut confident_divergences) = (0, Vec::new(), Vec::new());
+    let (mut greedy_same, mut greedy_diffs, mut confident_divergences) =
+        (0, Vec::new(), Vec::new());
     for case in &fixture.prompts {
         if !model.template.is_plain() {
-            assert_eq!(model.template.prompt(None, &case.prompt).unwrap(), case.rendered, "chat rendering of {:?}", case.prompt);
+            assert_eq!(
+                model.template.prompt(None, &case.prompt).unwrap(),
+                case.rendered,
+                "chat rendering of {:?}",
+                case.prompt
+            );
         }
-        assert_eq!(model.tokenizer.encode(&case.rendered, true, true), case.ids, "tokens of {:?}", case.prompt);
+        assert_eq!(
+            model.tokenizer.encode(&case.rendered, true, true),
+            case.ids,
+            "tokens of {:?}",
+            case.prompt
+        );
 
         let n = case.ids.len();
         let mut cache = model.new_cache(1, n);
         let chunk = cache.begin(vec![true; n], n, true).unwrap();
         let logits: Vec<Vec<f32>> = model
-            .forward(&case.ids, &chunk, &mut cache, &mut model.new_hooks(), Logits::All)
+            .forward(
+                &case.ids,
+                &chunk,
+                &mut cache,
+                &mut model.new_hooks(),
+                Logits::All,
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -66,7 +87,10 @@ fn check(model_name: &str, family: &str) {
                 let margin = case.top_logits[pos][0] - case.top_logits[pos][1];
                 top1_mismatches += 1;
                 if margin >= CLEAR {
-                    clear_mismatches.push(format!("{:?} pos {pos}: ours {ours}, llama.cpp {theirs} (its margin {margin:.3})", case.prompt));
+                    clear_mismatches.push(format!(
+                        "{:?} pos {pos}: ours {ours}, llama.cpp {theirs} (its margin {margin:.3})",
+                        case.prompt
+                    ));
                 }
             }
             // Logits relative to llama.cpp's top token: a shift common to all logits does not
@@ -80,14 +104,32 @@ fn check(model_name: &str, family: &str) {
             }
         }
 
-        let options = GenerateOptions { max_new_tokens: 64, sampling: Sampling::GREEDY, padding: Padding::Left };
-        let out = generate(&model, &[Request { prompt: case.ids.clone(), seed: 0 }], &options, &mut model.new_hooks(), &mut |_, _| {}).unwrap();
+        let options = GenerateOptions {
+            max_new_tokens: 64,
+            sampling: Sampling::GREEDY,
+            padding: Padding::Left,
+        };
+        let out = generate(
+            &model,
+            &[Request {
+                prompt: case.ids.clone(),
+                seed: 0,
+            }],
+            &options,
+            &mut model.new_hooks(),
+            &mut |_, _| {},
+        )
+        .unwrap();
         let mut ours = out[0].tokens.clone();
         ours.extend(out[0].stop_token);
         if ours == case.greedy {
             greedy_same += 1;
         } else {
-            let common = ours.iter().zip(&case.greedy).take_while(|(a, b)| a == b).count();
+            let common = ours
+                .iter()
+                .zip(&case.greedy)
+                .take_while(|(a, b)| a == b)
+                .count();
             let mut context = case.ids.clone();
             context.extend(&case.greedy[..common]);
             let row = last_logits(&model, &context);
@@ -96,7 +138,10 @@ fn check(model_name: &str, family: &str) {
                 (Some(&a), Some(&b)) => row[a as usize] - row[b as usize],
                 _ => f32::INFINITY, // one side stopped: its length differs, not a token
             };
-            greedy_diffs.push(format!("{:?}: same for {common} tokens, then ours {a:?} vs {b:?} ({gap:.3} logits apart)", case.prompt));
+            greedy_diffs.push(format!(
+                "{:?}: same for {common} tokens, then ours {a:?} vs {b:?} ({gap:.3} logits apart)",
+                case.prompt
+            ));
             if gap >= CLEAR {
                 confident_divergences.push(greedy_diffs.last().unwrap().clone());
             }
@@ -113,20 +158,49 @@ fn check(model_name: &str, family: &str) {
     for d in &greedy_diffs {
         eprintln!("  greedy differs: {d}");
     }
-    assert!(top1_mismatches * 20 <= positions, "top-1 differs at {top1_mismatches} of {positions} positions");
-    assert!(sum_delta / (n_delta as f64) < 0.2, "mean logit error {}", sum_delta / n_delta as f64);
-    assert!(clear_mismatches.is_empty(), "top-1 differs where llama.cpp is clear:\n{}", clear_mismatches.join("\n"));
-    assert!(confident_divergences.is_empty(), "greedy parts at a confident token:\n{}", confident_divergences.join("\n"));
+    assert!(
+        top1_mismatches * 20 <= positions,
+        "top-1 differs at {top1_mismatches} of {positions} positions"
+    );
+    assert!(
+        sum_delta / (n_delta as f64) < 0.2,
+        "mean logit error {}",
+        sum_delta / n_delta as f64
+    );
+    assert!(
+        clear_mismatches.is_empty(),
+        "top-1 differs where llama.cpp is clear:\n{}",
+        clear_mismatches.join("\n")
+    );
+    assert!(
+        confident_divergences.is_empty(),
+        "greedy parts at a confident token:\n{}",
+        confident_divergences.join("\n")
+    );
 }
 
 fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().fold(0, |best, (i, &l)| if l > row[best] { i } else { best }) as u32
+    row.iter()
+        .enumerate()
+        .fold(0, |best, (i, &l)| if l > row[best] { i } else { best }) as u32
 }
 
 fn last_logits(model: &Model, ids: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache(1, ids.len());
     let chunk = cache.begin(vec![true; ids.len()], ids.len(), true).unwrap();
-    model.forward(ids, &chunk, &mut cache, &mut model.new_hooks(), Logits::Last).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    model
+        .forward(
+            ids,
+            &chunk,
+            &mut cache,
+            &mut model.new_hooks(),
+            Logits::Last,
+        )
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]

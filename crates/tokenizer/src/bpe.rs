@@ -28,7 +28,13 @@ fn byte_to_char() -> &'static [char; 256] {
 
 fn char_to_byte() -> &'static HashMap<char, u8> {
     static TABLE: OnceLock<HashMap<char, u8>> = OnceLock::new();
-    TABLE.get_or_init(|| byte_to_char().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect())
+    TABLE.get_or_init(|| {
+        byte_to_char()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect()
+    })
 }
 
 /// The raw bytes of a byte-level token text.
@@ -60,7 +66,12 @@ pub struct Bpe {
 }
 
 impl Bpe {
-    pub fn new(tokens: &[String], token_to_id: &HashMap<String, u32>, merges: &[String], pre: &str) -> Result<Self> {
+    pub fn new(
+        tokens: &[String],
+        token_to_id: &HashMap<String, u32>,
+        merges: &[String],
+        pre: &str,
+    ) -> Result<Self> {
         let mut symbol_text = tokens.to_vec();
         let mut symbol_id = token_to_id.clone();
         let mut intern = |s: &str| -> u32 {
@@ -74,7 +85,9 @@ impl Bpe {
         };
         let mut merge_map = HashMap::with_capacity(merges.len());
         for (rank, line) in merges.iter().enumerate() {
-            let Some((left, right)) = line.split_once(' ') else { continue };
+            let Some((left, right)) = line.split_once(' ') else {
+                continue;
+            };
             let l = intern(left);
             let r = intern(right);
             let m = intern(&format!("{left}{right}"));
@@ -151,8 +164,15 @@ mod tests {
 
     #[test]
     fn merges_apply_by_rank_not_position() {
-        let tokens: Vec<String> = ["a", "b", "c", "bc", "abc", "ab"].iter().map(|s| s.to_string()).collect();
-        let ids: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let tokens: Vec<String> = ["a", "b", "c", "bc", "abc", "ab"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ids: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let merges = vec!["b c".to_string(), "a bc".to_string(), "a b".to_string()];
         let bpe = Bpe::new(&tokens, &ids, &merges, "gpt2").unwrap();
         let mut out = Vec::new();

@@ -15,13 +15,20 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: &str, content: &str) -> Self {
-        Self { role: role.to_string(), content: content.to_string() }
+        Self {
+            role: role.to_string(),
+            content: content.to_string(),
+        }
     }
 }
 
 #[derive(Debug)]
 pub enum ChatTemplate {
-    Jinja { env: minijinja::Environment<'static>, bos: String, eos: String },
+    Jinja {
+        env: Box<minijinja::Environment<'static>>,
+        bos: String,
+        eos: String,
+    },
     Plain,
 }
 
@@ -31,7 +38,10 @@ impl ChatTemplate {
     /// Builds the template from a GGUF file's metadata; `bos`/`eos` are the texts of the file's
     /// BOS/EOS tokens, which templates may print.
     pub fn from_gguf_metadata(md: &HashMap<String, Value>, bos: &str, eos: &str) -> Result<Self> {
-        match md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()) {
+        match md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+        {
             Some(source) => Self::jinja(source, bos, eos),
             None => Ok(Self::Plain),
         }
@@ -47,13 +57,27 @@ impl ChatTemplate {
                 .expect("default delimiters are valid"),
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_function("strftime_now", |fmt: String| -> String {
+            strftime_now(&fmt)
         });
-        env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| TokenizerError::Template(format!("the model's chat template does not parse: {e}")))?;
-        Ok(Self::Jinja { env, bos: bos.to_string(), eos: eos.to_string() })
+            .map_err(|e| {
+                TokenizerError::Template(format!("the model's chat template does not parse: {e}"))
+            })?;
+        Ok(Self::Jinja {
+            env: Box::new(env),
+            bos: bos.to_string(),
+            eos: eos.to_string(),
+        })
     }
 
     pub fn is_plain(&self) -> bool {
@@ -62,9 +86,15 @@ impl ChatTemplate {
 
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         match self {
-            Self::Plain => Ok(messages.iter().map(|m| m.content.as_str()).collect::<Vec<_>>().join("\n\n")),
+            Self::Plain => Ok(messages
+                .iter()
+                .map(|m| m.content.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n")),
             Self::Jinja { env, bos, eos } => {
-                let template = env.get_template(TEMPLATE_NAME).expect("added at construction");
+                let template = env
+                    .get_template(TEMPLATE_NAME)
+                    .expect("added at construction");
                 template
                     .render(minijinja::context! {
                         messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
@@ -90,11 +120,26 @@ impl ChatTemplate {
 
 /// Templates use this for a "today is" line: today's UTC date, with the common date fields.
 fn strftime_now(fmt: &str) -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let (y, m, d) = civil_from_days(days);
-    const MONTHS: [&str; 12] =
-        ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
     fmt.replace("%Y", &y.to_string())
         .replace("%m", &format!("{m:02}"))
         .replace("%d", &format!("{d:02}"))
@@ -132,21 +177,32 @@ mod tests {
 
     #[test]
     fn python_string_methods_and_raise_exception_work() {
-        let t = ChatTemplate::jinja("{{ messages[0]['content'].strip().upper() }}", "", "").unwrap();
+        let t =
+            ChatTemplate::jinja("{{ messages[0]['content'].strip().upper() }}", "", "").unwrap();
         assert_eq!(t.prompt(None, "  hi ").unwrap(), "HI");
-        let t = ChatTemplate::jinja("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
-        assert!(t.prompt(None, "x").unwrap_err().to_string().contains("roles must alternate"));
+        let t =
+            ChatTemplate::jinja("{{ raise_exception('roles must alternate') }}", "", "").unwrap();
+        assert!(t
+            .prompt(None, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("roles must alternate"));
     }
 
     #[test]
     fn broken_template_is_a_clear_error() {
-        let err = ChatTemplate::jinja("{% for %}", "", "").unwrap_err().to_string();
+        let err = ChatTemplate::jinja("{% for %}", "", "")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not parse"), "{err}");
     }
 
     #[test]
     fn plain_fallback_joins_messages() {
-        assert_eq!(ChatTemplate::Plain.prompt(Some("S"), "U").unwrap(), "S\n\nU");
+        assert_eq!(
+            ChatTemplate::Plain.prompt(Some("S"), "U").unwrap(),
+            "S\n\nU"
+        );
     }
 
     #[test]

@@ -64,8 +64,8 @@ impl TokenType {
 
 #[derive(Debug, Clone)]
 enum Model {
-    Bpe(bpe::Bpe),
-    Spm(spm::Spm),
+    Bpe(Box<bpe::Bpe>),
+    Spm(Box<spm::Spm>),
 }
 
 #[derive(Debug, Clone)]
@@ -129,15 +129,22 @@ fn get<'a>(md: &'a HashMap<String, Value>, key: &'static str) -> Result<&'a Valu
 }
 
 fn bad(key: &'static str) -> impl Fn(candle_core::Error) -> TokenizerError {
-    move |e| TokenizerError::BadMetadata { key, detail: e.to_string() }
+    move |e| TokenizerError::BadMetadata {
+        key,
+        detail: e.to_string(),
+    }
 }
 
 fn opt_u32(md: &HashMap<String, Value>, key: &'static str) -> Result<Option<u32>> {
-    md.get(key).map(|v| v.to_u32().map_err(bad(key))).transpose()
+    md.get(key)
+        .map(|v| v.to_u32().map_err(bad(key)))
+        .transpose()
 }
 
 fn opt_bool(md: &HashMap<String, Value>, key: &'static str) -> Result<Option<bool>> {
-    md.get(key).map(|v| v.to_bool().map_err(bad(key))).transpose()
+    md.get(key)
+        .map(|v| v.to_bool().map_err(bad(key)))
+        .transpose()
 }
 
 fn string_array(md: &HashMap<String, Value>, key: &'static str) -> Result<Vec<String>> {
@@ -151,14 +158,21 @@ fn string_array(md: &HashMap<String, Value>, key: &'static str) -> Result<Vec<St
 
 impl Tokenizer {
     pub fn from_gguf_metadata(md: &HashMap<String, Value>) -> Result<Self> {
-        let kind = get(md, "tokenizer.ggml.model")?.to_string().map_err(bad("tokenizer.ggml.model"))?.clone();
+        let kind = get(md, "tokenizer.ggml.model")?
+            .to_string()
+            .map_err(bad("tokenizer.ggml.model"))?
+            .clone();
         let tokens = string_array(md, "tokenizer.ggml.tokens")?;
         let mut types: Vec<TokenType> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
                 .map_err(bad("tokenizer.ggml.token_type"))?
                 .iter()
-                .map(|t| t.to_i32().map(TokenType::from_gguf).map_err(bad("tokenizer.ggml.token_type")))
+                .map(|t| {
+                    t.to_i32()
+                        .map(TokenType::from_gguf)
+                        .map_err(bad("tokenizer.ggml.token_type"))
+                })
                 .collect::<Result<_>>()?,
             None => vec![TokenType::Normal; tokens.len()],
         };
@@ -168,8 +182,11 @@ impl Tokenizer {
                 detail: format!("{} types for {} tokens", types.len(), tokens.len()),
             });
         }
-        let token_to_id: HashMap<String, u32> =
-            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let token_to_id: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bos = opt_u32(md, "tokenizer.ggml.bos_token_id")?;
         let eos = opt_u32(md, "tokenizer.ggml.eos_token_id")?;
         let mut end_of_generation: Vec<u32> = eos.into_iter().collect();
@@ -189,7 +206,12 @@ impl Tokenizer {
                     .transpose()?
                     .unwrap_or_else(|| "default".to_string());
                 let merges = string_array(md, "tokenizer.ggml.merges")?;
-                Model::Bpe(bpe::Bpe::new(&tokens, &token_to_id, &merges, &pre)?)
+                Model::Bpe(Box::new(bpe::Bpe::new(
+                    &tokens,
+                    &token_to_id,
+                    &merges,
+                    &pre,
+                )?))
             }
             "llama" => {
                 let scores = match md.get("tokenizer.ggml.scores") {
@@ -201,13 +223,14 @@ impl Tokenizer {
                         .collect::<Result<Vec<f32>>>()?,
                     None => vec![0.0; tokens.len()],
                 };
-                Model::Spm(spm::Spm::new(&tokens, &types, scores))
+                Model::Spm(Box::new(spm::Spm::new(&tokens, &types, scores)))
             }
             other => return Err(TokenizerError::UnsupportedModel(other.to_string())),
         };
         let is_spm = matches!(model, Model::Spm(_));
-        let mut specials: Vec<u32> =
-            (0..tokens.len() as u32).filter(|&i| types[i as usize].is_special() && !tokens[i as usize].is_empty()).collect();
+        let mut specials: Vec<u32> = (0..tokens.len() as u32)
+            .filter(|&i| types[i as usize].is_special() && !tokens[i as usize].is_empty())
+            .collect();
         specials.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].len()));
         Ok(Self {
             model,
@@ -261,7 +284,11 @@ impl Tokenizer {
                     match &self.model {
                         Model::Bpe(bpe) => bpe.encode(t, &mut out),
                         Model::Spm(spm) => {
-                            let prefix = if self.add_space_prefix && prev_special { " " } else { "" };
+                            let prefix = if self.add_space_prefix && prev_special {
+                                " "
+                            } else {
+                                ""
+                            };
                             spm.encode(&format!("{prefix}{t}"), &mut out)
                         }
                     }
@@ -309,11 +336,16 @@ impl Tokenizer {
     /// unused tokens give nothing.
     pub fn token_bytes(&self, id: u32, special: bool) -> Result<Vec<u8>> {
         let idx = id as usize;
-        let text = self.tokens.get(idx).ok_or(TokenizerError::BadId { id, n_vocab: self.tokens.len() })?;
+        let text = self.tokens.get(idx).ok_or(TokenizerError::BadId {
+            id,
+            n_vocab: self.tokens.len(),
+        })?;
         Ok(match self.types[idx] {
             TokenType::Unused => Vec::new(),
             TokenType::Control | TokenType::Unknown if !special => Vec::new(),
-            TokenType::Control | TokenType::Unknown | TokenType::UserDefined => text.as_bytes().to_vec(),
+            TokenType::Control | TokenType::Unknown | TokenType::UserDefined => {
+                text.as_bytes().to_vec()
+            }
             TokenType::Normal | TokenType::Byte => match &self.model {
                 Model::Bpe(_) => bpe::decode_token(text),
                 Model::Spm(_) => spm::decode_token(text, self.types[idx]),
@@ -333,7 +365,13 @@ impl Tokenizer {
 
     /// The token's text as stored in the vocabulary (byte-level or `▁` encoded).
     pub fn piece(&self, id: u32) -> Result<&str> {
-        self.tokens.get(id as usize).map(String::as_str).ok_or(TokenizerError::BadId { id, n_vocab: self.tokens.len() })
+        self.tokens
+            .get(id as usize)
+            .map(String::as_str)
+            .ok_or(TokenizerError::BadId {
+                id,
+                n_vocab: self.tokens.len(),
+            })
     }
 }
 

@@ -29,8 +29,12 @@ pub struct PreTokenizer {
 
 impl PreTokenizer {
     pub fn new(pre: &str) -> Result<Self> {
-        let patterns = patterns(pre).ok_or_else(|| TokenizerError::UnsupportedPre(pre.to_string()))?;
-        let regexes = patterns.iter().map(|p| Regex::new(p).expect("built-in pattern compiles")).collect();
+        let patterns =
+            patterns(pre).ok_or_else(|| TokenizerError::UnsupportedPre(pre.to_string()))?;
+        let regexes = patterns
+            .iter()
+            .map(|p| Regex::new(p).expect("built-in pattern compiles"))
+            .collect();
         Ok(Self { regexes })
     }
 
@@ -75,11 +79,17 @@ mod tests {
     #[test]
     fn qwen2_keeps_newlines_apart_and_letters_with_one_leading_symbol() {
         let p = PreTokenizer::new("qwen2").unwrap();
-        assert_eq!(p.split("Hello,  world!\n\nI'm 42"), vec!["Hello", ",", " ", " world", "!\n\n", "I", "'m", " ", "4", "2"]);
+        assert_eq!(
+            p.split("Hello,  world!\n\nI'm 42"),
+            vec!["Hello", ",", " ", " world", "!\n\n", "I", "'m", " ", "4", "2"]
+        );
     }
 
     #[test]
     fn unknown_pre_tokenizer_is_an_error() {
-        assert!(PreTokenizer::new("nope").unwrap_err().to_string().contains("supported"));
+        assert!(PreTokenizer::new("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("supported"));
     }
 }

@@ -16,7 +16,11 @@ pub struct Spm {
 /// The bytes a token stands for: `▁` is a space, `<0xAB>` byte tokens are that byte.
 pub fn decode_token(text: &str, ty: TokenType) -> Vec<u8> {
     if ty == TokenType::Byte {
-        if let Some(b) = text.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        if let Some(b) = text
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
             return vec![b];
         }
     }
@@ -35,7 +39,9 @@ impl Eq for Bigram {}
 
 impl Ord for Bigram {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then_with(|| other.left.cmp(&self.left))
+        self.score
+            .total_cmp(&other.score)
+            .then_with(|| other.left.cmp(&self.left))
     }
 }
 
@@ -55,16 +61,29 @@ struct Symbol {
 
 impl Spm {
     pub fn new(tokens: &[String], types: &[TokenType], scores: Vec<f32>) -> Self {
-        let token_to_id: HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let token_to_id: HashMap<String, u32> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let mut byte_tokens = [None; 256];
         for (b, slot) in byte_tokens.iter_mut().enumerate() {
-            *slot = token_to_id.get(&format!("<0x{b:02X}>")).copied().filter(|&id| types[id as usize] == TokenType::Byte);
+            *slot = token_to_id
+                .get(&format!("<0x{b:02X}>"))
+                .copied()
+                .filter(|&id| types[id as usize] == TokenType::Byte);
             if slot.is_none() {
                 // Vocabularies without byte tokens may still hold the character itself.
-                *slot = std::str::from_utf8(&[b as u8]).ok().and_then(|s| token_to_id.get(s).copied());
+                *slot = std::str::from_utf8(&[b as u8])
+                    .ok()
+                    .and_then(|s| token_to_id.get(s).copied());
             }
         }
-        Self { token_to_id, scores, byte_tokens }
+        Self {
+            token_to_id,
+            scores,
+            byte_tokens,
+        }
     }
 
     pub fn encode(&self, text: &str, out: &mut Vec<u32>) {
@@ -72,7 +91,12 @@ impl Spm {
         let mut symbols: Vec<Symbol> = Vec::new();
         for (start, c) in text.char_indices() {
             let i = symbols.len();
-            symbols.push(Symbol { start, len: c.len_utf8(), prev: i.checked_sub(1), next: None });
+            symbols.push(Symbol {
+                start,
+                len: c.len_utf8(),
+                prev: i.checked_sub(1),
+                next: None,
+            });
             if i > 0 {
                 symbols[i - 1].next = Some(i);
             }
@@ -81,12 +105,22 @@ impl Spm {
             return;
         }
         let mut queue = BinaryHeap::new();
-        let try_add = |symbols: &[Symbol], left: Option<usize>, right: Option<usize>, queue: &mut BinaryHeap<Bigram>| {
-            let (Some(l), Some(r)) = (left, right) else { return };
+        let try_add = |symbols: &[Symbol],
+                       left: Option<usize>,
+                       right: Option<usize>,
+                       queue: &mut BinaryHeap<Bigram>| {
+            let (Some(l), Some(r)) = (left, right) else {
+                return;
+            };
             let start = symbols[l].start;
             let len = symbols[l].len + symbols[r].len;
             if let Some(&id) = self.token_to_id.get(&text[start..start + len]) {
-                queue.push(Bigram { score: self.scores[id as usize], left: l, right: r, len });
+                queue.push(Bigram {
+                    score: self.scores[id as usize],
+                    left: l,
+                    right: r,
+                    len,
+                });
             }
         };
         for i in 1..symbols.len() {
@@ -94,7 +128,10 @@ impl Spm {
         }
         while let Some(bigram) = queue.pop() {
             let (l, r) = (bigram.left, bigram.right);
-            if symbols[l].len == 0 || symbols[r].len == 0 || symbols[l].len + symbols[r].len != bigram.len {
+            if symbols[l].len == 0
+                || symbols[r].len == 0
+                || symbols[l].len + symbols[r].len != bigram.len
+            {
                 continue; // outdated: one side was merged into something else since
             }
             symbols[l].len += symbols[r].len;
@@ -125,7 +162,10 @@ mod tests {
     use super::*;
 
     fn toy() -> Spm {
-        let tokens: Vec<String> = ["<unk>", "▁", "h", "i", "hi", "▁hi", "<0x21>"].iter().map(|s| s.to_string()).collect();
+        let tokens: Vec<String> = ["<unk>", "▁", "h", "i", "hi", "▁hi", "<0x21>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let types = vec![
             TokenType::Unknown,
             TokenType::Normal,
@@ -135,7 +175,11 @@ mod tests {
             TokenType::Normal,
             TokenType::Byte,
         ];
-        Spm::new(&tokens, &types, vec![0.0, -1.0, -2.0, -2.0, -0.5, -0.1, 0.0])
+        Spm::new(
+            &tokens,
+            &types,
+            vec![0.0, -1.0, -2.0, -2.0, -0.5, -0.1, 0.0],
+        )
     }
 
     #[test]

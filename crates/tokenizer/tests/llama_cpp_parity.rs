@@ -11,7 +11,8 @@ fn fixtures() -> PathBuf {
 }
 
 fn tokenizer(model: &str) -> Tokenizer {
-    let path = refusal_steer_catalog::resolve(model, &mut |m| eprintln!("{m}")).expect("model available");
+    let path =
+        refusal_steer_catalog::resolve(model, &mut |m| eprintln!("{m}")).expect("model available");
     let mut reader = std::io::BufReader::new(std::fs::File::open(path).unwrap());
     let content = Content::read(&mut reader).unwrap();
     Tokenizer::from_gguf_metadata(&content.metadata).unwrap()
@@ -27,19 +28,31 @@ fn check(model: &str, family: &str) {
     let tok = tokenizer(model);
     let mut total = 0;
     let mut failures = Vec::new();
-    for (file, add_special) in [(format!("tokenize-{family}.jsonl"), false), (format!("tokenize-{family}-bos.jsonl"), true)] {
-        let text = std::fs::read_to_string(fixtures().join(&file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+    for (file, add_special) in [
+        (format!("tokenize-{family}.jsonl"), false),
+        (format!("tokenize-{family}-bos.jsonl"), true),
+    ] {
+        let text = std::fs::read_to_string(fixtures().join(&file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
             let case: Case = serde_json::from_str(line).unwrap();
             total += 1;
             let ours = tok.encode(&case.text, add_special, true);
             if ours != case.ids {
-                failures.push(format!("{file}: {:?}\n  llama.cpp {:?}\n  ours      {:?}", case.text, case.ids, ours));
+                failures.push(format!(
+                    "{file}: {:?}\n  llama.cpp {:?}\n  ours      {:?}",
+                    case.text, case.ids, ours
+                ));
             }
         }
     }
     assert!(total >= 60, "only {total} cases for {family}");
-    assert!(failures.is_empty(), "{} of {total} differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {total} differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]

@@ -26,8 +26,7 @@ impl<'a> Samples<'a> {
             return Err(FitError::ZeroDimension);
         }
         let rows = x.len() / d;
-        // Not `is_multiple_of`: the workspace's rust-version (1.85) predates it.
-        if rows * d != x.len() {
+        if !x.len().is_multiple_of(d) {
             return Err(FitError::RaggedActivations { len: x.len(), d });
         }
         for (what, found) in [("classes", classes.len()), ("weights", weights.len())] {
