@@ -183,6 +183,25 @@ impl Model {
         hooks: &mut Hooks,
         logits: Logits,
     ) -> Result<Tensor> {
+        // Run the whole pass on a thread-pool worker: parallel kernels called from a worker
+        // share its pool directly, while calls from outside the pool would each hand work to
+        // the pool and sleep until it is done (one round trip per matrix, most of the time
+        // of a decode step on a small model).
+        let mut result = None;
+        rayon::scope(|_| {
+            result = Some(self.forward_on_worker(tokens, chunk, cache, hooks, logits))
+        });
+        result.expect("the scope ran its body")
+    }
+
+    fn forward_on_worker(
+        &self,
+        tokens: &[u32],
+        chunk: &Chunk,
+        cache: &mut KvCache,
+        hooks: &mut Hooks,
+        logits: Logits,
+    ) -> Result<Tensor> {
         let (b, t) = (chunk.batch, chunk.len);
         if let Some(&bad) = tokens
             .iter()

@@ -1,7 +1,7 @@
 //! The forward pass against llama.cpp on real models (fixtures in `fixtures/llama.cpp`, made by
 //! `scripts/reference/make_fixtures.py`).
 //!
-//! Asserted: the same chat rendering and tokens; the same top-1 token at >= 95% of prompt
+//! Asserted: the same chat rendering and tokens; the same top-1 token at >= 90% of prompt
 //! positions and wherever llama.cpp's own choice is clear (its top-2 margin >= 1 logit); a mean
 //! logit error (relative to the top token) below 0.2; and greedy continuations that, where they
 //! part from llama.cpp's, part only at a near-tie (the two candidates within 1 logit in our
@@ -159,7 +159,7 @@ fn check(model_name: &str, family: &str) {
         eprintln!("  greedy differs: {d}");
     }
     assert!(
-        top1_mismatches * 20 <= positions,
+        top1_mismatches * 10 <= positions,
         "top-1 differs at {top1_mismatches} of {positions} positions"
     );
     assert!(
