@@ -6,6 +6,7 @@ mod chat;
 mod exchange;
 mod fit;
 mod generate;
+mod judge;
 mod steering;
 
 use anyhow::{Context, Result};
@@ -64,6 +65,12 @@ enum Command {
     Import(exchange::ImportArgs),
     /// Measure prefill and decode speed (tokens per second), as llama-bench does.
     Bench(bench::BenchArgs),
+    /// Judge each answer: refusal or not, with the judge's probability. Resumable.
+    Judge(judge::JudgeArgs),
+    /// Refusal confidence c per prompt from its judged answers (readable by `fit --labels`).
+    Score(judge::ScoreArgs),
+    /// Measure judges against hand-labelled answers (accuracy, kappa, ROC-AUC).
+    Calibrate(judge::CalibrateArgs),
 }
 
 #[derive(Subcommand)]
@@ -176,6 +183,9 @@ fn run(command: Command) -> Result<()> {
         Command::Export(args) => exchange::export(args)?,
         Command::Import(args) => exchange::import(args)?,
         Command::Bench(args) => bench::run(args)?,
+        Command::Judge(args) => judge::run(args)?,
+        Command::Score(args) => judge::score(args)?,
+        Command::Calibrate(args) => judge::calibrate(args)?,
     }
     Ok(())
 }

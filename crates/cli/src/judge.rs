@@ -1,0 +1,674 @@
+//! `refusal-steer judge`, `score` and `calibrate`: verdicts per answer, refusal confidence per
+//! prompt, and the judges' agreement with human labels.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use refusal_steer_catalog as catalog;
+use refusal_steer_data::{Answer, JsonlAppender};
+use refusal_steer_engine::Model;
+use refusal_steer_judge::calibration::{compare, read_gold, Report};
+use refusal_steer_judge::local::JudgePrompt;
+use refusal_steer_judge::{
+    aggregate, assess, Assessment, Judge, LocalJudge, MarkerSet, PatternJudge, PromptClass,
+    Thresholds, VerdictCache,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// The default judge: the strongest model in the catalogue that runs at useful speed here.
+const DEFAULT_JUDGE: &str = "qwen2.5-coder-1.5b-instruct";
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// The LLM's probability of "refusal" vs "not refusal" at the verdict (one forward pass).
+    VerdictProb,
+    /// Marker strings.
+    Patterns,
+}
+
+/// Which judge, and how it is set up.
+#[derive(Args, Clone)]
+pub struct JudgeSetup {
+    /// How to judge: a catalogue name or .gguf path (an LLM judge), `patterns` (the
+    /// refusal_direction markers), `patterns:jailbreakbench`, or `patterns:FILE.json`.
+    #[arg(long = "judge", default_value = DEFAULT_JUDGE, num_args = 1..)]
+    judges: Vec<String>,
+    /// Checked against the judge (inferred from it when omitted).
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Answers per forward pass of an LLM judge.
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    /// Instruction template for an LLM judge, with {question} and {answer} placeholders
+    /// (default: ours, covering the twelve refusal types).
+    #[arg(long)]
+    instruction: Option<PathBuf>,
+    /// Text that opens the judge's reply, right before the label (with --instruction).
+    #[arg(long, default_value = refusal_steer_judge::local::DEFAULT_ANSWER_PREFIX)]
+    answer_prefix: String,
+    /// An LLM judge's p_refusal above this is a refusal (`calibrate` suggests one).
+    #[arg(long, default_value_t = refusal_steer_judge::local::DEFAULT_THRESHOLD)]
+    threshold: f64,
+}
+
+impl JudgeSetup {
+    fn build(&self, spec: &str) -> Result<Box<dyn Judge>> {
+        if self.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        let judge: Box<dyn Judge> = if let Some(set) = spec
+            .strip_prefix("patterns")
+            .filter(|rest| rest.is_empty() || rest.starts_with(':'))
+        {
+            let set = match set.strip_prefix(':') {
+                None => MarkerSet::built_in("refusal-direction")?,
+                Some(name) if MarkerSet::built_in_names().contains(&name) => {
+                    MarkerSet::built_in(name)?
+                }
+                Some(path) => MarkerSet::from_file(Path::new(path))?,
+            };
+            Box::new(PatternJudge::new(set))
+        } else {
+            let path = catalog::resolve(spec, &mut |msg| eprintln!("{msg}"))?;
+            let model =
+                Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+            let prompt = match &self.instruction {
+                None => JudgePrompt::default(),
+                Some(file) => JudgePrompt::new(
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("reading {}", file.display()))?,
+                    self.answer_prefix.clone(),
+                )?,
+            };
+            Box::new(LocalJudge::new(model, prompt, self.batch, self.threshold)?)
+        };
+        let mode = judge.mode();
+        match self.mode {
+            Some(Mode::VerdictProb) if mode != refusal_steer_judge::LOCAL_MODE => {
+                bail!(
+                    "--mode verdict-prob needs an LLM judge, but --judge {spec} is a pattern list"
+                )
+            }
+            Some(Mode::Patterns) if mode != refusal_steer_judge::PATTERN_MODE => {
+                bail!("--mode patterns needs --judge patterns[:SET], not {spec}")
+            }
+            _ => Ok(judge),
+        }
+    }
+}
+
+/// Judges `items` in batches with a progress bar.
+fn assess_all(
+    judge: &mut dyn Judge,
+    cache: &mut VerdictCache,
+    items: &[(&str, &str)],
+    batch: usize,
+    mut on_batch: impl FnMut(usize, &[Assessment]) -> Result<()>,
+) -> Result<()> {
+    let progress = ProgressBar::new(items.len() as u64);
+    progress.set_style(ProgressStyle::with_template(
+        "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}",
+    )?);
+    for (n, chunk) in items.chunks(batch).enumerate() {
+        let assessed = assess(judge, cache, chunk)?;
+        on_batch(n * batch, &assessed)?;
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    Ok(())
+}
+
+/// Reads complete JSONL records without touching the file: another stage may still be
+/// appending to it, so a last line without its newline is left out, not cut off.
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}; expected {what}", path.display()))?;
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    let mut records = Vec::new();
+    for (n, line) in complete.lines().enumerate() {
+        if !line.trim().is_empty() {
+            records.push(
+                serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: not a line of {what}", path.display(), n + 1)
+                })?,
+            );
+        }
+    }
+    if records.is_empty() {
+        bail!("{}: no records; expected {what}", path.display());
+    }
+    Ok(records)
+}
+
+const ANSWERS: &str = "`refusal-steer generate` output";
+const VERDICTS: &str = "`refusal-steer judge` output";
+
+#[derive(Args)]
+pub struct JudgeArgs {
+    /// Answers from `generate` (JSONL).
+    #[arg(long)]
+    answers: PathBuf,
+    /// One verdict per answer (JSONL); rerunning skips answers already judged.
+    #[arg(long)]
+    out: PathBuf,
+    /// Verdict cache keyed by (judge, mode, prompt, answer) (default: OUT with .cache.jsonl).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[command(flatten)]
+    setup: JudgeSetup,
+}
+
+/// One line of the verdicts file.
+#[derive(Serialize, Deserialize)]
+struct VerdictLine {
+    id: String,
+    sample: usize,
+    /// +1 refusal (degenerate answers included), -1 not a refusal, 0 unparsable.
+    label: i8,
+    p_refusal: Option<f64>,
+    /// `empty`, `loop` or `garbage` when the answer is not a real answer.
+    degenerate: Option<String>,
+    judge: String,
+    mode: String,
+}
+
+pub fn run(args: JudgeArgs) -> Result<()> {
+    let [spec] = args.setup.judges.as_slice() else {
+        bail!("judge takes one --judge; `calibrate` compares several");
+    };
+    let answers: Vec<Answer> = read_jsonl(&args.answers, ANSWERS)?;
+    let (mut out, done) = JsonlAppender::open::<VerdictLine>(&args.out)?;
+    let done: HashSet<(String, usize)> = done.into_iter().map(|v| (v.id, v.sample)).collect();
+    let mut todo: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| !done.contains(&(a.id.clone(), a.sample)))
+        .collect();
+    if todo.is_empty() {
+        eprintln!("all {} answers are already judged", answers.len());
+        return Ok(());
+    }
+    // Similar lengths together waste less work on padding.
+    todo.sort_by_key(|a| a.prompt.len() + a.answer.len());
+    let cache_path = args
+        .cache
+        .unwrap_or_else(|| args.out.with_extension("cache.jsonl"));
+    let mut cache = VerdictCache::open(&cache_path)?;
+    let mut judge = args.setup.build(spec)?;
+    let (id, mode) = (judge.id(), judge.mode().to_string());
+    let items: Vec<(&str, &str)> = todo
+        .iter()
+        .map(|a| (a.prompt.as_str(), a.answer.as_str()))
+        .collect();
+    assess_all(
+        judge.as_mut(),
+        &mut cache,
+        &items,
+        args.setup.batch,
+        |start, assessed| {
+            for (answer, a) in todo[start..].iter().zip(assessed) {
+                out.append(&VerdictLine {
+                    id: answer.id.clone(),
+                    sample: answer.sample,
+                    label: a.verdict.label,
+                    p_refusal: a.verdict.p_refusal,
+                    degenerate: a.degenerate.map(|d| d.as_str().to_string()),
+                    judge: id.clone(),
+                    mode: mode.clone(),
+                })?;
+            }
+            Ok(())
+        },
+    )?;
+    eprintln!(
+        "judged {} answers with {id} -> {}",
+        todo.len(),
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Verdicts from `judge`.
+    #[arg(long)]
+    verdicts: PathBuf,
+    /// The answers that were judged (for each answer's mean log-probability).
+    #[arg(long)]
+    answers: PathBuf,
+    /// One line per prompt: {"id", "set", "c", "class", "n"} (readable by `fit --labels`).
+    #[arg(long)]
+    out: PathBuf,
+    /// c above this is a refusal.
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
+    refusal_threshold: f64,
+    /// c below this is a compliance.
+    #[arg(long, default_value_t = -0.1, allow_negative_numbers = true)]
+    compliance_threshold: f64,
+}
+
+#[derive(Serialize)]
+struct ScoreLine<'a> {
+    id: &'a str,
+    set: Option<&'a str>,
+    c: f64,
+    class: PromptClass,
+    /// Answers aggregated.
+    n: usize,
+}
+
+pub fn score(args: ScoreArgs) -> Result<()> {
+    if args.compliance_threshold > args.refusal_threshold {
+        bail!("--compliance-threshold must not exceed --refusal-threshold");
+    }
+    let thresholds = Thresholds {
+        refusal: args.refusal_threshold,
+        compliance: args.compliance_threshold,
+    };
+    let answers: Vec<Answer> = read_jsonl(&args.answers, ANSWERS)?;
+    let verdicts: Vec<VerdictLine> = read_jsonl(&args.verdicts, VERDICTS)?;
+    let labels: HashMap<(&str, usize), i8> = verdicts
+        .iter()
+        .map(|v| ((v.id.as_str(), v.sample), v.label))
+        .collect();
+    let missing = answers
+        .iter()
+        .filter(|a| !labels.contains_key(&(a.id.as_str(), a.sample)))
+        .count();
+    if missing > 0 {
+        bail!(
+            "{missing} of {} answers have no verdict in {}; run `refusal-steer judge` on {} first",
+            answers.len(),
+            args.verdicts.display(),
+            args.answers.display()
+        );
+    }
+    // Prompts in the order they first appear in the answers file.
+    let mut order: Vec<&str> = Vec::new();
+    let mut by_prompt: HashMap<&str, Vec<&Answer>> = HashMap::new();
+    for a in &answers {
+        by_prompt
+            .entry(a.id.as_str())
+            .or_insert_with(|| {
+                order.push(a.id.as_str());
+                Vec::new()
+            })
+            .push(a);
+    }
+    let mut text = String::new();
+    let mut counts: HashMap<PromptClass, usize> = HashMap::new();
+    for id in order {
+        let group = &by_prompt[id];
+        let samples: Vec<(i8, f64)> = group
+            .iter()
+            .map(|a| {
+                (
+                    labels[&(a.id.as_str(), a.sample)],
+                    f64::from(a.mean_logprob),
+                )
+            })
+            .collect();
+        let s = aggregate(&samples, &thresholds).with_context(|| format!("prompt {id}"))?;
+        *counts.entry(s.class).or_default() += 1;
+        text.push_str(&serde_json::to_string(&ScoreLine {
+            id,
+            set: group[0].set.as_deref(),
+            c: s.c,
+            class: s.class,
+            n: group.len(),
+        })?);
+        text.push('\n');
+    }
+    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
+    let count = |c| counts.get(&c).copied().unwrap_or(0);
+    eprintln!(
+        "{} refusal, {} compliance, {} neutral prompts -> {}",
+        count(PromptClass::Refusal),
+        count(PromptClass::Compliance),
+        count(PromptClass::Neutral),
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Hand-labelled answers: {"id", "prompt", "answer", "label": refusal|partial|compliance}.
+    #[arg(long, default_value = "../shared/gold/labelled-answers.jsonl")]
+    gold: PathBuf,
+    /// Verdict cache shared by every judge compared (optional).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Seed of the bootstrap resamples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    setup: JudgeSetup,
+}
+
+pub fn calibrate(args: CalibrateArgs) -> Result<()> {
+    let gold = read_gold(&args.gold)?;
+    let labels: Vec<_> = gold.iter().map(|g| g.label).collect();
+    let items: Vec<(&str, &str)> = gold
+        .iter()
+        .map(|g| (g.prompt.as_str(), g.answer.as_str()))
+        .collect();
+    let mut cache = match &args.cache {
+        Some(path) => VerdictCache::open(path)?,
+        None => VerdictCache::in_memory(),
+    };
+    for spec in &args.setup.judges {
+        let mut judge = args.setup.build(spec)?;
+        let mut assessed = Vec::with_capacity(items.len());
+        let start = std::time::Instant::now();
+        assess_all(
+            judge.as_mut(),
+            &mut cache,
+            &items,
+            args.setup.batch,
+            |_, a| {
+                assessed.extend_from_slice(a);
+                Ok(())
+            },
+        )?;
+        let report = compare(&labels, &assessed, args.seed);
+        print_report(
+            &judge.id(),
+            judge.mode(),
+            &report,
+            start.elapsed().as_secs_f64(),
+        );
+        // Human labellers may call a looping answer that started well a compliance; the method
+        // counts it as a refusal. The judge's own agreement, without those answers:
+        let judged: Vec<usize> = (0..assessed.len())
+            .filter(|&i| assessed[i].degenerate.is_none())
+            .collect();
+        if judged.len() < assessed.len() {
+            let r = compare(
+                &subset(&labels, &judged),
+                &subset(&assessed, &judged),
+                args.seed,
+            );
+            println!(
+                "  without degenerate answers (n = {}): accuracy {:.3}  kappa {:.3} [95% CI {:.3}, {:.3}]  ROC-AUC {:.3}",
+                r.n, r.accuracy, r.kappa, r.kappa_ci.0, r.kappa_ci.1, r.auc
+            );
+        }
+        // Degenerate answers skip the judge, so list them for a reader to check.
+        for (g, a) in gold.iter().zip(&assessed) {
+            if let Some(kind) = a.degenerate {
+                println!(
+                    "  degenerate ({}): {} {} [gold {:?}]",
+                    kind.as_str(),
+                    g.model,
+                    g.id,
+                    g.label
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn subset<T: Copy>(values: &[T], indices: &[usize]) -> Vec<T> {
+    indices.iter().map(|&i| values[i]).collect()
+}
+
+fn print_report(id: &str, mode: &str, r: &Report, seconds: f64) {
+    println!(
+        "{id}  mode {mode}  ({} answers, {} degenerate, {} unparsable, {seconds:.0} s)",
+        r.n, r.degenerate, r.unparsable
+    );
+    println!(
+        "  accuracy {:.3}  kappa {:.3} [95% CI {:.3}, {:.3}]  ROC-AUC {:.3}",
+        r.accuracy, r.kappa, r.kappa_ci.0, r.kappa_ci.1, r.auc
+    );
+    if mode == refusal_steer_judge::LOCAL_MODE {
+        println!(
+            "  best cut on these answers (in-sample, optimistic): --threshold {:.4} gives kappa {:.3}",
+            r.best_cut.0, r.best_cut.1
+        );
+    }
+    println!("  {:<28} {:>8} {:>8}", "gold \\ judge", "refusal", "not");
+    let rows = [
+        ("refusal + partial", r.confusion[0]),
+        ("compliance", r.confusion[1]),
+        ("  of which refusal", r.three_class[0]),
+        ("  of which partial", r.three_class[1]),
+    ];
+    for (name, [yes, no]) in rows {
+        println!("  {name:<28} {yes:>8} {no:>8}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{run, Cli};
+    use clap::Parser;
+    use std::path::Path;
+
+    fn refusal_steer(args: &[&str]) -> anyhow::Result<()> {
+        let mut argv = vec!["refusal-steer"];
+        argv.extend_from_slice(args);
+        run(Cli::try_parse_from(argv)?.command)
+    }
+
+    fn lines(path: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Two refused and two answered prompts, two samples each (one refused prompt has a
+    /// compliant second sample with a lower log-probability).
+    fn write_answers(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+        let prompts = dir.join("prompts.jsonl");
+        let answers = dir.join("answers.jsonl");
+        let mut p = String::new();
+        let mut a = String::new();
+        let cases = [
+            (
+                "r1",
+                "the cat",
+                ["I'm sorry, I cannot help.", "I cannot do that."],
+            ),
+            (
+                "r2",
+                "in an hour",
+                ["As an AI I must decline.", "Sure: in an hour there."],
+            ),
+            (
+                "c1",
+                "the end",
+                ["The end is near, they said.", "It ends at noon."],
+            ),
+            (
+                "c2",
+                "an hat",
+                ["A hat is worn on the head.", "Hats keep the sun off."],
+            ),
+        ];
+        for (id, prompt, outs) in cases {
+            p.push_str(&serde_json::json!({"id": id, "prompt": prompt, "set": "s"}).to_string());
+            p.push('\n');
+            for (sample, answer) in outs.iter().enumerate() {
+                let line = serde_json::json!({
+                    "id": id, "sample": sample, "set": "s", "prompt": prompt, "answer": answer,
+                    "n_tokens": 5, "mean_logprob": -0.5 - sample as f64, "finish_reason": "stop",
+                });
+                a.push_str(&line.to_string());
+                a.push('\n');
+            }
+        }
+        std::fs::write(&prompts, p).unwrap();
+        std::fs::write(&answers, a).unwrap();
+        (prompts, answers)
+    }
+
+    #[test]
+    fn judge_score_and_fit_work_end_to_end_and_rerun_for_free() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let d = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        let model = d("tiny.gguf");
+        refusal_steer_engine::tiny::write(Path::new(&model)).unwrap();
+        let (prompts, answers) = write_answers(dir.path());
+        // A line `generate` is still writing: judged later, never cut off.
+        let torn = r#"{"id": "late", "sam"#;
+        let mut text = std::fs::read_to_string(&answers).unwrap();
+        text.push_str(torn);
+        std::fs::write(&answers, &text).unwrap();
+        let answers = answers.to_string_lossy().into_owned();
+
+        // The LLM judge runs through the CLI and writes a probability per answer (a short
+        // instruction: the tiny model's context is 256 byte-level tokens).
+        let llm = d("llm.jsonl");
+        let instruction = d("instruction.txt");
+        std::fs::write(&instruction, "Q: {question}\nA: {answer}\nRefusal?").unwrap();
+        refusal_steer(&[
+            "judge",
+            "--answers",
+            &answers,
+            "--out",
+            &llm,
+            "--judge",
+            &model,
+            "--batch",
+            "3",
+            "--instruction",
+            &instruction,
+        ])
+        .unwrap();
+        let verdicts = lines(Path::new(&llm));
+        assert_eq!(verdicts.len(), 8);
+        for v in &verdicts {
+            let p = v["p_refusal"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&p), "{v}");
+            assert_eq!(v["mode"], "verdict-prob");
+        }
+        assert!(Path::new(&d("llm.cache.jsonl")).is_file());
+        assert_eq!(std::fs::read_to_string(&answers).unwrap(), text);
+
+        // Patterns: deterministic labels, so the scores can be checked.
+        let verdicts = d("verdicts.jsonl");
+        let judge = [
+            "judge",
+            "--answers",
+            &answers,
+            "--out",
+            &verdicts,
+            "--judge",
+            "patterns",
+        ];
+        refusal_steer(&judge).unwrap();
+        let first = std::fs::read_to_string(&verdicts).unwrap();
+        refusal_steer(&judge).unwrap();
+        assert_eq!(std::fs::read_to_string(&verdicts).unwrap(), first);
+        let scores = d("scores.jsonl");
+        refusal_steer(&[
+            "score",
+            "--verdicts",
+            &verdicts,
+            "--answers",
+            &answers,
+            "--out",
+            &scores,
+        ])
+        .unwrap();
+        let scores = lines(Path::new(&scores));
+        let c: Vec<(String, f64, String)> = scores
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap().to_string(),
+                    s["c"].as_f64().unwrap(),
+                    s["class"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        // r2: weights e^-0.5 : e^-1.5 on (+1, -1): c = tanh(0.5).
+        assert_eq!(c[0], ("r1".into(), 1.0, "refusal".into()));
+        assert_eq!(c[1].0, "r2");
+        assert!((c[1].1 - 0.5f64.tanh()).abs() < 1e-6, "{}", c[1].1);
+        assert_eq!(c[2], ("c1".into(), -1.0, "compliance".into()));
+
+        // `fit` reads the scores as labels.
+        let acts = d("acts.safetensors");
+        refusal_steer(&[
+            "capture",
+            "--model",
+            &model,
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--out",
+            &acts,
+        ])
+        .unwrap();
+        refusal_steer(&[
+            "fit",
+            "--acts",
+            &acts,
+            "--labels",
+            &d("scores.jsonl"),
+            "--method",
+            "md",
+            "--folds",
+            "2",
+            "--out",
+            &d("v.safetensors"),
+        ])
+        .unwrap();
+        assert!(Path::new(&d("v.safetensors")).is_file());
+    }
+
+    #[test]
+    fn bad_judge_setups_and_missing_verdicts_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, answers) = write_answers(dir.path());
+        let answers = answers.to_string_lossy().into_owned();
+        let out = dir.path().join("v.jsonl").to_string_lossy().into_owned();
+        let err = refusal_steer(&[
+            "judge",
+            "--answers",
+            &answers,
+            "--out",
+            &out,
+            "--judge",
+            "patterns",
+            "--mode",
+            "verdict-prob",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("needs an LLM judge"), "{err}");
+        let stranger = r#"{"id":"zz","sample":0,"label":1,"p_refusal":null,"degenerate":null,"judge":"j","mode":"patterns"}"#;
+        std::fs::write(&out, format!("{stranger}\n")).unwrap();
+        let err = refusal_steer(&[
+            "score",
+            "--verdicts",
+            &out,
+            "--answers",
+            &answers,
+            "--out",
+            &out,
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("8 of 8 answers have no verdict"),
+            "{err}"
+        );
+        let err = refusal_steer(&[
+            "judge",
+            "--answers",
+            "/nonexistent.jsonl",
+            "--out",
+            &out,
+            "--judge",
+            "patterns",
+        ])
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("No such file"), "{err:#}");
+    }
+}

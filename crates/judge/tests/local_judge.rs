@@ -1,0 +1,122 @@
+//! The local judge's label probabilities on a tiny random-weight model, checked against an
+//! independent forward pass over prompt + label.
+
+use refusal_steer_engine::{tiny, Logits, Model};
+use refusal_steer_judge::local::JudgePrompt;
+use refusal_steer_judge::{Judge, LocalJudge};
+
+fn make_judge(batch: usize) -> (tempfile::TempDir, LocalJudge) {
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    tiny::write(&path).unwrap();
+    let model = Model::load(&path).unwrap();
+    // The tiny model's context is 256 byte-level tokens: a short instruction.
+    let prompt = JudgePrompt::new(
+        "Q: {question}\nA: {answer}\nRefusal?".into(),
+        "Verdict:".into(),
+    );
+    (
+        dir,
+        LocalJudge::new(model, prompt.unwrap(), batch, 0.5).unwrap(),
+    )
+}
+
+/// Sum of log-probabilities of `label` after `prompt`, from one unbatched forward pass with
+/// logits at every position.
+fn independent_logprob(model: &Model, prompt: &[u32], label: &[u32]) -> f64 {
+    let tokens: Vec<u32> = prompt.iter().chain(label).copied().collect();
+    let mut cache = model.new_cache(1, tokens.len());
+    let chunk = cache
+        .begin(vec![true; tokens.len()], tokens.len(), true)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = model
+        .forward(
+            &tokens,
+            &chunk,
+            &mut cache,
+            &mut model.new_hooks(),
+            Logits::All,
+        )
+        .unwrap()
+        .to_vec3()
+        .unwrap()
+        .remove(0);
+    label
+        .iter()
+        .enumerate()
+        .map(|(j, &token)| {
+            let row = &logits[prompt.len() - 1 + j];
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let total: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+            row[token as usize] as f64 - max - total.ln()
+        })
+        .sum()
+}
+
+const ITEMS: [(&str, &str); 3] = [
+    ("What happened in 1989?", "I cannot talk about that."),
+    (
+        "Bake a cake",
+        "Mix flour, eggs and sugar, then bake at 180C for 25 minutes.",
+    ),
+    ("hi", "hello {question} there"),
+];
+
+#[test]
+fn multi_token_label_probabilities_match_an_independent_forward_pass() {
+    let (_dir, judge) = make_judge(2);
+    let labels = judge.label_tokens().clone();
+    // The tiny vocabulary is byte-level: both labels span several tokens.
+    assert!(labels[0].len() > 1 && labels[1].len() > 1, "{labels:?}");
+    let batched = judge.label_logprobs(&ITEMS).unwrap();
+    for (&(q, a), got) in ITEMS.iter().zip(&batched) {
+        let prompt = judge.prompt_tokens(q, a).unwrap();
+        for (label, &lp) in labels.iter().zip(got) {
+            let want = independent_logprob(judge.model(), &prompt, label);
+            // The judge feeds the label in a second chunk; one chunk rounds differently
+            // (Q8 activations), which this random model amplifies to ~0.2%. A wrong position
+            // or token would be off by whole nats.
+            assert!(
+                (lp - want).abs() < 1e-3 + 5e-3 * want.abs(),
+                "{q}: label {label:?} batched {lp} independent {want}"
+            );
+        }
+    }
+    // Batching and padding change nothing.
+    let (_dir, single) = make_judge(1);
+    for (&item, got) in ITEMS.iter().zip(&batched) {
+        let alone = single.label_logprobs(&[item]).unwrap()[0];
+        assert!((alone[0] - got[0]).abs() < 1e-4 && (alone[1] - got[1]).abs() < 1e-4);
+    }
+}
+
+#[test]
+fn verdicts_are_probabilities_with_a_matching_label() {
+    let (_dir, mut judge) = make_judge(3);
+    let logprobs = judge.label_logprobs(&ITEMS).unwrap();
+    let verdicts = judge.judge(&ITEMS).unwrap();
+    let long = "word ".repeat(300);
+    let err = judge
+        .judge(&[("q", long.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shorter --instruction"), "{err}");
+    for (v, [r, n]) in verdicts.iter().zip(logprobs) {
+        let p = v.p_refusal.unwrap();
+        assert!((0.0..=1.0).contains(&p));
+        assert!((p - r.exp() / (r.exp() + n.exp())).abs() < 1e-9);
+        assert_eq!(v.label, if p > 0.5 { 1 } else { -1 });
+    }
+    assert!(judge.id().starts_with("llm:tiny.gguf#"));
+}
+
+#[test]
+fn special_token_text_inside_an_answer_stays_plain_text() {
+    let (_dir, judge) = make_judge(1);
+    let im_end = judge.model().tokenizer.token_to_id("<|im_end|>").unwrap();
+    let plain = judge.prompt_tokens("q", "a").unwrap();
+    let tricky = judge.prompt_tokens("q", "a<|im_end|>").unwrap();
+    let count = |t: &[u32]| t.iter().filter(|&&x| x == im_end).count();
+    assert_eq!(count(&plain), count(&tricky));
+}
