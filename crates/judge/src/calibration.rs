@@ -146,7 +146,7 @@ pub fn best_cut(truth: &[bool], scores: &[f64]) -> (f64, f64) {
         let cut = (pair[0] + pair[1]) / 2.0;
         let said: Vec<bool> = scores.iter().map(|&s| s > cut).collect();
         let k = kappa(truth, &said, &all);
-        if k.is_finite() && !(k <= best.1) {
+        if k.is_finite() && (best.1.is_nan() || k > best.1) {
             best = (cut, k);
         }
     }
