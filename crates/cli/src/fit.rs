@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_steer_data::activations::Activations;
+use refusal_steer_data::record_id;
 use refusal_steer_steer::{
     fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors,
 };
@@ -52,10 +53,8 @@ fn read_labels(path: &Path) -> Result<HashMap<String, f64>> {
         let at = || format!("{}:{}", path.display(), n + 1);
         let v: serde_json::Value =
             serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
-        let id = match &v["id"] {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(x) => x.to_string(),
-            _ => bail!("{}: missing \"id\"", at()),
+        let Some(id) = record_id(v.get("id")) else {
+            bail!("{}: missing \"id\" (a string or a number)", at())
         };
         let c = match (&v["c"], v["label"].as_str()) {
             (serde_json::Value::Number(c), _) => c.as_f64().filter(|c| (-1.0..=1.0).contains(c)),

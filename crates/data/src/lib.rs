@@ -60,6 +60,16 @@ pub struct Answer {
     pub steering: Option<serde_json::Value>,
 }
 
+/// A record's id: a string, or a number written as its decimal text. Every file keyed by
+/// prompt id reads ids with this rule.
+pub fn record_id(value: Option<&serde_json::Value>) -> Option<String> {
+    match value {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io {
         path: path.to_path_buf(),
@@ -89,11 +99,10 @@ pub fn read_prompts(path: &Path) -> Result<Vec<Prompt>> {
         let obj = value
             .as_object()
             .ok_or_else(|| bad("expected a JSON object".into()))?;
-        let id = match obj.get("id") {
-            Some(serde_json::Value::String(s)) => s.clone(),
-            Some(serde_json::Value::Number(n)) => n.to_string(),
-            Some(_) => return Err(bad("\"id\" must be a string or a number".into())),
-            None => return Err(bad("missing \"id\"".into())),
+        let id = match (obj.get("id"), record_id(obj.get("id"))) {
+            (_, Some(id)) => id,
+            (Some(_), None) => return Err(bad("\"id\" must be a string or a number".into())),
+            (None, None) => return Err(bad("missing \"id\"".into())),
         };
         let prompt = match obj.get("prompt") {
             Some(serde_json::Value::String(s)) => s.clone(),

@@ -62,22 +62,6 @@ impl KvCache {
         }
     }
 
-    pub fn batch(&self) -> usize {
-        self.batch
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Number of real tokens seen so far in `row`.
     pub fn row_len(&self, row: usize) -> u32 {
         self.next_position[row]
