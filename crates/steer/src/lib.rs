@@ -5,10 +5,13 @@
 //!   Pearson r, k-fold held-out AUC for ranking layers).
 //! - [`vectors`]: the project's steering-vector file (safetensors), one vector per point.
 //! - [`control_vector`]: llama.cpp control-vector GGUF export and import.
+//! - [`analysis`]: per-point held-out separability, norms, angles and dimensionality of a
+//!   vector file, with its JSON / Markdown / SVG report.
 //!
 //! Point numbering follows the engine: point 0 is the embeddings, point `p >= 1` the output
 //! of block `p - 1`.
 
+pub mod analysis;
 pub mod control_vector;
 pub mod fit;
 mod rng;
