@@ -42,7 +42,7 @@ pub struct FitArgs {
 }
 
 /// Reads scores or labels into c per id.
-fn read_labels(path: &Path) -> Result<HashMap<String, f64>> {
+pub(crate) fn read_labels(path: &Path) -> Result<HashMap<String, f64>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut out = HashMap::new();
     for (n, line) in std::io::BufReader::new(file).lines().enumerate() {

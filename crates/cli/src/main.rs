@@ -1,5 +1,6 @@
 //! `refusal-steer`: the command line. Parses arguments and calls the library crates.
 
+mod analyze;
 mod bench;
 mod capture;
 mod chat;
@@ -59,6 +60,8 @@ enum Command {
     Capture(capture::CaptureArgs),
     /// Fit one steering vector per point from activations and labels.
     Fit(fit::FitArgs),
+    /// Per-point held-out AUC, norms, angles and dimensionality of a vector file (JSON, Markdown, SVG).
+    Analyze(analyze::AnalyzeArgs),
     /// Write steering vectors as a llama.cpp control vector (GGUF).
     Export(exchange::ExportArgs),
     /// Read a llama.cpp control vector into a steering-vector file.
@@ -180,6 +183,7 @@ fn run(command: Command) -> Result<()> {
         Command::Chat(args) => chat::run(args)?,
         Command::Capture(args) => capture::run(args)?,
         Command::Fit(args) => fit::run(args)?,
+        Command::Analyze(args) => analyze::run(args)?,
         Command::Export(args) => exchange::export(args)?,
         Command::Import(args) => exchange::import(args)?,
         Command::Bench(args) => bench::run(args)?,
