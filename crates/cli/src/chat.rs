@@ -1,11 +1,12 @@
 //! `refusal-steer chat`: an interactive conversation, streamed token by token.
 
-use crate::generate::{encode_with_bos, DecodingArgs};
+use crate::generate::DecodingArgs;
 use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
 use refusal_steer_engine::{generate, Request};
+use refusal_steer_pipeline::answers::encode_with_bos;
 use refusal_steer_tokenizer::{Message, StreamDecoder};
 use std::io::{BufRead, Write};
 

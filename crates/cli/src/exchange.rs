@@ -4,9 +4,9 @@
 //! output (our point 1) and the embeddings (point 0) cannot be steered there, and asking for
 //! them is an error that names the point.
 
-use crate::steering::parse_points;
 use anyhow::{Context, Result};
 use clap::Args;
+use refusal_steer_pipeline::steering::parse_points;
 use refusal_steer_steer::{export_control_vector, import_control_vector, SteeringVectors};
 use std::path::PathBuf;
 

@@ -5,10 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::record_id;
-use refusal_steer_steer::{
-    fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors,
-};
-use std::collections::{BTreeMap, HashMap};
+use refusal_steer_pipeline::fitting::{classes, fit_points, mean_difference, FitOptions};
+use refusal_steer_steer::{Class, Method, Ridge};
+use std::collections::HashMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +36,14 @@ pub struct FitArgs {
     folds: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Fit only on the prompts of these sets (comma-separated), e.g. "political,contrast".
+    #[arg(long)]
+    sets: Option<String>,
+    /// Keep a behaviour still: remove from each point's vector the direction of set SET (its
+    /// refused minus its answered prompts), or SET:CONTRAST (SET's mean minus CONTRAST's mean,
+    /// e.g. harmful:harmless).
+    #[arg(long, value_name = "SET[:CONTRAST]")]
+    protect: Option<String>,
     #[arg(long)]
     out: PathBuf,
 }
@@ -73,24 +80,73 @@ pub(crate) fn read_labels(path: &Path) -> Result<HashMap<String, f64>> {
     Ok(out)
 }
 
+/// Rows of the activations file whose set is `set`.
+fn rows_of_set(acts: &Activations, set: &str) -> Result<Vec<usize>> {
+    let rows: Vec<usize> = (0..acts.header.ids.len())
+        .filter(|&i| acts.header.sets[i].as_deref() == Some(set))
+        .collect();
+    if rows.is_empty() {
+        let mut known: Vec<&str> = acts
+            .header
+            .sets
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        known.sort_unstable();
+        known.dedup();
+        bail!("no prompts of set \"{set}\" in the activations; its sets are {known:?}");
+    }
+    Ok(rows)
+}
+
 pub fn run(args: FitArgs) -> Result<()> {
     let acts = Activations::load(&args.acts)?;
     let labels = read_labels(&args.labels)?;
     let h = &acts.header;
-    let classes: Vec<Class> = h
-        .ids
-        .iter()
-        .map(|id| match labels.get(id) {
-            Some(&c) if c > args.threshold => Class::Refusal,
-            Some(&c) if c < -args.threshold => Class::Compliance,
-            _ => Class::Unused,
-        })
-        .collect();
-    let weights: Vec<f64> = h
-        .ids
-        .iter()
-        .map(|id| labels.get(id).map_or(0.0, |c| c.abs()))
-        .collect();
+    let mut c: Vec<Option<f64>> = h.ids.iter().map(|id| labels.get(id).copied()).collect();
+    if let Some(sets) = &args.sets {
+        let keep: Vec<&str> = sets.split(',').map(str::trim).collect();
+        for set in &keep {
+            rows_of_set(&acts, set)?;
+        }
+        for (i, c) in c.iter_mut().enumerate() {
+            if !h.sets[i].as_deref().is_some_and(|s| keep.contains(&s)) {
+                *c = None;
+            }
+        }
+    }
+    let protect = match &args.protect {
+        None => None,
+        Some(spec) => {
+            let (set, contrast) = match spec.split_once(':') {
+                Some((s, c)) => (s, Some(c)),
+                None => (spec.as_str(), None),
+            };
+            let rows = rows_of_set(&acts, set)?;
+            let (a, b): (Vec<usize>, Vec<usize>) = match contrast {
+                Some(contrast) => (rows, rows_of_set(&acts, contrast)?),
+                // Without a contrast set: the set's own refused prompts minus its answered ones.
+                None => {
+                    let own: Vec<Option<f64>> = rows
+                        .iter()
+                        .map(|&i| labels.get(&h.ids[i]).copied())
+                        .collect();
+                    let classes = classes(&own, args.threshold);
+                    let pick = |k: Class| {
+                        rows.iter()
+                            .zip(&classes)
+                            .filter(|(_, &c)| c == k)
+                            .map(|(&r, _)| r)
+                            .collect()
+                    };
+                    (pick(Class::Refusal), pick(Class::Compliance))
+                }
+            };
+            Some(mean_difference(&acts, &a, &b).with_context(|| format!("protecting {spec}"))?)
+        }
+    };
+    let classes = classes(&c, args.threshold);
     let count = |k: Class| classes.iter().filter(|&&c| c == k).count();
     eprintln!(
         "{} refusal, {} compliance, {} unused prompts",
@@ -98,81 +154,27 @@ pub fn run(args: FitArgs) -> Result<()> {
         count(Class::Compliance),
         count(Class::Unused)
     );
-    let ridge = match args.lambda {
-        Some(l) => Ridge::Absolute(l),
-        None => Ridge::Relative(args.kappa),
+    let options = FitOptions {
+        method: args.method,
+        ridge: match args.lambda {
+            Some(l) => Ridge::Absolute(l),
+            None => Ridge::Relative(args.kappa),
+        },
+        threshold: args.threshold,
+        folds: args.folds,
+        seed: args.seed,
     };
-    let mut vectors = vec![0f32; h.n_points * h.d];
-    let (mut norms, mut aucs, mut lambdas) = (Vec::new(), Vec::new(), Vec::new());
-    for point in 0..h.n_points {
-        let x = acts.at_point(point);
-        let samples = Samples::new(&x, h.d, &classes, &weights)?;
-        let fitted = match fit(&samples, args.method, ridge) {
-            Ok(f) => f,
-            // Every prompt ends with the same template token, so at the embeddings (and only
-            // there) the compliant activations can be identical: no direction to find.
-            Err(FitError::NoSpread) => {
-                eprintln!("point {point:>3}: compliant activations are all equal; zero vector");
-                norms.push(0.0);
-                lambdas.push(None);
-                aucs.push(0.5);
-                continue;
-            }
-            Err(e) => return Err(e).with_context(|| format!("fitting point {point}")),
-        };
-        vectors[point * h.d..(point + 1) * h.d].copy_from_slice(&fitted.vector);
-        norms.push(fitted.report.norm);
-        lambdas.push(fitted.report.lambda);
-        aucs.push(
-            k_fold_auc(&samples, args.method, ridge, args.folds, args.seed)
-                .with_context(|| format!("held-out AUC at point {point}"))?,
-        );
-        eprintln!(
-            "point {point:>3}: norm {:>10.4}  held-out AUC {:.3}",
-            fitted.report.norm, aucs[point]
-        );
+    let mut vectors = fit_points(&acts, &c, &options, protect.as_deref(), &mut |m| {
+        eprintln!("{m}")
+    })?;
+    if let Some(spec) = &args.protect {
+        vectors.metadata.insert("protected".into(), spec.clone());
     }
-    // Recommend the points that separate best on held-out prompts: within 0.02 of the best.
-    let best = aucs.iter().copied().fold(f64::MIN, f64::max);
-    let recommended: Vec<usize> = (1..h.n_points)
-        .filter(|&p| aucs[p] >= best - 0.02)
-        .collect();
-    let mut metadata = BTreeMap::from([
-        ("method".to_string(), args.method.to_string()),
-        ("ridge".to_string(), format!("{ridge:?}")),
-        (
-            "lambda_per_point".to_string(),
-            serde_json::to_string(&lambdas)?,
-        ),
-        ("norm_per_point".to_string(), serde_json::to_string(&norms)?),
-        (
-            "heldout_auc_per_point".to_string(),
-            serde_json::to_string(&aucs)?,
-        ),
-        (
-            "recommended_points".to_string(),
-            serde_json::to_string(&recommended)?,
-        ),
-        ("n_refusal".to_string(), count(Class::Refusal).to_string()),
-        (
-            "n_compliance".to_string(),
-            count(Class::Compliance).to_string(),
-        ),
-        (
-            "sign".to_string(),
-            "compliance -> refusal: negative alpha removes refusals".to_string(),
-        ),
-    ]);
-    for key in ["model", "model_sha256", "position", "format"] {
-        if let Some(v) = h.metadata.get(key) {
-            metadata.insert(key.to_string(), v.clone());
-        }
-    }
-    SteeringVectors::new(vectors, h.n_points, h.d, metadata)?.save(&args.out)?;
+    vectors.save(&args.out)?;
     println!(
-        "wrote {} (recommended points {:?})",
+        "wrote {} (recommended points {})",
         args.out.display(),
-        recommended
+        vectors.metadata["recommended_points"]
     );
     Ok(())
 }

@@ -2,11 +2,12 @@
 
 use crate::steering::SteerArgs;
 use crate::ModelArg;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use refusal_steer_data::{read_prompts, Answer, JsonlAppender, Prompt};
-use refusal_steer_engine::{generate, GenerateOptions, Model, Padding, Request, Sampling};
+use refusal_steer_data::{read_prompts, Prompt};
+use refusal_steer_engine::{GenerateOptions, Padding, Sampling};
+use refusal_steer_pipeline::answers::{answer, answer_to_file, AnswerJob, Format};
 use std::collections::HashSet;
 use std::path::PathBuf;
 
@@ -47,22 +48,10 @@ pub struct FormatArgs {
 }
 
 impl FormatArgs {
-    /// The prompt's tokens as the model will see them: chat-formatted unless `--raw`.
-    pub fn encode(&self, model: &Model, prompt: &str) -> Result<Vec<u32>> {
-        let text = if self.raw {
-            prompt.to_string()
-        } else {
-            model.template.prompt(self.system.as_deref(), prompt)?
-        };
-        Ok(encode_with_bos(model, &text))
-    }
-
-    /// How prompts were formatted, for the metadata of derived files.
-    pub fn describe(&self) -> String {
-        match (self.raw, &self.system) {
-            (true, _) => "raw".into(),
-            (false, None) => "chat".into(),
-            (false, Some(s)) => format!("chat, system: {s}"),
+    pub fn format(&self) -> Format {
+        Format {
+            system: self.system.clone(),
+            raw: self.raw,
         }
     }
 }
@@ -108,35 +97,7 @@ impl DecodingArgs {
     }
 }
 
-/// Tokenizes a rendered prompt, adding BOS only when the template has not already written it.
-pub fn encode_with_bos(model: &Model, text: &str) -> Vec<u32> {
-    let t = &model.tokenizer;
-    let has_bos = t
-        .bos
-        .and_then(|b| t.piece(b).ok())
-        .is_some_and(|bos| text.starts_with(bos));
-    t.encode(text, !has_bos, true)
-}
-
-/// FNV-1a over the run seed, prompt id and sample: each answer's own reproducible seed.
-fn answer_seed(seed: u64, id: &str, sample: usize) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for b in seed
-        .to_le_bytes()
-        .iter()
-        .chain(id.as_bytes())
-        .chain(&(sample as u64).to_le_bytes())
-    {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
-    if args.samples == 0 || args.batch == 0 {
-        bail!("--samples and --batch must be at least 1");
-    }
     let options = args.decoding.options()?;
     let prompts = match (&args.prompts, &args.prompt) {
         (Some(path), _) => read_prompts(path)?,
@@ -147,93 +108,42 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }],
         (None, None) => bail!("give --prompts FILE or --prompt TEXT"),
     };
-    let (mut writer, done) = match &args.out {
-        Some(path) => {
-            let (w, old) = JsonlAppender::open::<Answer>(path)?;
-            (
-                Some(w),
-                old.into_iter()
-                    .map(|a| (a.id, a.sample))
-                    .collect::<HashSet<_>>(),
-            )
-        }
-        None => (None, HashSet::new()),
-    };
+    if args.samples == 0 || args.batch == 0 {
+        bail!("--samples and --batch must be at least 1");
+    }
     let model = args.model.load()?;
     // Steering hooks hold no per-batch state, so one set serves every batch.
     let (mut hooks, steering) = args.steering.hooks(&model)?;
-    let mut jobs = Vec::new();
-    for (i, p) in prompts.iter().enumerate() {
-        let tokens = args
-            .decoding
-            .format
-            .encode(&model, &p.prompt)
-            .with_context(|| format!("formatting prompt {}", p.id))?;
-        for sample in 0..args.samples {
-            if !done.contains(&(p.id.clone(), sample)) {
-                jobs.push((i, sample, tokens.clone()));
-            }
-        }
-    }
-    if jobs.is_empty() {
-        eprintln!(
-            "all {} answers are already in the output",
-            prompts.len() * args.samples
-        );
-        return Ok(());
-    }
-    // Similar lengths together waste less work on padding.
-    jobs.sort_by_key(|(_, _, tokens)| tokens.len());
-    let progress = if writer.is_some() {
-        ProgressBar::new(jobs.len() as u64)
-    } else {
-        ProgressBar::hidden()
+    let job = AnswerJob {
+        prompts: &prompts,
+        format: &args.decoding.format.format(),
+        options: &options,
+        samples: args.samples,
+        batch: args.batch,
+        seed: args.decoding.seed,
+        steering,
     };
-    progress.set_style(ProgressStyle::with_template(
-        "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}  {msg}",
-    )?);
-    for batch in jobs.chunks(args.batch) {
-        let requests: Vec<Request> = batch
-            .iter()
-            .map(|(i, sample, tokens)| Request {
-                prompt: tokens.clone(),
-                seed: answer_seed(args.decoding.seed, &prompts[*i].id, *sample),
-            })
-            .collect();
-        let outputs = generate(&model, &requests, &options, &mut hooks, &mut |_, _| {})?;
-        for ((i, sample, _), out) in batch.iter().zip(outputs) {
-            let p = &prompts[*i];
-            let answer = Answer {
-                id: p.id.clone(),
-                sample: *sample,
-                set: p.set.clone(),
-                prompt: p.prompt.clone(),
-                answer: model.tokenizer.decode(&out.tokens, false)?,
-                n_tokens: out.tokens.len(),
-                mean_logprob: out.mean_logprob(),
-                finish_reason: out.finish.as_str().to_string(),
-                steering: steering.clone(),
-            };
-            match &mut writer {
-                Some(w) => w.append(&answer)?,
-                None => println!("{}", answer.answer),
-            }
-            progress.inc(1);
+    match &args.out {
+        Some(path) => {
+            let progress = ProgressBar::new(0);
+            progress.set_style(ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}  {msg}",
+            )?);
+            let all = answer_to_file(&model, &job, path, &mut hooks, &progress)?;
+            progress.finish_and_clear();
+            eprintln!("{} answers in {}", all.len(), path.display());
         }
+        None => answer(
+            &model,
+            &job,
+            &HashSet::new(),
+            &mut hooks,
+            &ProgressBar::hidden(),
+            &mut |a| {
+                println!("{}", a.answer);
+                Ok(())
+            },
+        )?,
     }
-    progress.finish_with_message("done");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answer_seeds_differ_by_id_and_sample_and_repeat() {
-        assert_eq!(answer_seed(1, "a", 0), answer_seed(1, "a", 0));
-        assert_ne!(answer_seed(1, "a", 0), answer_seed(1, "a", 1));
-        assert_ne!(answer_seed(1, "a", 0), answer_seed(1, "b", 0));
-        assert_ne!(answer_seed(1, "a", 0), answer_seed(2, "a", 0));
-    }
 }

@@ -4,6 +4,7 @@
 //! - [`separability`]: how well a direction separates refusals from compliances (AUC,
 //!   Pearson r, k-fold held-out AUC for ranking layers).
 //! - [`vectors`]: the project's steering-vector file (safetensors), one vector per point.
+//! - [`protect`]: keep a protected behaviour still by removing its directions from a vector.
 //! - [`control_vector`]: llama.cpp control-vector GGUF export and import.
 //! - [`analysis`]: per-point held-out separability, norms, angles and dimensionality of a
 //!   vector file, with its JSON / Markdown / SVG report.
@@ -14,6 +15,7 @@
 pub mod analysis;
 pub mod control_vector;
 pub mod fit;
+pub mod protect;
 mod rng;
 pub mod separability;
 #[cfg(test)]

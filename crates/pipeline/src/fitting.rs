@@ -1,0 +1,212 @@
+//! One steering vector per point from captured activations and refusal confidences, with each
+//! point's held-out separability, the residual scale that norm-scaled strengths need, and
+//! optionally a protected direction removed.
+
+use anyhow::{Context, Result};
+use refusal_steer_data::activations::Activations;
+use refusal_steer_steer::protect::{cosine, project_out_span};
+use refusal_steer_steer::{
+    fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors,
+};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub method: Method,
+    pub ridge: Ridge,
+    /// |c| at or below this is neither class.
+    pub threshold: f64,
+    /// Folds of the held-out AUC per point.
+    pub folds: usize,
+    pub seed: u64,
+}
+
+/// Per row of the activations file: its refusal confidence c, or None to leave it out.
+pub type Confidences = Vec<Option<f64>>;
+
+/// The class of each row from its confidence.
+pub fn classes(c: &[Option<f64>], threshold: f64) -> Vec<Class> {
+    c.iter()
+        .map(|c| match *c {
+            Some(c) if c > threshold => Class::Refusal,
+            Some(c) if c < -threshold => Class::Compliance,
+            _ => Class::Unused,
+        })
+        .collect()
+}
+
+/// Per point, the mean of rows `a` minus the mean of rows `b`: `[n_points * d]`. The
+/// direction of a behaviour to protect (e.g. harmful prompts minus harmless ones).
+pub fn mean_difference(acts: &Activations, a: &[usize], b: &[usize]) -> Result<Vec<f32>> {
+    anyhow::ensure!(
+        !a.is_empty() && !b.is_empty(),
+        "a protected direction needs prompts on both sides ({} and {} found)",
+        a.len(),
+        b.len()
+    );
+    let (p, d) = (acts.header.n_points, acts.header.d);
+    let row = |i: usize| &acts.data[i * p * d..(i + 1) * p * d];
+    let mean = |rows: &[usize]| {
+        let mut m = vec![0f64; p * d];
+        for &i in rows {
+            m.iter_mut()
+                .zip(row(i))
+                .for_each(|(m, &x)| *m += f64::from(x));
+        }
+        m.iter_mut().for_each(|m| *m /= rows.len() as f64);
+        m
+    };
+    let (ma, mb) = (mean(a), mean(b));
+    Ok(ma.iter().zip(&mb).map(|(x, y)| (x - y) as f32).collect())
+}
+
+/// Fits every point. `protect` (`[n_points * d]`, e.g. from [`mean_difference`]) is removed
+/// from each point's vector; the metadata records how much of the vector survived.
+pub fn fit_points(
+    acts: &Activations,
+    c: &[Option<f64>],
+    options: &FitOptions,
+    protect: Option<&[f32]>,
+    log: &mut dyn FnMut(String),
+) -> Result<SteeringVectors> {
+    let h = &acts.header;
+    anyhow::ensure!(
+        c.len() == h.ids.len(),
+        "{} confidences for {} activation rows",
+        c.len(),
+        h.ids.len()
+    );
+    let classes = classes(c, options.threshold);
+    let weights: Vec<f64> = c.iter().map(|c| c.map_or(0.0, f64::abs)).collect();
+    let count = |k: Class| classes.iter().filter(|&&c| c == k).count();
+    let used: Vec<usize> = (0..classes.len())
+        .filter(|&i| classes[i] != Class::Unused)
+        .collect();
+    let mut vectors = vec![0f32; h.n_points * h.d];
+    let mut norms = Vec::new();
+    let mut aucs = Vec::new();
+    let mut lambdas = Vec::new();
+    let mut residual_norms = Vec::new();
+    let mut protected_cosines = Vec::new();
+    let mut surviving = Vec::new();
+    for point in 0..h.n_points {
+        let x = acts.at_point(point);
+        let d = h.d;
+        // The typical size of the residual stream here: what a norm-scaled strength is relative to.
+        let scale = used
+            .iter()
+            .map(|&i| {
+                x[i * d..(i + 1) * d]
+                    .iter()
+                    .map(|&v| f64::from(v).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .sum::<f64>()
+            / used.len().max(1) as f64;
+        residual_norms.push(scale);
+        let samples = Samples::new(&x, d, &classes, &weights)?;
+        let fitted = match fit(&samples, options.method, options.ridge) {
+            Ok(f) => f,
+            // Every prompt ends with the same template token, so at the embeddings (and only
+            // there) the compliant activations can be identical: no direction to find.
+            Err(FitError::NoSpread) => {
+                log(format!(
+                    "point {point:>3}: compliant activations are all equal; zero vector"
+                ));
+                norms.push(0.0);
+                lambdas.push(None);
+                aucs.push(0.5);
+                protected_cosines.push(0.0);
+                surviving.push(0.0);
+                continue;
+            }
+            Err(e) => return Err(e).with_context(|| format!("fitting point {point}")),
+        };
+        let mut v = fitted.vector;
+        if let Some(protect) = protect {
+            let dir = &protect[point * d..(point + 1) * d];
+            protected_cosines.push(cosine(&v, dir));
+            let kept = project_out_span(&v, &[dir]);
+            surviving.push(norm(&kept) / norm(&v).max(f64::MIN_POSITIVE));
+            v = kept;
+        }
+        let auc = k_fold_auc(
+            &samples,
+            options.method,
+            options.ridge,
+            options.folds,
+            options.seed,
+        )
+        .with_context(|| format!("held-out AUC at point {point}"))?;
+        log(format!(
+            "point {point:>3}: norm {:>10.4}  held-out AUC {auc:.3}",
+            norm(&v)
+        ));
+        vectors[point * d..(point + 1) * d].copy_from_slice(&v);
+        norms.push(norm(&v));
+        lambdas.push(fitted.report.lambda);
+        aucs.push(auc);
+    }
+    // Recommend the points that separate best on held-out prompts: within 0.02 of the best.
+    let best = aucs.iter().copied().fold(f64::MIN, f64::max);
+    let recommended: Vec<usize> = (1..h.n_points)
+        .filter(|&p| aucs[p] >= best - 0.02)
+        .collect();
+    let mut metadata = BTreeMap::from([
+        ("method".to_string(), options.method.to_string()),
+        ("ridge".to_string(), format!("{:?}", options.ridge)),
+        ("lambda_per_point".to_string(), json(&lambdas)),
+        ("norm_per_point".to_string(), json(&norms)),
+        ("residual_norm_per_point".to_string(), json(&residual_norms)),
+        ("heldout_auc_per_point".to_string(), json(&aucs)),
+        ("recommended_points".to_string(), json(&recommended)),
+        ("n_refusal".to_string(), count(Class::Refusal).to_string()),
+        (
+            "n_compliance".to_string(),
+            count(Class::Compliance).to_string(),
+        ),
+        (
+            "sign".to_string(),
+            "compliance -> refusal: negative alpha removes refusals".to_string(),
+        ),
+    ]);
+    if protect.is_some() {
+        metadata.insert(
+            "protected_cosine_per_point".into(),
+            json(&protected_cosines),
+        );
+        metadata.insert("surviving_fraction_per_point".into(), json(&surviving));
+    }
+    for key in ["model", "model_sha256", "position", "format"] {
+        if let Some(v) = h.metadata.get(key) {
+            metadata.insert(key.to_string(), v.clone());
+        }
+    }
+    Ok(SteeringVectors::new(vectors, h.n_points, h.d, metadata)?)
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
+}
+
+/// Metadata values are JSON text.
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("lists of numbers serialise")
+}
+
+/// A per-point list stored as JSON in a vector file's metadata (norms, residual norms, AUCs).
+pub fn metadata_list(vectors: &SteeringVectors, key: &str) -> Result<Vec<f64>> {
+    let text = vectors.metadata.get(key).with_context(|| {
+        format!("the steering-vector file has no \"{key}\" metadata; refit it with this version")
+    })?;
+    let values: Vec<Option<f64>> = serde_json::from_str(text)
+        .with_context(|| format!("metadata \"{key}\" is not a list of numbers"))?;
+    anyhow::ensure!(
+        values.len() == vectors.n_points,
+        "metadata \"{key}\" has {} values for {} points",
+        values.len(),
+        vectors.n_points
+    );
+    Ok(values.into_iter().map(|v| v.unwrap_or(0.0)).collect())
+}

@@ -1,0 +1,9 @@
+//! The method's stages as library calls (`../shared/METHOD.md`): answer prompts, capture
+//! activations, fit vectors, steer, and the `run` pipeline that chains them with the judge,
+//! tunes layers and strengths on validation prompts and evaluates on test prompts.
+
+pub mod answers;
+pub mod capture;
+pub mod fitting;
+pub mod sets;
+pub mod steering;

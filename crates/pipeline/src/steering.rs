@@ -1,0 +1,208 @@
+//! Steering during generation: per-point strengths and the hooks that apply them.
+//!
+//! Sign convention: a vector points from compliance to refusal (refusal mean minus compliance
+//! mean), so a negative strength removes refusals and a positive one induces them.
+
+use crate::fitting::metadata_list;
+use anyhow::{bail, Result};
+use refusal_steer_engine::{Action, Hooks, Intervention, Model, Positions, Rows};
+use refusal_steer_steer::SteeringVectors;
+use serde::{Deserialize, Serialize};
+
+/// How vectors change the residual stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SteerMode {
+    /// h <- h + alpha * v.
+    #[default]
+    Add,
+    /// Remove the component along v (directional ablation); alpha is not used.
+    Ablate,
+    /// Remove the component along v, then add alpha * v.
+    AblateAdd,
+}
+
+/// How one strength becomes a strength per point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlphaProfile {
+    /// alpha at every steered point, applied to the vector as fitted.
+    Uniform,
+    /// alpha is a fraction of the residual stream's typical norm at each point: the added
+    /// vector alpha_p * v_p has norm |alpha| * mean ||h_p||. Vector norms differ many-fold
+    /// across points and methods; this makes one strength mean the same push everywhere.
+    NormScaled,
+    /// alpha multiplies a given factor per point (`points` long; from a JSON file).
+    Factors(Vec<f64>),
+}
+
+/// The strength at each point (length `n_points`) for `alpha` under `profile`.
+pub fn point_alphas(
+    vectors: &SteeringVectors,
+    alpha: f64,
+    profile: &AlphaProfile,
+) -> Result<Vec<f64>> {
+    Ok(match profile {
+        AlphaProfile::Uniform => vec![alpha; vectors.n_points],
+        AlphaProfile::NormScaled => {
+            let residual = metadata_list(vectors, "residual_norm_per_point")?;
+            (0..vectors.n_points)
+                .map(|p| {
+                    let v = vectors.point(p).expect("p < n_points");
+                    let norm = v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+                    if norm > 0.0 {
+                        alpha * residual[p] / norm
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        }
+        AlphaProfile::Factors(factors) => {
+            if factors.len() != vectors.n_points {
+                bail!(
+                    "the alpha profile has {} factors, but the vectors have {} points (one per point, point 0 = embeddings)",
+                    factors.len(),
+                    vectors.n_points
+                );
+            }
+            factors.iter().map(|f| alpha * f).collect()
+        }
+    })
+}
+
+/// One vector file applied at chosen points.
+#[derive(Debug, Clone)]
+pub struct Steering<'a> {
+    pub vectors: &'a SteeringVectors,
+    pub points: &'a [usize],
+    /// Strength per point (from [`point_alphas`]).
+    pub alphas: &'a [f64],
+    pub mode: SteerMode,
+    pub positions: Positions,
+}
+
+/// Adds the interventions of `steering` to `hooks` for every row of a batch.
+pub fn add_steering(model: &Model, hooks: &mut Hooks, steering: &Steering) -> Result<()> {
+    steering
+        .vectors
+        .check_dims(model.config.n_layers + 1, model.config.d_model)?;
+    for &p in steering.points {
+        let v = steering
+            .vectors
+            .point(p)
+            .ok_or_else(|| anyhow::anyhow!("point {p} is outside the steering vectors"))?
+            .to_vec();
+        let mut add = |action| {
+            hooks.add(Intervention {
+                point: p,
+                action,
+                rows: Rows::All,
+                positions: steering.positions.clone(),
+            })
+        };
+        if matches!(steering.mode, SteerMode::Ablate | SteerMode::AblateAdd)
+            && v.iter().any(|&x| x != 0.0)
+        {
+            add(Action::ProjectOut {
+                direction: v.clone(),
+                scale: 1.0,
+            })?;
+        }
+        if matches!(steering.mode, SteerMode::Add | SteerMode::AblateAdd) {
+            add(Action::Add {
+                vector: v,
+                alpha: steering.alphas[p] as f32,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Parses "all", "3", "12-20", "1,4-6" into sorted points within `0..=max` ("all" is every
+/// block output, 1..=max).
+pub fn parse_points(spec: &str, max: usize) -> Result<Vec<usize>> {
+    if spec.trim() == "all" {
+        return Ok((1..=max).collect());
+    }
+    let mut points = Vec::new();
+    for part in spec.split(',').map(str::trim) {
+        let bad = || anyhow::anyhow!("bad layer list '{spec}': use forms like 12-20, 5,7,9 or all");
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (
+                a.trim().parse::<usize>().map_err(|_| bad())?,
+                b.trim().parse::<usize>().map_err(|_| bad())?,
+            ),
+            None => {
+                let p = part.parse::<usize>().map_err(|_| bad())?;
+                (p, p)
+            }
+        };
+        if a > b || b > max {
+            bail!("layer range '{part}' is outside 0..={max} for this model");
+        }
+        points.extend(a..=b);
+    }
+    points.sort_unstable();
+    points.dedup();
+    Ok(points)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn point_lists_parse_and_bad_ones_explain() {
+        assert_eq!(parse_points("all", 3).unwrap(), vec![1, 2, 3]);
+        assert_eq!(parse_points("2-4, 1,3", 10).unwrap(), vec![1, 2, 3, 4]);
+        assert!(parse_points("4-2", 10).is_err());
+        assert!(parse_points("12", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("outside 0..=10"));
+        assert!(parse_points("x", 10)
+            .unwrap_err()
+            .to_string()
+            .contains("use forms like"));
+    }
+
+    fn vectors() -> SteeringVectors {
+        let metadata = BTreeMap::from([(
+            "residual_norm_per_point".to_string(),
+            "[10.0, 100.0, 50.0]".to_string(),
+        )]);
+        // Norms 0, 2 and 5.
+        SteeringVectors::new(vec![0.0, 0.0, 2.0, 0.0, 3.0, 4.0], 3, 2, metadata).unwrap()
+    }
+
+    #[test]
+    fn norm_scaled_strengths_push_every_point_by_the_same_fraction_of_its_residual() {
+        let v = vectors();
+        let alphas = point_alphas(&v, -0.1, &AlphaProfile::NormScaled).unwrap();
+        assert_eq!(alphas[0], 0.0);
+        // |alpha_p| * ||v_p|| == 0.1 * residual_p.
+        assert!((alphas[1] * 2.0 + 10.0).abs() < 1e-9);
+        assert!((alphas[2] * 5.0 + 5.0).abs() < 1e-9);
+        assert_eq!(
+            point_alphas(&v, 2.0, &AlphaProfile::Uniform).unwrap(),
+            vec![2.0; 3]
+        );
+        assert_eq!(
+            point_alphas(&v, 2.0, &AlphaProfile::Factors(vec![0.0, 1.0, 0.5])).unwrap(),
+            vec![0.0, 2.0, 1.0]
+        );
+        assert!(point_alphas(&v, 2.0, &AlphaProfile::Factors(vec![1.0]))
+            .unwrap_err()
+            .to_string()
+            .contains("one per point"));
+    }
+
+    #[test]
+    fn norm_scaled_needs_the_residual_scale_in_the_file() {
+        let v = SteeringVectors::new(vec![1.0; 4], 2, 2, BTreeMap::new()).unwrap();
+        let err = point_alphas(&v, 1.0, &AlphaProfile::NormScaled).unwrap_err();
+        assert!(err.to_string().contains("refit"), "{err}");
+    }
+}

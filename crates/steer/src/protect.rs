@@ -1,0 +1,87 @@
+//! Protected directions: remove from a target vector its components along directions whose
+//! behaviour must not move (e.g. the harmful-request refusal direction), so steering the target
+//! topic leaves that behaviour alone.
+
+/// `vector` minus its projection on the span of `directions` (orthonormalised here by
+/// Gram-Schmidt; zero or dependent directions add nothing). Computed in f64.
+pub fn project_out_span(vector: &[f32], directions: &[&[f32]]) -> Vec<f32> {
+    let mut basis: Vec<Vec<f64>> = Vec::new();
+    for dir in directions {
+        let mut u: Vec<f64> = dir.iter().map(|&x| f64::from(x)).collect();
+        for b in &basis {
+            let dot: f64 = u.iter().zip(b).map(|(x, y)| x * y).sum();
+            u.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
+        }
+        let norm = u.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let scale = dir.iter().map(|&x| f64::from(x).abs()).fold(0.0, f64::max);
+        // A direction that is (numerically) inside the span so far adds nothing.
+        if norm > 1e-9 * scale.max(f64::MIN_POSITIVE) && norm > 0.0 {
+            u.iter_mut().for_each(|x| *x /= norm);
+            basis.push(u);
+        }
+    }
+    let mut v: Vec<f64> = vector.iter().map(|&x| f64::from(x)).collect();
+    for b in &basis {
+        let dot: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
+        v.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
+    }
+    v.into_iter().map(|x| x as f32).collect()
+}
+
+/// Cosine similarity (0 when either vector is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(x), f64::from(y));
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(v: &[f32]) -> f64 {
+        v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn the_result_is_orthogonal_to_every_protected_direction() {
+        let v = [3.0, 4.0, 5.0, 1.0];
+        let p1 = [1.0, 1.0, 0.0, 0.0];
+        let p2 = [1.0, 0.0, 1.0, 0.0];
+        let out = project_out_span(&v, &[&p1, &p2]);
+        assert!(cosine(&out, &p1).abs() < 1e-6);
+        assert!(cosine(&out, &p2).abs() < 1e-6);
+        // What is orthogonal to both protected directions is untouched.
+        let free = [1.0, -1.0, -1.0, 0.0];
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        assert!((dot(&out, &free) - dot(&v, &free)).abs() < 1e-5);
+        assert!((out[3] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn dependent_or_zero_directions_change_nothing_more() {
+        let v = [1.0, 2.0, 3.0];
+        let p = [0.0, 1.0, 0.0];
+        let once = project_out_span(&v, &[&p]);
+        let again = project_out_span(&v, &[&p, &[0.0, 2.0, 0.0], &[0.0; 3]]);
+        assert_eq!(once, again);
+        assert_eq!(once, vec![1.0, 0.0, 3.0]);
+        assert!((norm(&project_out_span(&v, &[])) - norm(&v)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cosine_of_parallel_opposite_and_zero_vectors() {
+        assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
+        assert!((cosine(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-12);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+}
