@@ -62,6 +62,54 @@ impl KvCache {
         }
     }
 
+    /// A cache of `batch` rows whose first `len` slots all hold row 0 of `prefix` (its first
+    /// `len` tokens, no padding): prompts that open with the same tokens compute them once.
+    /// Keys and values of a token depend only on the tokens before it, so the copies are
+    /// exactly what each row would have computed itself.
+    pub fn from_prefix(
+        prefix: &KvCache,
+        len: usize,
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self> {
+        if len > prefix.len || len > capacity || !prefix.valid[..len].iter().all(|&v| v) {
+            return Err(EngineError::Batch(format!(
+                "cannot share {len} prefix slots from a cache of {} (row 0 must be all real tokens) into {capacity} slots",
+                prefix.len
+            )));
+        }
+        let mut cache = Self::new(batch, capacity, prefix.layers.len());
+        for (dst, src) in cache.layers.iter_mut().zip(&prefix.layers) {
+            let Some((k, v)) = src else {
+                return Err(EngineError::Batch(
+                    "the prefix cache has a layer without keys and values; run the prefix first"
+                        .into(),
+                ));
+            };
+            let spread = |t: &Tensor| -> Result<Tensor> {
+                let (_, heads, _, dim) = t.dims4()?;
+                let rows = t.narrow(0, 0, 1)?.narrow(2, 0, len)?;
+                let full = Tensor::zeros((batch, heads, capacity, dim), t.dtype(), &Device::Cpu)?;
+                full.slice_set(
+                    &rows.broadcast_as((batch, heads, len, dim))?.contiguous()?,
+                    2,
+                    0,
+                )?;
+                Ok(full)
+            };
+            *dst = Some((spread(k)?, spread(v)?));
+        }
+        for row in 0..batch {
+            for i in 0..len {
+                cache.valid[row * capacity + i] = true;
+                cache.positions[row * capacity + i] = prefix.positions[i];
+            }
+            cache.next_position[row] = len as u32;
+        }
+        cache.len = len;
+        Ok(cache)
+    }
+
     /// Number of real tokens seen so far in `row`.
     pub fn row_len(&self, row: usize) -> u32 {
         self.next_position[row]
