@@ -8,10 +8,10 @@ use refusal_steer_catalog as catalog;
 use refusal_steer_data::{Answer, JsonlAppender};
 use refusal_steer_engine::Model;
 use refusal_steer_judge::calibration::{compare, read_gold, Report};
-use refusal_steer_judge::local::JudgePrompt;
+use refusal_steer_judge::local::{JudgePrompt, DEFAULT_ANSWER_PREFIX};
 use refusal_steer_judge::{
     aggregate, assess, Assessment, Judge, LocalJudge, MarkerSet, PatternJudge, PromptClass,
-    Thresholds, VerdictCache,
+    RemoteConfig, RemoteJudge, Scoring, Thresholds, VerdictCache,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -24,6 +24,8 @@ const DEFAULT_JUDGE: &str = "qwen2.5-coder-1.5b-instruct";
 enum Mode {
     /// The LLM's probability of "refusal" vs "not refusal" at the verdict (one forward pass).
     VerdictProb,
+    /// The paper's: the LLM reasons, then writes <answer>refusal|not refusal</answer>.
+    Sampled,
     /// Marker strings.
     Patterns,
 }
@@ -32,69 +34,184 @@ enum Mode {
 #[derive(Args, Clone)]
 pub struct JudgeSetup {
     /// How to judge: a catalogue name or .gguf path (an LLM judge), `patterns` (the
-    /// refusal_direction markers), `patterns:jailbreakbench`, or `patterns:FILE.json`.
-    #[arg(long = "judge", default_value = DEFAULT_JUDGE, num_args = 1..)]
+    /// refusal_direction markers), `patterns:jailbreakbench`, or `patterns:FILE.json`
+    /// (default: qwen2.5-coder-1.5b-instruct, unless --judge-url is given).
+    #[arg(long = "judge", num_args = 1..)]
     judges: Vec<String>,
-    /// Checked against the judge (inferred from it when omitted).
-    #[arg(long, value_enum)]
-    mode: Option<Mode>,
-    /// Answers per forward pass of an LLM judge.
+    /// How LLM judges decide (default verdict-prob); `calibrate` runs each judge in every
+    /// listed mode that fits it.
+    #[arg(long = "mode", value_enum, num_args = 1..)]
+    modes: Vec<Mode>,
+    /// Answers per forward pass of a local LLM judge.
     #[arg(long, default_value_t = 4)]
     batch: usize,
     /// Instruction template for an LLM judge, with {question} and {answer} placeholders
-    /// (default: ours, covering the twelve refusal types).
+    /// (default: ours, covering the twelve refusal types, with the verdict line of the mode).
     #[arg(long)]
     instruction: Option<PathBuf>,
-    /// Text that opens the judge's reply, right before the label (with --instruction).
-    #[arg(long, default_value = refusal_steer_judge::local::DEFAULT_ANSWER_PREFIX)]
-    answer_prefix: String,
+    /// Text that opens the judge's reply, right before the label, with --instruction
+    /// (default: "Verdict:" for verdict-prob, nothing for sampled).
+    #[arg(long)]
+    answer_prefix: Option<String>,
     /// An LLM judge's p_refusal above this is a refusal (`calibrate` suggests one).
     #[arg(long, default_value_t = refusal_steer_judge::local::DEFAULT_THRESHOLD)]
     threshold: f64,
+    /// Judge on an OpenAI-compatible server, e.g. http://host:8000/v1 (API key from
+    /// REFUSAL_STEER_JUDGE_API_KEY or OPENAI_API_KEY).
+    #[arg(long)]
+    judge_url: Option<String>,
+    /// The model name the --judge-url server serves.
+    #[arg(long, requires = "judge_url")]
+    judge_model: Option<String>,
+    /// Requests to the judge server in flight at once.
+    #[arg(long, default_value_t = 8)]
+    judge_concurrency: usize,
+    /// Seconds one request to the judge server may take.
+    #[arg(long, default_value_t = 120)]
+    judge_timeout: u64,
+    /// Retries of a request that failed with 429, 5xx or a network error (exponential
+    /// backoff from 1 s).
+    #[arg(long, default_value_t = 4)]
+    judge_retries: u32,
+    /// Tokens the judge may write in sampled mode (its reasoning and verdict).
+    #[arg(long, default_value_t = 384)]
+    judge_max_tokens: usize,
+}
+
+/// One judge to build: where it runs and how it decides.
+#[derive(Clone)]
+struct Plan {
+    /// A --judge value, or None for the --judge-url server.
+    spec: Option<String>,
+    mode: Mode,
+}
+
+impl Plan {
+    fn describe(&self) -> String {
+        let mode = self
+            .mode
+            .to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string());
+        format!(
+            "{} in mode {mode}",
+            self.spec.as_deref().unwrap_or("--judge-url")
+        )
+    }
+}
+
+fn is_pattern_spec(spec: &str) -> bool {
+    spec.strip_prefix("patterns")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
 }
 
 impl JudgeSetup {
-    fn build(&self, spec: &str) -> Result<Box<dyn Judge>> {
+    /// Every (judge, mode) to run: each judge in each listed mode that fits it.
+    fn plans(&self) -> Result<Vec<Plan>> {
+        let mut specs: Vec<Option<String>> = self.judges.iter().cloned().map(Some).collect();
+        if self.judge_url.is_some() {
+            specs.push(None);
+        } else if specs.is_empty() {
+            specs.push(Some(DEFAULT_JUDGE.to_string()));
+        }
+        let mut plans = Vec::new();
+        for spec in specs {
+            let patterns = spec.as_deref().is_some_and(is_pattern_spec);
+            let fitting: Vec<Mode> = if self.modes.is_empty() {
+                vec![if patterns {
+                    Mode::Patterns
+                } else {
+                    Mode::VerdictProb
+                }]
+            } else {
+                self.modes
+                    .iter()
+                    .copied()
+                    .filter(|&m| (m == Mode::Patterns) == patterns)
+                    .collect()
+            };
+            let name = spec.clone().unwrap_or_else(|| "--judge-url".into());
+            if fitting.is_empty() {
+                if patterns {
+                    bail!("the --mode given needs an LLM judge, but --judge {name} is a pattern list (add --mode patterns to run it as one)");
+                }
+                bail!("--mode patterns needs --judge patterns[:SET], not {name}");
+            }
+            plans.extend(fitting.into_iter().map(|mode| Plan {
+                spec: spec.clone(),
+                mode,
+            }));
+        }
+        Ok(plans)
+    }
+
+    fn build(&self, plan: &Plan) -> Result<Box<dyn Judge>> {
         if self.batch == 0 {
             bail!("--batch must be at least 1");
         }
-        let judge: Box<dyn Judge> = if let Some(set) = spec
-            .strip_prefix("patterns")
-            .filter(|rest| rest.is_empty() || rest.starts_with(':'))
-        {
-            let set = match set.strip_prefix(':') {
-                None => MarkerSet::built_in("refusal-direction")?,
-                Some(name) if MarkerSet::built_in_names().contains(&name) => {
-                    MarkerSet::built_in(name)?
-                }
-                Some(path) => MarkerSet::from_file(Path::new(path))?,
-            };
-            Box::new(PatternJudge::new(set))
-        } else {
-            let path = catalog::resolve(spec, &mut |msg| eprintln!("{msg}"))?;
-            let model =
-                Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
-            let prompt = match &self.instruction {
-                None => JudgePrompt::default(),
-                Some(file) => JudgePrompt::new(
-                    std::fs::read_to_string(file)
-                        .with_context(|| format!("reading {}", file.display()))?,
-                    self.answer_prefix.clone(),
-                )?,
-            };
-            Box::new(LocalJudge::new(model, prompt, self.batch, self.threshold)?)
+        let scoring = match plan.mode {
+            Mode::VerdictProb => Scoring::VerdictProb,
+            Mode::Sampled => Scoring::Sampled {
+                max_tokens: self.judge_max_tokens,
+            },
+            Mode::Patterns => {
+                let spec = plan.spec.as_deref().unwrap_or("patterns");
+                let set = match spec
+                    .strip_prefix("patterns")
+                    .and_then(|s| s.strip_prefix(':'))
+                {
+                    None => MarkerSet::built_in("refusal-direction")?,
+                    Some(name) if MarkerSet::built_in_names().contains(&name) => {
+                        MarkerSet::built_in(name)?
+                    }
+                    Some(path) => MarkerSet::from_file(Path::new(path))?,
+                };
+                return Ok(Box::new(PatternJudge::new(set)));
+            }
         };
-        let mode = judge.mode();
-        match self.mode {
-            Some(Mode::VerdictProb) if mode != refusal_steer_judge::LOCAL_MODE => {
-                bail!(
-                    "--mode verdict-prob needs an LLM judge, but --judge {spec} is a pattern list"
-                )
+        let prompt = match (&self.instruction, plan.mode) {
+            (None, Mode::Sampled) => JudgePrompt::default_sampled(),
+            (None, _) => JudgePrompt::default(),
+            (Some(file), mode) => JudgePrompt::new(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+                self.answer_prefix.clone().unwrap_or_else(|| match mode {
+                    Mode::Sampled => String::new(),
+                    _ => DEFAULT_ANSWER_PREFIX.to_string(),
+                }),
+            )?,
+        };
+        Ok(match &plan.spec {
+            None => {
+                let url = self.judge_url.as_deref().unwrap_or_default();
+                let Some(model) = &self.judge_model else {
+                    bail!("--judge-url needs --judge-model, the model name the server serves");
+                };
+                let mut config = RemoteConfig::new(url, model);
+                config.concurrency = self.judge_concurrency;
+                config.timeout = std::time::Duration::from_secs(self.judge_timeout);
+                config.retries = self.judge_retries;
+                Box::new(RemoteJudge::new(config, prompt, scoring, self.threshold)?)
             }
-            Some(Mode::Patterns) if mode != refusal_steer_judge::PATTERN_MODE => {
-                bail!("--mode patterns needs --judge patterns[:SET], not {spec}")
+            Some(spec) => {
+                let path = catalog::resolve(spec, &mut |msg| eprintln!("{msg}"))?;
+                let model =
+                    Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+                Box::new(LocalJudge::new(
+                    model,
+                    prompt,
+                    scoring,
+                    self.batch,
+                    self.threshold,
+                )?)
             }
-            _ => Ok(judge),
+        })
+    }
+
+    /// Answers handed to the judge at a time: a remote judge keeps all its connections busy.
+    fn chunk_size(&self, plan: &Plan) -> usize {
+        match plan.spec {
+            None => self.judge_concurrency.max(1) * 4,
+            Some(_) => self.batch,
         }
     }
 }
@@ -175,9 +292,16 @@ struct VerdictLine {
 }
 
 pub fn run(args: JudgeArgs) -> Result<()> {
-    let [spec] = args.setup.judges.as_slice() else {
-        bail!("judge takes one --judge; `calibrate` compares several");
-    };
+    let [plan] = args.setup.plans()?.try_into().map_err(|plans: Vec<Plan>| {
+        anyhow::anyhow!(
+            "judge takes one judge in one mode, got {}; `calibrate` compares several",
+            plans
+                .iter()
+                .map(Plan::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
     let answers: Vec<Answer> = read_jsonl(&args.answers, ANSWERS)?;
     let (mut out, done) = JsonlAppender::open::<VerdictLine>(&args.out)?;
     let done: HashSet<(String, usize)> = done.into_iter().map(|v| (v.id, v.sample)).collect();
@@ -195,7 +319,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         .cache
         .unwrap_or_else(|| args.out.with_extension("cache.jsonl"));
     let mut cache = VerdictCache::open(&cache_path)?;
-    let mut judge = args.setup.build(spec)?;
+    let mut judge = args.setup.build(&plan)?;
     let (id, mode) = (judge.id(), judge.mode().to_string());
     let items: Vec<(&str, &str)> = todo
         .iter()
@@ -205,7 +329,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         judge.as_mut(),
         &mut cache,
         &items,
-        args.setup.batch,
+        args.setup.chunk_size(&plan),
         |start, assessed| {
             for (answer, a) in todo[start..].iter().zip(assessed) {
                 out.append(&VerdictLine {
@@ -358,15 +482,15 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         Some(path) => VerdictCache::open(path)?,
         None => VerdictCache::in_memory(),
     };
-    for spec in &args.setup.judges {
-        let mut judge = args.setup.build(spec)?;
+    for plan in args.setup.plans()? {
+        let mut judge = args.setup.build(&plan)?;
         let mut assessed = Vec::with_capacity(items.len());
         let start = std::time::Instant::now();
         assess_all(
             judge.as_mut(),
             &mut cache,
             &items,
-            args.setup.batch,
+            args.setup.chunk_size(&plan),
             |_, a| {
                 assessed.extend_from_slice(a);
                 Ok(())
@@ -416,15 +540,21 @@ fn subset<T: Copy>(values: &[T], indices: &[usize]) -> Vec<T> {
 }
 
 fn print_report(id: &str, mode: &str, r: &Report, seconds: f64) {
+    // Degenerate answers never reach the judge, so the speed counts the others.
+    let judged = r.n - r.degenerate;
     println!(
-        "{id}  mode {mode}  ({} answers, {} degenerate, {} unparsable, {seconds:.0} s)",
+        "{id}  mode {mode}  ({} answers, {} degenerate, {} unparsable, {seconds:.1} s)",
         r.n, r.degenerate, r.unparsable
+    );
+    println!(
+        "  {:.2} verdicts/s ({judged} answers judged)",
+        judged as f64 / seconds.max(1e-9)
     );
     println!(
         "  accuracy {:.3}  kappa {:.3} [95% CI {:.3}, {:.3}]  ROC-AUC {:.3}",
         r.accuracy, r.kappa, r.kappa_ci.0, r.kappa_ci.1, r.auc
     );
-    if mode == refusal_steer_judge::LOCAL_MODE {
+    if mode == refusal_steer_judge::VERDICT_PROB_MODE {
         println!(
             "  best cut on these answers (in-sample, optimistic): --threshold {:.4} gives kappa {:.3}",
             r.best_cut.0, r.best_cut.1

@@ -2,8 +2,9 @@
 //!
 //! - [`Judge`]: reads (prompt, answer) pairs and says refusal (+1) or not (-1), with a graded
 //!   probability where the judge has one. Implementations: [`LocalJudge`] (an LLM run by the
-//!   engine, scored from its verdict probabilities) and [`PatternJudge`] (string markers, the
-//!   baseline the method argues against).
+//!   engine), [`RemoteJudge`] (an LLM on an OpenAI-compatible server), both scored from their
+//!   verdict probabilities or from a sampled verdict ([`Scoring`]), and [`PatternJudge`]
+//!   (string markers, the baseline the method argues against).
 //! - [`assess`]: the pipeline every caller uses: judge only the text after `</think>`, catch
 //!   degenerate output without asking the judge, and serve repeated questions from a
 //!   [`VerdictCache`].
@@ -16,13 +17,17 @@ pub mod calibration;
 pub mod degenerate;
 pub mod local;
 pub mod patterns;
+pub mod remote;
+pub mod sampled;
 pub mod text;
 
 pub use aggregate::{aggregate, PromptClass, PromptScore, Thresholds};
 pub use cache::VerdictCache;
 pub use degenerate::{detect_degenerate, Degeneracy};
-pub use local::{LocalJudge, LOCAL_MODE};
+pub use local::LocalJudge;
 pub use patterns::{MarkerSet, PatternJudge, PATTERN_MODE};
+pub use remote::{RemoteConfig, RemoteJudge};
+pub use sampled::SAMPLED_MODE;
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -39,9 +44,32 @@ pub enum JudgeError {
     BadFile { path: PathBuf, detail: String },
     #[error("invalid judge setup: {0}")]
     Setup(String),
+    #[error("the remote judge failed: {0}")]
+    Remote(String),
 }
 
 pub type Result<T> = std::result::Result<T, JudgeError>;
+
+pub const VERDICT_PROB_MODE: &str = "verdict-prob";
+
+/// How an LLM judge turns its reading of an answer into a verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scoring {
+    /// Ours: the probability of "refusal" vs "not refusal" at the verdict, one forward pass.
+    VerdictProb,
+    /// The paper's: the judge reasons in up to `max_tokens` tokens, then writes
+    /// `<answer>…</answer>` ([`sampled`]).
+    Sampled { max_tokens: usize },
+}
+
+impl Scoring {
+    pub fn mode(self) -> &'static str {
+        match self {
+            Self::VerdictProb => VERDICT_PROB_MODE,
+            Self::Sampled { .. } => SAMPLED_MODE,
+        }
+    }
+}
 
 /// One answer's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

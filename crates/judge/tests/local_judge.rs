@@ -3,9 +3,13 @@
 
 use refusal_steer_engine::{tiny, Logits, Model};
 use refusal_steer_judge::local::JudgePrompt;
-use refusal_steer_judge::{Judge, LocalJudge};
+use refusal_steer_judge::{Judge, LocalJudge, Scoring};
 
 fn make_judge(batch: usize) -> (tempfile::TempDir, LocalJudge) {
+    make_judge_scoring(batch, Scoring::VerdictProb)
+}
+
+fn make_judge_scoring(batch: usize, scoring: Scoring) -> (tempfile::TempDir, LocalJudge) {
     std::env::set_var("RAYON_NUM_THREADS", "1");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
@@ -18,7 +22,7 @@ fn make_judge(batch: usize) -> (tempfile::TempDir, LocalJudge) {
     );
     (
         dir,
-        LocalJudge::new(model, prompt.unwrap(), batch, 0.5).unwrap(),
+        LocalJudge::new(model, prompt.unwrap(), scoring, batch, 0.5).unwrap(),
     )
 }
 
@@ -119,4 +123,46 @@ fn special_token_text_inside_an_answer_stays_plain_text() {
     let tricky = judge.prompt_tokens("q", "a<|im_end|>").unwrap();
     let count = |t: &[u32]| t.iter().filter(|&&x| x == im_end).count();
     assert_eq!(count(&plain), count(&tricky));
+}
+
+#[test]
+fn reusing_the_shared_prefix_changes_no_probability() {
+    let (_dir, mut judge) = make_judge(2);
+    let reused = judge.label_logprobs(&ITEMS).unwrap();
+    let reused_verdicts = judge.judge(&ITEMS).unwrap();
+    judge.set_prefix_reuse(false).unwrap();
+    let whole = judge.label_logprobs(&ITEMS).unwrap();
+    let whole_verdicts = judge.judge(&ITEMS).unwrap();
+    for ((r, w), (rv, wv)) in reused
+        .iter()
+        .zip(&whole)
+        .zip(reused_verdicts.iter().zip(&whole_verdicts))
+    {
+        for k in 0..2 {
+            assert!((r[k] - w[k]).abs() < 1e-3, "reused {r:?} whole {w:?}");
+        }
+        let (pr, pw) = (rv.p_refusal.unwrap(), wv.p_refusal.unwrap());
+        assert!((pr - pw).abs() < 1e-4, "p_refusal reused {pr} whole {pw}");
+    }
+}
+
+#[test]
+fn sampled_replies_are_greedy_bounded_and_batch_independent() {
+    let (_dir, mut judge) = make_judge_scoring(3, Scoring::Sampled { max_tokens: 12 });
+    assert_eq!(judge.mode(), "sampled");
+    assert!(judge.id().ends_with("+12"));
+    let replies = judge.replies(&ITEMS, 12).unwrap();
+    for reply in &replies {
+        assert!(reply.len() <= 12 * 4, "{reply:?}");
+    }
+    // Alone or in a batch, with or without the shared prefix: the same greedy text.
+    let (_dir, mut single) = make_judge_scoring(1, Scoring::Sampled { max_tokens: 12 });
+    single.set_prefix_reuse(false).unwrap();
+    for (&item, reply) in ITEMS.iter().zip(&replies) {
+        assert_eq!(&single.replies(&[item], 12).unwrap()[0], reply);
+    }
+    // A random model writes no <answer> tags: every verdict is unparsable, with no probability.
+    for v in judge.judge(&ITEMS).unwrap() {
+        assert_eq!((v.label, v.p_refusal), (0, None));
+    }
 }
