@@ -104,8 +104,12 @@ pub fn lines(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
     for s in series {
         check_points(path, &s.name, &s.points)?;
     }
-    let all = series.iter().flat_map(|s| s.points.iter().copied());
-    let (x_range, y_range) = bounds(path, all)?;
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .collect();
+    let (x_range, y_range) = bounds(path, all.iter().copied())?;
+    let corner = emptiest_corner(&all, &x_range, &y_range);
     render(path, |root| {
         let mut plot = cartesian(root, chart, x_range, y_range)?;
         for (i, s) in series.iter().enumerate() {
@@ -119,7 +123,7 @@ pub fn lines(path: &Path, chart: &Chart, series: &[Series]) -> Result<()> {
                     .map(|&p| Circle::new(p, 3, colour(i).filled())),
             )?;
         }
-        legend(&mut plot)
+        legend(&mut plot, corner)
     })
 }
 
@@ -171,7 +175,7 @@ pub fn histogram(
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], fill));
         }
-        legend(&mut plot)
+        legend(&mut plot, SeriesLabelPosition::UpperRight)
     })
 }
 
@@ -180,8 +184,12 @@ pub fn scatter(path: &Path, chart: &Chart, groups: &[(String, Vec<(f64, f64)>)])
     for (name, points) in groups {
         check_points(path, name, points)?;
     }
-    let all = groups.iter().flat_map(|(_, points)| points.iter().copied());
-    let (x_range, y_range) = bounds(path, all)?;
+    let all: Vec<(f64, f64)> = groups
+        .iter()
+        .flat_map(|(_, points)| points.iter().copied())
+        .collect();
+    let (x_range, y_range) = bounds(path, all.iter().copied())?;
+    let corner = emptiest_corner(&all, &x_range, &y_range);
     render(path, |root| {
         let mut plot = cartesian(root, chart, x_range, y_range)?;
         for (i, (name, points)) in groups.iter().enumerate() {
@@ -190,7 +198,7 @@ pub fn scatter(path: &Path, chart: &Chart, groups: &[(String, Vec<(f64, f64)>)])
                 .label(name.as_str())
                 .legend(move |(x, y)| Circle::new((x + 6, y), 3, fill));
         }
-        legend(&mut plot)
+        legend(&mut plot, corner)
     })
 }
 
@@ -244,6 +252,7 @@ pub fn bars(
             .axis_desc_style(LABEL_FONT)
             .x_labels(labels.len() + 1)
             .x_label_formatter(&label_at)
+            .y_label_formatter(&tick_label)
             .disable_x_mesh()
             .draw()?;
         for (i, (name, values)) in series.iter().enumerate() {
@@ -255,7 +264,7 @@ pub fn bars(
             .label(name.as_str())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], fill));
         }
-        legend(&mut plot)
+        legend(&mut plot, SeriesLabelPosition::UpperRight)
     })
 }
 
@@ -304,17 +313,58 @@ fn cartesian<'a>(
         .y_desc(&chart.y_label)
         .label_style(LABEL_FONT)
         .axis_desc_style(LABEL_FONT)
+        .x_label_formatter(&tick_label)
+        .y_label_formatter(&tick_label)
         .draw()?;
     Ok(plot)
 }
 
-fn legend(plot: &mut Plot<'_>) -> DrawResult<()> {
+fn legend(plot: &mut Plot<'_>, corner: SeriesLabelPosition) -> DrawResult<()> {
     plot.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(LABEL_FONT)
         .draw()
+}
+
+/// The corner whose box (the outer 40% of the width, 30% of the height) holds the fewest
+/// points, so the legend hides as little data as possible.
+fn emptiest_corner(
+    points: &[(f64, f64)],
+    x_range: &Range<f64>,
+    y_range: &Range<f64>,
+) -> SeriesLabelPosition {
+    let fraction = |v: f64, r: &Range<f64>| (v - r.start) / (r.end - r.start);
+    let count = |right: bool, top: bool| {
+        points
+            .iter()
+            .filter(|&&(x, y)| {
+                let (fx, fy) = (fraction(x, x_range), fraction(y, y_range));
+                (if right { fx > 0.6 } else { fx < 0.4 }) && (if top { fy > 0.7 } else { fy < 0.3 })
+            })
+            .count()
+    };
+    [
+        (SeriesLabelPosition::UpperRight, count(true, true)),
+        (SeriesLabelPosition::LowerRight, count(true, false)),
+        (SeriesLabelPosition::UpperLeft, count(false, true)),
+        (SeriesLabelPosition::LowerLeft, count(false, false)),
+    ]
+    .into_iter()
+    .min_by_key(|&(_, n)| n)
+    .map_or(SeriesLabelPosition::UpperRight, |(corner, _)| corner)
+}
+
+/// Tick text without float noise: "5" rather than "5.0", "0.3" rather than "0.30000000000000004".
+fn tick_label(value: &f64) -> String {
+    let text = format!("{value:.3}");
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    if text == "-0" {
+        "0".into()
+    } else {
+        text.into()
+    }
 }
 
 fn empty(path: &Path, what: &'static str) -> PlotError {
@@ -454,6 +504,18 @@ mod tests {
         bars(&path, &chart(), &labels, &series).unwrap();
         // Each group is labelled on the x axis (plotters puts text on a line of its own).
         assert_svg(&path, &["norm md", "norm wrmd", "\np2\n"]);
+    }
+
+    #[test]
+    fn ticks_read_cleanly_and_the_legend_avoids_the_data() {
+        assert_eq!(tick_label(&5.0), "5");
+        assert_eq!(tick_label(&0.30000000000000004), "0.3");
+        assert_eq!(tick_label(&-0.0001), "0");
+        assert_eq!(tick_label(&-2.5), "-2.5");
+        // Data rising to the upper right leaves the lower right free.
+        let rising: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, i as f64)).collect();
+        let corner = emptiest_corner(&rising, &(0.0..9.0), &(0.0..9.0));
+        assert!(matches!(corner, SeriesLabelPosition::LowerRight));
     }
 
     #[test]

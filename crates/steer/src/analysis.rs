@@ -163,7 +163,7 @@ pub struct Analysis {
     pub compare_method: Option<String>,
     pub points: Vec<PointAnalysis>,
     /// Points after the embeddings whose held-out AUC is within [`BEST_POINT_MARGIN`] of the
-    /// best, best first.
+    /// best, best first (by held-out AUC, then held-out r).
     pub best_points: Vec<usize>,
 }
 
@@ -648,6 +648,11 @@ fn mean_difference_spectrum(samples: &Samples<'_>) -> Result<Dimensionality, Str
         return Err("the class means are equal, so there is no spectrum to measure".into());
     }
     let axes = principal_axes(samples, &[refusal, compliance].concat())?;
+    if axes.ncols() == 0 {
+        return Err(
+            "the activations do not vary here, so they have no principal components".into(),
+        );
+    }
     let squared: Vec<f64> = (0..axes.ncols())
         .map(|j| {
             let c: f64 = (0..samples.dim())
@@ -687,18 +692,25 @@ fn file_auc(samples: &Samples<'_>, v: &[f32]) -> Option<f64> {
     auc(&p, samples.classes()).ok()
 }
 
+/// Ranked by held-out AUC, ties (AUC saturates at 1 on easy data) broken by held-out r.
 fn best_points(points: &[PointAnalysis]) -> Vec<usize> {
-    let mut ranked: Vec<(usize, f64)> = points
+    let mut ranked: Vec<(usize, f64, f64)> = points
         .iter()
         .skip(1) // the embeddings carry no prompt-specific signal at the last token
-        .filter_map(|p| Some((p.point, p.heldout_auc?)))
+        .filter_map(|p| {
+            Some((
+                p.point,
+                p.heldout_auc?,
+                p.heldout_pearson.unwrap_or(f64::MIN),
+            ))
+        })
         .collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(b.2.total_cmp(&a.2)));
     let best = ranked.first().map_or(0.0, |b| b.1);
     ranked
         .into_iter()
-        .take_while(|&(_, a)| a >= best - BEST_POINT_MARGIN)
-        .map(|(p, _)| p)
+        .take_while(|&(_, auc, _)| auc >= best - BEST_POINT_MARGIN)
+        .map(|(p, _, _)| p)
         .collect()
 }
 
@@ -927,6 +939,31 @@ mod tests {
         // v = (3, 4) minus its part along (1, 0) leaves (0, 4): 4/5 of its norm survives.
         assert!((surviving_fraction(&[3.0, 4.0], &[2.0, 0.0]).unwrap() - 0.8).abs() < 1e-12);
         assert_eq!(surviving_fraction(&[3.0, 4.0], &[0.0, 0.0]), None);
+    }
+
+    #[test]
+    fn best_points_break_auc_ties_by_pearson_and_skip_the_embeddings() {
+        let point = |point, auc: Option<f64>, r| PointAnalysis {
+            point,
+            heldout_auc: auc,
+            heldout_pearson: Some(r),
+            file_auc: None,
+            norm: 1.0,
+            cosine_to_previous: None,
+            participation_ratio: None,
+            dimensionality: None,
+            compare: None,
+            notes: Vec::new(),
+        };
+        let points = [
+            point(0, Some(1.0), 0.99),
+            point(1, Some(1.0), 0.7),
+            point(2, None, 0.0),
+            point(3, Some(0.97), 0.99),
+            point(4, Some(1.0), 0.9),
+            point(5, Some(0.99), 0.5),
+        ];
+        assert_eq!(best_points(&points), vec![4, 1, 5]);
     }
 
     #[test]
