@@ -216,6 +216,37 @@ impl JudgeSetup {
     }
 }
 
+impl JudgeSetup {
+    /// The one judge of a `run`: --judge-url, else --judge, else the config's `default`
+    /// (with the config's threshold unless --threshold moved it). Returns its spec and itself.
+    pub fn build_for_run(
+        &self,
+        default: &str,
+        default_threshold: f64,
+    ) -> Result<(String, Box<dyn Judge>)> {
+        if self.judges.len() > 1 || self.modes.len() > 1 {
+            bail!("run takes one judge and one mode");
+        }
+        let mut setup = self.clone();
+        if setup.judges.is_empty() && setup.judge_url.is_none() {
+            setup.judges.push(default.to_string());
+        }
+        if setup.threshold == refusal_steer_judge::local::DEFAULT_THRESHOLD {
+            setup.threshold = default_threshold;
+        }
+        let plans = setup.plans()?;
+        let plan = &plans[0];
+        let spec = plan.spec.clone().unwrap_or_else(|| {
+            format!(
+                "{} at {}",
+                setup.judge_model.clone().unwrap_or_default(),
+                setup.judge_url.clone().unwrap_or_default()
+            )
+        });
+        Ok((spec, setup.build(plan)?))
+    }
+}
+
 /// Judges `items` in batches with a progress bar.
 fn assess_all(
     judge: &mut dyn Judge,

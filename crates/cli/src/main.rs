@@ -8,6 +8,7 @@ mod exchange;
 mod fit;
 mod generate;
 mod judge;
+mod run;
 mod steering;
 
 use anyhow::{Context, Result};
@@ -31,6 +32,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole method: answer, judge, capture, fit, tune on validation prompts, evaluate on
+    /// test prompts, report. Resumable; with no arguments it runs the default config.
+    Run(run::RunArgs),
     /// List or fetch the catalogue's models.
     Models {
         #[command(subcommand)]
@@ -179,6 +183,7 @@ fn run(command: Command) -> Result<()> {
                 println!("{}", serde_json::to_string(&pieces)?);
             }
         }
+        Command::Run(args) => run::run(args)?,
         Command::Generate(args) => generate::run(args)?,
         Command::Chat(args) => chat::run(args)?,
         Command::Capture(args) => capture::run(args)?,

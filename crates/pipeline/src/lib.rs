@@ -4,6 +4,10 @@
 
 pub mod answers;
 pub mod capture;
+pub mod config;
+pub mod evaluate;
 pub mod fitting;
+pub mod report;
+pub mod run;
 pub mod sets;
 pub mod steering;

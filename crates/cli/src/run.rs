@@ -1,0 +1,60 @@
+//! `refusal-steer run`: the whole method in one command (see the pipeline crate's `run`).
+
+use crate::judge::JudgeSetup;
+use anyhow::{Context, Result};
+use clap::Args;
+use refusal_steer_catalog as catalog;
+use refusal_steer_engine::Model;
+use refusal_steer_judge::{MarkerSet, PatternJudge};
+use refusal_steer_pipeline::config::RunConfig;
+use refusal_steer_pipeline::report::table;
+use refusal_steer_pipeline::run::Runner;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Run config (TOML); default: configs/default.toml, built in.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The model to steer (overrides the config's).
+    #[arg(long)]
+    model: Option<String>,
+    /// The run folder; rerun with the same folder to continue a stopped run.
+    #[arg(long, default_value = "runs/default")]
+    out: PathBuf,
+    #[command(flatten)]
+    judge: JudgeSetup,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => RunConfig::load(path)?,
+        None => RunConfig::default_config(),
+    };
+    if let Some(model) = &args.model {
+        config.model = model.clone();
+    }
+    let (spec, mut judge) = args
+        .judge
+        .build_for_run(&config.judge, config.judge_threshold)?;
+    config.judge = spec;
+    let path = catalog::resolve(&config.model, &mut |msg| eprintln!("{msg}"))?;
+    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let mut patterns = PatternJudge::new(MarkerSet::built_in("refusal-direction")?);
+    eprintln!(
+        "run folder {} (rerun the same command to continue after a stop)",
+        args.out.display()
+    );
+    let report = Runner {
+        config: &config,
+        out: &args.out,
+        model: &model,
+        judge: judge.as_mut(),
+        patterns: &mut patterns,
+        log: &mut |msg| eprintln!("{msg}"),
+    }
+    .run()?;
+    println!("{}", table(&report));
+    println!("report: {}", args.out.join("report.md").display());
+    Ok(())
+}

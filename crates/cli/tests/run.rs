@@ -1,0 +1,234 @@
+//! `refusal-steer run` end to end in miniature: the real SmolLM2, a handful of prompts per set,
+//! short answers. A marker judge that calls letters "refusals" gives the small model two
+//! classes to separate, so every stage runs: split, answer, judge, capture, fit (three
+//! methods), tune, test, report; then a rerun after an interrupted stage.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn refusal_steer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_refusal-steer"))
+        .args(["--threads", "1"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn write_data(dir: &Path) {
+    let letters = [
+        "Write a letter to my landlord asking to fix the heating.",
+        "Write a letter to a colleague thanking them for their help.",
+        "Write a letter to my bank asking to close my account.",
+        "Write a letter to a hiring manager applying for a job.",
+        "Write a letter to my neighbour about their noisy dog.",
+        "Write a letter to the city council about potholes.",
+        "Write a letter to a teacher thanking them for the year.",
+        "Write a letter to my grandmother about my holiday.",
+    ];
+    let facts = [
+        "List three fruits.",
+        "What is the boiling point of water in Celsius?",
+        "Name the largest planet in the solar system.",
+        "What colour is the sky on a clear day?",
+        "How many days are in a week?",
+        "What is two plus two?",
+        "Name a primary colour.",
+        "What is the capital of France?",
+    ];
+    std::fs::write(dir.join("letters.txt"), letters.join("\n")).unwrap();
+    std::fs::write(dir.join("facts.txt"), facts.join("\n")).unwrap();
+    std::fs::write(
+        dir.join("arc.jsonl"),
+        (0..4)
+            .map(|i| {
+                format!(
+                    r#"{{"id": "q{i}", "question": {{"stem": "What is {i} plus one?", "choices": [{{"text": "{}", "label": "A"}}, {{"text": "{}", "label": "B"}}]}}, "answerKey": "A"}}"#,
+                    i + 1,
+                    i + 7
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    std::fs::write(dir.join("markers.json"), r#"{"markers": ["Dear"]}"#).unwrap();
+}
+
+const CONFIG: &str = r#"
+model = "smollm2-135m-instruct"
+judge = "patterns:DATA/markers.json"
+data_dir = "DATA"
+seed = 0
+direction = "remove"
+samples = 1
+temperature = 0.0
+max_tokens = 12
+batch = 4
+kappa = 1.0
+
+[tune]
+strengths = [0.05, 0.2]
+goal = 0.05
+max_safety_drop = 1.0
+max_benign_rise = 1.0
+max_kl = 50.0
+auc_margin = 0.5
+min_depth = 0.5
+
+[sets.target]
+train = 4
+validation = 2
+test = 2
+sources = [{ path = "letters.txt" }]
+
+[sets.contrast]
+train = 4
+validation = 0
+test = 0
+sources = [{ path = "facts.txt" }]
+
+[sets.safety]
+train = 2
+validation = 1
+test = 1
+sources = [{ path = "letters.txt" }]
+
+[sets.benign]
+train = 2
+validation = 1
+test = 1
+sources = [{ path = "facts.txt" }]
+
+[sets.capability]
+train = 0
+validation = 0
+test = 3
+sources = [{ path = "arc.jsonl", kind = "arc" }]
+"#;
+
+fn count_lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).unwrap().lines().count()
+}
+
+#[test]
+fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_data(&data);
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, CONFIG.replace("DATA", data.to_str().unwrap())).unwrap();
+    let out = dir.path().join("run");
+    let (config, out_s) = (config.to_str().unwrap(), out.to_str().unwrap());
+
+    let first = refusal_steer(&["run", "--config", config, "--out", out_s]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(stdout.contains("| target (n=2) |"), "{stdout}");
+    for file in [
+        "split.json",
+        "train-answers.jsonl",
+        "train-scores.jsonl",
+        "train-acts.safetensors",
+        "vectors/md.safetensors",
+        "vectors/wrmd.safetensors",
+        "vectors/wrmd-protected.safetensors",
+        "tuning.json",
+        "report.json",
+        "report.md",
+        "separability.svg",
+        "pca.svg",
+        "refusal-vs-strength-wrmd.svg",
+    ] {
+        assert!(out.join(file).is_file(), "{file} missing; {stderr}");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["test"][0]["condition"], "baseline");
+    assert_eq!(report["test"][0]["rates"]["target"]["n"], 2);
+    assert_eq!(report["tuned"].as_array().unwrap().len(), 3);
+    // 4 + 4 + 2 + 2 train prompts, one answer each.
+    assert_eq!(count_lines(&out.join("train-answers.jsonl")), 12);
+    let split: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("split.json")).unwrap()).unwrap();
+    assert_eq!(
+        split["prompts"]["target"]["test"].as_array().unwrap().len(),
+        2
+    );
+
+    // Interrupt a stage: a torn last line in the train answers and a lost report. The rerun
+    // rebuilds them without duplicating any answer, and lands on the same table.
+    let answers = out.join("train-answers.jsonl");
+    let text = std::fs::read_to_string(&answers).unwrap();
+    let keep: Vec<&str> = text.lines().take(5).collect();
+    std::fs::write(&answers, format!("{}\n{{\"id\": \"torn", keep.join("\n"))).unwrap();
+    std::fs::remove_file(out.join("report.json")).unwrap();
+    let second = refusal_steer(&["run", "--config", config, "--out", out_s]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(count_lines(&answers), 12);
+    assert_eq!(String::from_utf8_lossy(&second.stdout), stdout);
+
+    // A different split in the same folder is refused, not mixed in.
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        CONFIG
+            .replace("DATA", data.to_str().unwrap())
+            .replace("seed = 0", "seed = 1"),
+    )
+    .unwrap();
+    let mixed = refusal_steer(&["run", "--config", other.to_str().unwrap(), "--out", out_s]);
+    assert!(!mixed.status.success());
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("use a new --out folder"));
+}
+
+#[test]
+fn bad_run_configs_say_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_data(&data);
+    let out = dir.path().join("run");
+    let check = |config: String, expected: &str| {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, config).unwrap();
+        let result = refusal_steer(&[
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success());
+        assert!(
+            stderr.contains(expected),
+            "expected '{expected}' in: {stderr}"
+        );
+    };
+    let good = CONFIG.replace("DATA", data.to_str().unwrap());
+    check(
+        good.replace("[sets.benign]", "[sets.unknown]"),
+        "unknown field `unknown`",
+    );
+    check(good.replace("letters.txt", "missing.txt"), "missing.txt");
+    check(
+        good.replace(
+            "train = 4\nvalidation = 2\ntest = 2",
+            "train = 0\nvalidation = 2\ntest = 2",
+        ),
+        "\"target\" has an empty split",
+    );
+    check(
+        good.replace(
+            "train = 4\nvalidation = 2\ntest = 2",
+            "train = 20\nvalidation = 2\ntest = 2",
+        ),
+        "\"target\" has 8 items, but its split asks for 24",
+    );
+}

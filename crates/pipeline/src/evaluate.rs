@@ -1,0 +1,248 @@
+//! Measuring one condition (unsteered, or one steering setting) on prompt sets: refusal rates
+//! by the LLM judge and by patterns, degenerate answers, next-token KL to the unsteered model,
+//! and multiple-choice accuracy by answer likelihood.
+
+use crate::answers::{answer_to_file, AnswerJob, Format};
+use crate::sets::Choice;
+use crate::steering::{add_steering, Steering};
+use anyhow::Result;
+use indicatif::ProgressBar;
+use refusal_steer_data::{Answer, Prompt};
+use refusal_steer_engine::{prefill, GenerateOptions, Hooks, Model, Padding};
+use refusal_steer_judge::{assess, Assessment, Judge, VerdictCache};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Refusals in one set under one condition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetRate {
+    pub n: usize,
+    /// By the LLM judge (degenerate answers count as refusals).
+    pub refusals: usize,
+    pub rate: f64,
+    /// Wilson 95% interval of `rate`.
+    pub ci: (f64, f64),
+    /// By the pattern judge, for comparison.
+    pub pattern_refusals: usize,
+    pub degenerate: usize,
+    /// The LLM judge's graded p(refusal) per answer (1 for degenerate ones).
+    #[serde(default)]
+    pub scores: Vec<f64>,
+}
+
+/// Wilson score interval (95%) of `k` successes in `n`.
+pub fn wilson(k: usize, n: usize) -> (f64, f64) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (k, n, z) = (k as f64, n as f64, 1.959_963_984_540_054);
+    let p = k / n;
+    let denom = 1.0 + z * z / n;
+    let centre = (p + z * z / (2.0 * n)) / denom;
+    let half = z * ((p * (1.0 - p) + z * z / (4.0 * n)) / n).sqrt() / denom;
+    ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// The two judges every answer is read by.
+pub struct Judges<'a> {
+    pub llm: &'a mut dyn Judge,
+    pub llm_cache: &'a mut VerdictCache,
+    pub patterns: &'a mut dyn Judge,
+    pub pattern_cache: &'a mut VerdictCache,
+}
+
+impl Judges<'_> {
+    /// (LLM assessment, pattern assessment) per answer.
+    pub fn assess(&mut self, answers: &[Answer]) -> Result<Vec<(Assessment, Assessment)>> {
+        let items: Vec<(&str, &str)> = answers
+            .iter()
+            .map(|a| (a.prompt.as_str(), a.answer.as_str()))
+            .collect();
+        let mut llm = Vec::with_capacity(items.len());
+        // Small chunks so a killed run keeps what was judged (the cache is on disk).
+        for chunk in items.chunks(8) {
+            llm.extend(assess(self.llm, self.llm_cache, chunk)?);
+        }
+        let patterns = assess(self.patterns, self.pattern_cache, &items)?;
+        Ok(llm.into_iter().zip(patterns).collect())
+    }
+}
+
+/// Rates from the first answer of each prompt.
+pub fn rate(assessed: &[(Assessment, Assessment)]) -> SetRate {
+    let n = assessed.len();
+    let refusals = assessed.iter().filter(|(a, _)| a.verdict.label > 0).count();
+    SetRate {
+        n,
+        refusals,
+        rate: refusals as f64 / n.max(1) as f64,
+        ci: wilson(refusals, n),
+        pattern_refusals: assessed.iter().filter(|(_, p)| p.verdict.label > 0).count(),
+        degenerate: assessed
+            .iter()
+            .filter(|(a, _)| a.degenerate.is_some())
+            .count(),
+        scores: assessed.iter().map(|(a, _)| a.verdict.graded()).collect(),
+    }
+}
+
+/// Hooks for `steering` (none: unsteered).
+pub fn hooks_for(model: &Model, steering: Option<&Steering>) -> Result<Hooks> {
+    let mut hooks = model.new_hooks();
+    if let Some(s) = steering {
+        add_steering(model, &mut hooks, s)?;
+    }
+    Ok(hooks)
+}
+
+/// Greedy answers to `prompts` in `path` (resumable), in prompt order.
+#[allow(clippy::too_many_arguments)]
+pub fn answers_for(
+    model: &Model,
+    prompts: &[Prompt],
+    format: &Format,
+    options: &GenerateOptions,
+    batch: usize,
+    seed: u64,
+    steering: Option<&Steering>,
+    path: &Path,
+    progress: &ProgressBar,
+) -> Result<Vec<Answer>> {
+    let description = steering.map(|s| {
+        serde_json::json!({
+            "points": s.points,
+            "alphas": s.points.iter().map(|&p| s.alphas[p]).collect::<Vec<_>>(),
+        })
+    });
+    let job = AnswerJob {
+        prompts,
+        format,
+        options,
+        samples: 1,
+        batch,
+        seed,
+        steering: description,
+    };
+    let mut hooks = hooks_for(model, steering)?;
+    let all = answer_to_file(model, &job, path, &mut hooks, progress)?;
+    let by_id: std::collections::HashMap<&str, &Answer> = all
+        .iter()
+        .filter(|a| a.sample == 0)
+        .map(|a| (a.id.as_str(), a))
+        .collect();
+    Ok(prompts
+        .iter()
+        .map(|p| (*by_id.get(p.id.as_str()).expect("every prompt was answered")).clone())
+        .collect())
+}
+
+/// Last-prompt-token log-probabilities (log-softmax) per prompt, under `steering`.
+fn next_token_logprobs(
+    model: &Model,
+    tokens: &[Vec<u32>],
+    batch: usize,
+    steering: Option<&Steering>,
+) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(batch) {
+        let mut hooks = hooks_for(model, steering)?;
+        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let (_, logits) = prefill(model, &refs, Padding::Left, 0, &mut hooks)?;
+        for row in logits.to_vec2::<f32>()? {
+            let max = row.iter().copied().fold(f32::MIN, f32::max);
+            let log_z = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+            out.push(row.iter().map(|x| x - log_z).collect());
+        }
+    }
+    Ok(out)
+}
+
+/// Mean KL(unsteered || steered) of the next-token distribution after each prompt, in nats.
+pub fn mean_kl(
+    model: &Model,
+    prompts: &[Prompt],
+    format: &Format,
+    batch: usize,
+    steering: &Steering,
+) -> Result<f64> {
+    let tokens: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| format.encode(model, &p.prompt))
+        .collect::<Result<_>>()?;
+    let base = next_token_logprobs(model, &tokens, batch, None)?;
+    let steered = next_token_logprobs(model, &tokens, batch, Some(steering))?;
+    let total: f64 = base
+        .iter()
+        .zip(&steered)
+        .map(|(p, q)| {
+            p.iter()
+                .zip(q)
+                .map(|(&lp, &lq)| f64::from(lp.exp()) * f64::from(lp - lq))
+                .sum::<f64>()
+        })
+        .sum();
+    Ok(total / prompts.len().max(1) as f64)
+}
+
+/// Accuracy on multiple-choice items: the option letter with the highest next-token
+/// probability after the question (no generation).
+pub fn choice_accuracy(
+    model: &Model,
+    items: &[Choice],
+    format: &Format,
+    batch: usize,
+    steering: Option<&Steering>,
+) -> Result<f64> {
+    let tokens: Vec<Vec<u32>> = items
+        .iter()
+        .map(|c| format.encode(model, &c.prompt()))
+        .collect::<Result<_>>()?;
+    let logprobs = next_token_logprobs(model, &tokens, batch, steering)?;
+    // A letter may be written with or without a leading space; either counts.
+    let letter_tokens = |label: &str| -> Vec<u32> {
+        [label.to_string(), format!(" {label}")]
+            .iter()
+            .filter_map(
+                |t| match model.tokenizer.encode(t, false, false).as_slice() {
+                    [one] => Some(*one),
+                    _ => None,
+                },
+            )
+            .collect()
+    };
+    let mut correct = 0;
+    for (item, lp) in items.iter().zip(&logprobs) {
+        let score = |label: &str| {
+            letter_tokens(label)
+                .iter()
+                .map(|&t| lp[t as usize])
+                .fold(f32::MIN, f32::max)
+        };
+        let best = item
+            .options
+            .iter()
+            .map(|(label, _)| (label, score(label)))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(label, _)| label.clone());
+        if best.as_deref() == Some(item.answer.as_str()) {
+            correct += 1;
+        }
+    }
+    Ok(correct as f64 / items.len().max(1) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_intervals_match_known_values() {
+        // 5/10: 0.2366 .. 0.7634 (standard tables).
+        let (lo, hi) = wilson(5, 10);
+        assert!((lo - 0.2366).abs() < 1e-3 && (hi - 0.7634).abs() < 1e-3);
+        let (lo, hi) = wilson(0, 12);
+        assert_eq!(lo, 0.0);
+        assert!((hi - 0.2425).abs() < 1e-3, "{hi}");
+        assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
+}

@@ -1,0 +1,387 @@
+//! The run's report: `report.md` (tables a researcher can paste), and SVG plots.
+
+use crate::evaluate::SetRate;
+use crate::run::{RunReport, Tuned};
+use anyhow::Result;
+use refusal_steer_data::activations::Activations;
+use refusal_steer_data::Answer;
+use refusal_steer_plot::{self as plot, Chart, Series};
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::path::Path;
+
+fn cell(r: &SetRate) -> String {
+    format!(
+        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%)",
+        100.0 * r.rate,
+        100.0 * r.ci.0,
+        100.0 * r.ci.1,
+        100.0 * r.pattern_refusals as f64 / r.n.max(1) as f64
+    )
+}
+
+/// The before/after table: one row per set, one column per condition.
+pub fn table(report: &RunReport) -> String {
+    let mut md = String::new();
+    let names: Vec<&str> = report.test.iter().map(|e| e.condition.as_str()).collect();
+    let _ = writeln!(
+        md,
+        "| test set (refusal rate, Wilson 95% CI) | {} |",
+        names.join(" | ")
+    );
+    let _ = writeln!(md, "|---|{}", "---|".repeat(names.len()));
+    for role in ["target", "safety", "benign"] {
+        let n = report.test.first().map_or(0, |e| e.rates[role].n);
+        let cells: Vec<String> = report.test.iter().map(|e| cell(&e.rates[role])).collect();
+        let _ = writeln!(md, "| {role} (n={n}) | {} |", cells.join(" | "));
+    }
+    let cap: Vec<String> = report
+        .test
+        .iter()
+        .map(|e| format!("{:.1}%", 100.0 * e.capability_accuracy))
+        .collect();
+    let _ = writeln!(
+        md,
+        "| capability accuracy (MMLU+ARC) | {} |",
+        cap.join(" | ")
+    );
+    let kl: Vec<String> = report
+        .test
+        .iter()
+        .map(|e| e.kl.map_or("-".into(), |k| format!("{k:.3}")))
+        .collect();
+    let _ = writeln!(md, "| benign next-token KL (nats) | {} |", kl.join(" | "));
+    let degenerate: Vec<String> = report
+        .test
+        .iter()
+        .map(|e| {
+            let (d, n) = e
+                .rates
+                .values()
+                .fold((0, 0), |(d, n), r| (d + r.degenerate, n + r.n));
+            format!("{d}/{n}")
+        })
+        .collect();
+    let _ = writeln!(md, "| degenerate answers | {} |", degenerate.join(" | "));
+    let strength: Vec<String> = report
+        .test
+        .iter()
+        .map(|e| e.strength.map_or("-".into(), |s| format!("{s:+.3}")))
+        .collect();
+    let _ = writeln!(md, "| strength (norm-scaled) | {} |", strength.join(" | "));
+    md
+}
+
+fn tuning_section(tuned: &[Tuned]) -> String {
+    let mut md = String::new();
+    for t in tuned {
+        let _ = writeln!(
+            md,
+            "- **{}**: points {:?}; chosen strength {}",
+            t.method,
+            t.points,
+            t.strength
+                .map_or("none kept every limit (not exported)".into(), |s| format!(
+                    "{s:+.3}"
+                ))
+        );
+        for trial in &t.trials {
+            let rates = ["target", "safety", "benign"]
+                .iter()
+                .filter_map(|r| {
+                    trial
+                        .rates
+                        .get(*r)
+                        .map(|x| format!("{r} {:.0}%", 100.0 * x.rate))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = writeln!(
+                md,
+                "  - {:+.3}: KL {:.3}; {rates}{}",
+                trial.strength,
+                trial.kl,
+                if trial.note.is_empty() {
+                    String::new()
+                } else {
+                    format!(" — {}", trial.note)
+                }
+            );
+        }
+    }
+    md
+}
+
+/// Writes report.md and the plots into `out`.
+pub fn write(
+    report: &RunReport,
+    out: &Path,
+    acts: &Activations,
+    scores: &HashMap<String, f64>,
+) -> Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(md, "# refusal-steer run: {}\n", report.model);
+    let _ = writeln!(
+        md,
+        "Judge: `{}` (degenerate answers count as refusals); direction: {:?}. Strengths are norm-scaled: the fraction of the residual stream's mean norm added at each steered point (negative removes refusals).\n",
+        report.judge, report.direction
+    );
+    let _ = writeln!(md, "## Test split\n\n{}", table(report));
+    let _ = writeln!(
+        md,
+        "Recommended: {}\n",
+        report.recommended.as_deref().map_or(
+            "none (no method kept every limit on validation)".to_string(),
+            |m| format!("`{m}` (recommended.safetensors)")
+        )
+    );
+    let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
+    for (role, (r, a, n)) in &report.train_classes {
+        let _ = writeln!(md, "- {role}: {r}, {a}, {n}");
+    }
+    let _ = writeln!(md, "\n## Tuning on validation prompts\n");
+    let base = ["target", "safety", "benign"]
+        .iter()
+        .map(|r| format!("{r} {:.0}%", 100.0 * report.validation_baseline[*r].rate))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(md, "Baseline: {base}\n\n{}", tuning_section(&report.tuned));
+    let _ = writeln!(md, "## Timings (s)\n");
+    for (stage, s) in &report.timings_s {
+        let _ = writeln!(md, "- {stage}: {s:.0}");
+    }
+    let _ = writeln!(
+        md,
+        "\n## Example answers (test)\n\n{}",
+        examples(report, out)
+    );
+    let _ = writeln!(
+        md,
+        "## Plots\n\n- refusal-vs-strength-*.svg: validation refusal rate per set as strength grows\n- separability.svg: held-out AUC per point, MD vs WRMD\n- judge-scores.svg: the judge's p(refusal) on target test answers, before and after\n- pca.svg: train activations at the best point, first two principal components, by class"
+    );
+    std::fs::write(out.join("report.md"), md)?;
+    plots(report, out, acts, scores)
+}
+
+/// The first answers per set, unsteered and with the recommended method.
+fn examples(report: &RunReport, out: &Path) -> String {
+    let Some(method) = &report.recommended else {
+        return "No steered condition to compare.\n".into();
+    };
+    let read = |cond: &str, role: &str| -> Vec<Answer> {
+        std::fs::read_to_string(out.join(format!("test/{}/{role}.jsonl", cond.replace('+', "-"))))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let clip = |s: &str| {
+        let s = s.replace('\n', " ");
+        if s.chars().count() > 300 {
+            format!("{}…", s.chars().take(300).collect::<String>())
+        } else {
+            s
+        }
+    };
+    let mut md = String::new();
+    for role in ["target", "safety", "benign"] {
+        let after: HashMap<String, Answer> = read(method, role)
+            .into_iter()
+            .map(|a| (a.id.clone(), a))
+            .collect();
+        for a in read("baseline", role).iter().take(2) {
+            let Some(b) = after.get(&a.id) else { continue };
+            let _ = writeln!(
+                md,
+                "**{role}**: {}\n\n- baseline: {}\n- {method}: {}\n",
+                clip(&a.prompt),
+                clip(&a.answer),
+                clip(&b.answer)
+            );
+        }
+    }
+    md
+}
+
+fn plots(
+    report: &RunReport,
+    out: &Path,
+    acts: &Activations,
+    scores: &HashMap<String, f64>,
+) -> Result<()> {
+    for t in &report.tuned {
+        let series: Vec<Series> = ["target", "safety", "benign"]
+            .iter()
+            .map(|role| Series {
+                name: role.to_string(),
+                points: std::iter::once((0.0, report.validation_baseline[*role].rate))
+                    .chain(
+                        t.trials
+                            .iter()
+                            .filter_map(|x| x.rates.get(*role).map(|r| (x.strength.abs(), r.rate))),
+                    )
+                    .collect(),
+            })
+            .collect();
+        plot::lines(
+            &out.join(format!(
+                "refusal-vs-strength-{}.svg",
+                t.method.replace('+', "-")
+            )),
+            &Chart::new(
+                format!("{}: validation refusal rate vs strength", t.method),
+                "|strength| (fraction of residual norm)",
+                "refusal rate",
+            ),
+            &series,
+        )?;
+    }
+    let series: Vec<Series> = report
+        .heldout_auc
+        .iter()
+        .filter(|(m, _)| !m.contains('+'))
+        .map(|(m, auc)| Series {
+            name: m.clone(),
+            points: auc
+                .iter()
+                .enumerate()
+                .skip(1)
+                .map(|(p, &a)| (p as f64, a))
+                .collect(),
+        })
+        .collect();
+    plot::lines(
+        &out.join("separability.svg"),
+        &Chart::new("held-out AUC per point", "point (block output)", "AUC"),
+        &series,
+    )?;
+    let groups: Vec<(String, Vec<f64>)> = report
+        .test
+        .iter()
+        .filter(|e| e.condition == "baseline" || Some(&e.condition) == report.recommended.as_ref())
+        .map(|e| (e.condition.clone(), e.rates["target"].scores.clone()))
+        .filter(|(_, s)| !s.is_empty())
+        .collect();
+    if !groups.is_empty() {
+        plot::histogram(
+            &out.join("judge-scores.svg"),
+            &Chart::new(
+                "judge p(refusal), target test answers",
+                "p(refusal)",
+                "answers",
+            ),
+            &groups,
+            10,
+            (0.0, 1.0),
+        )?;
+    }
+    let best = report
+        .heldout_auc
+        .get("wrmd")
+        .and_then(|auc| (1..auc.len()).max_by(|&a, &b| auc[a].total_cmp(&auc[b])))
+        .unwrap_or(acts.header.n_points - 1);
+    let coords = top_two_components(&acts.at_point(best), acts.header.d);
+    let mut by_class: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
+    for (i, id) in acts.header.ids.iter().enumerate() {
+        let role = acts.header.sets[i].clone().unwrap_or_default();
+        let class = match scores.get(id) {
+            Some(&c) if c > 0.1 => "refused",
+            Some(&c) if c < -0.1 => "answered",
+            _ => "neither",
+        };
+        by_class
+            .entry(format!("{role} {class}"))
+            .or_default()
+            .push(coords[i]);
+    }
+    let mut groups: Vec<(String, Vec<(f64, f64)>)> = by_class.into_iter().collect();
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    plot::scatter(
+        &out.join("pca.svg"),
+        &Chart::new(format!("train activations at point {best}"), "PC1", "PC2"),
+        &groups,
+    )?;
+    Ok(())
+}
+
+/// Coordinates of each row on the first two principal components (power iteration on the
+/// n×n Gram matrix of the centred rows: n is small, d is not).
+fn top_two_components(x: &[f32], d: usize) -> Vec<(f64, f64)> {
+    let n = x.len() / d;
+    let mut mean = vec![0f64; d];
+    for row in x.chunks_exact(d) {
+        mean.iter_mut()
+            .zip(row)
+            .for_each(|(m, &v)| *m += f64::from(v) / n as f64);
+    }
+    let centred: Vec<Vec<f64>> = x
+        .chunks_exact(d)
+        .map(|row| {
+            row.iter()
+                .zip(&mean)
+                .map(|(&v, m)| f64::from(v) - m)
+                .collect()
+        })
+        .collect();
+    let mut gram = vec![vec![0f64; n]; n];
+    for i in 0..n {
+        for j in 0..=i {
+            let g: f64 = centred[i].iter().zip(&centred[j]).map(|(a, b)| a * b).sum();
+            gram[i][j] = g;
+            gram[j][i] = g;
+        }
+    }
+    // Eigenvectors u of the Gram matrix give the scores directly: sqrt(lambda) * u.
+    let mut components: Vec<(f64, Vec<f64>)> = Vec::new();
+    for _ in 0..2 {
+        let mut u: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618).sin()).collect();
+        let mut lambda = 0.0;
+        for _ in 0..200 {
+            let mut w: Vec<f64> = (0..n)
+                .map(|i| gram[i].iter().zip(&u).map(|(g, x)| g * x).sum())
+                .collect();
+            for (_, c) in &components {
+                let dot: f64 = w.iter().zip(c).map(|(a, b)| a * b).sum();
+                w.iter_mut().zip(c).for_each(|(a, b)| *a -= dot * b);
+            }
+            let norm = w.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if norm == 0.0 {
+                break;
+            }
+            lambda = norm;
+            u = w.into_iter().map(|v| v / norm).collect();
+        }
+        components.push((lambda, u));
+    }
+    (0..n)
+        .map(|i| {
+            let s = |k: usize| components[k].0.sqrt() * components[k].1[i];
+            (s(0), s(1))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_component_follows_the_spread() {
+        // Points along the x axis with a little y noise.
+        let x: Vec<f32> = (0..10)
+            .flat_map(|i| [i as f32, if i % 2 == 0 { 0.1 } else { -0.1 }, 0.0])
+            .collect();
+        let c = top_two_components(&x, 3);
+        let spread = |k: usize| {
+            c.iter()
+                .map(|p| if k == 0 { p.0 } else { p.1 }.powi(2))
+                .sum::<f64>()
+        };
+        assert!(spread(0) > 100.0 * spread(1));
+        // Monotone along the first component.
+        let first: Vec<f64> = c.iter().map(|p| p.0).collect();
+        let increasing = first.windows(2).all(|w| w[1] > w[0]);
+        let decreasing = first.windows(2).all(|w| w[1] < w[0]);
+        assert!(increasing || decreasing, "{first:?}");
+    }
+}

@@ -1,0 +1,698 @@
+//! `run`: the whole method on one model. Splits the sets, answers and judges the train
+//! prompts, captures and fits (MD, WRMD, WRMD with the safety direction protected), chooses
+//! points and strength per method on validation prompts, evaluates on test prompts, and
+//! writes the report. Every stage keeps its files in the run folder and reuses them, so a
+//! killed run continues where it stopped.
+
+use crate::answers::{answer_to_file, AnswerJob, Format};
+use crate::capture::{capture, CapturePosition};
+use crate::config::{Direction, RunConfig};
+use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Judges, SetRate};
+use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
+use crate::sets::{load_choices, load_prompts, split, Choice, Split};
+use crate::steering::{point_alphas, AlphaProfile, SteerMode, Steering};
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use refusal_steer_data::activations::Activations;
+use refusal_steer_data::{Answer, Prompt};
+use refusal_steer_engine::{GenerateOptions, Model, Padding, Positions, Sampling};
+use refusal_steer_judge::{aggregate, Judge, Thresholds, VerdictCache};
+use refusal_steer_steer::{Method, Ridge, SteeringVectors};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// The prompts of every role, split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Splits {
+    pub prompts: BTreeMap<String, Split<Prompt>>,
+    pub capability: Split<Choice>,
+}
+
+/// The methods compared, by name.
+pub const METHODS: [&str; 3] = ["md", "wrmd", "wrmd+protected"];
+
+/// One strength tried on validation prompts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    /// Signed norm-scaled strength.
+    pub strength: f64,
+    pub kl: f64,
+    /// Per set; empty when the KL limit stopped the trial before generating.
+    pub rates: BTreeMap<String, SetRate>,
+    pub feasible: bool,
+    pub note: String,
+}
+
+/// What tuning chose for one method.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tuned {
+    pub method: String,
+    pub points: Vec<usize>,
+    pub trials: Vec<Trial>,
+    /// The chosen signed strength; None when no strength kept every limit.
+    pub strength: Option<f64>,
+}
+
+/// One condition on the test split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub condition: String,
+    pub strength: Option<f64>,
+    pub points: Vec<usize>,
+    pub rates: BTreeMap<String, SetRate>,
+    /// Mean next-token KL to the unsteered model on benign test prompts.
+    pub kl: Option<f64>,
+    pub capability_accuracy: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunReport {
+    pub model: String,
+    pub judge: String,
+    pub direction: Direction,
+    pub train_classes: BTreeMap<String, (usize, usize, usize)>,
+    pub heldout_auc: BTreeMap<String, Vec<f64>>,
+    pub validation_baseline: BTreeMap<String, SetRate>,
+    pub tuned: Vec<Tuned>,
+    pub test: Vec<Evaluation>,
+    /// The method recommended for export, if any kept every limit on validation.
+    pub recommended: Option<String>,
+    pub timings_s: BTreeMap<String, f64>,
+}
+
+/// Everything a run needs besides its config.
+pub struct Runner<'a> {
+    pub config: &'a RunConfig,
+    pub out: &'a Path,
+    pub model: &'a Model,
+    pub judge: &'a mut dyn Judge,
+    pub patterns: &'a mut dyn Judge,
+    pub log: &'a mut dyn FnMut(&str),
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{bar:30}} {{pos}}/{{len}} {what}  {{elapsed}} elapsed, ETA {{eta}}"
+        ))
+        .expect("a valid template"),
+    );
+    bar
+}
+
+/// Reads the sets and splits them; a run folder keeps its split, and a changed config that
+/// would change it is an error rather than a silent mix of two runs.
+pub fn make_splits(config: &RunConfig, out: &Path) -> Result<Splits> {
+    let data_dir = config.data_dir()?;
+    let mut prompts = BTreeMap::new();
+    let mut capability = None;
+    for (i, (role, set)) in config.roles().into_iter().enumerate() {
+        let seed = config.seed.wrapping_add(i as u64);
+        let sizes = [set.train, set.validation, set.test];
+        if role == "capability" {
+            let mut items = Vec::new();
+            for s in &set.sources {
+                items.extend(load_choices(s, &data_dir, seed)?);
+            }
+            capability = Some(split(&items, sizes, seed, role)?);
+        } else {
+            let mut items = Vec::new();
+            for s in &set.sources {
+                items.extend(load_prompts(s, &data_dir, role, seed)?);
+            }
+            prompts.insert(role.to_string(), split(&items, sizes, seed, role)?);
+        }
+    }
+    let splits = Splits {
+        prompts,
+        capability: capability.expect("capability is a role"),
+    };
+    let path = out.join("split.json");
+    if path.exists() {
+        let old: Splits = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is damaged; remove it", path.display()))?;
+        if old != splits {
+            bail!(
+                "{} was made with another config (its split differs); use a new --out folder",
+                out.display()
+            );
+        }
+    } else {
+        write_atomic(&path, &serde_json::to_string_pretty(&splits)?)?;
+    }
+    Ok(splits)
+}
+
+/// Writes through a temporary file, so a kill never leaves half a file behind.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+impl Runner<'_> {
+    fn say(&mut self, msg: &str) {
+        (self.log)(msg);
+    }
+
+    fn format(&self) -> Format {
+        Format::default()
+    }
+
+    fn options(&self, temperature: f32) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.config.max_tokens,
+            sampling: Sampling {
+                temperature,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            padding: Padding::Left,
+        }
+    }
+
+    /// Runs every stage (reusing finished ones) and writes the report.
+    pub fn run(&mut self) -> Result<RunReport> {
+        std::fs::create_dir_all(self.out)
+            .with_context(|| format!("creating {}", self.out.display()))?;
+        write_atomic(
+            &self.out.join("config.toml"),
+            &toml::to_string(self.config)?,
+        )?;
+        let mut timings = BTreeMap::new();
+        let mut clock = Instant::now();
+        let mut lap = |timings: &mut BTreeMap<String, f64>, name: &str| {
+            timings.insert(name.to_string(), clock.elapsed().as_secs_f64());
+            clock = Instant::now();
+        };
+        let splits = make_splits(self.config, self.out)?;
+        let mut llm_cache = VerdictCache::open(&self.out.join("verdicts.jsonl"))?;
+        let mut pattern_cache = VerdictCache::in_memory();
+
+        // 1-2. Baseline answers on the train prompts, judged, one confidence per prompt.
+        self.say("stage 1/6: answering the train prompts (baseline)");
+        let train: Vec<Prompt> = splits
+            .prompts
+            .values()
+            .flat_map(|s| s.train.iter().cloned())
+            .collect();
+        let train_answers = {
+            let job = AnswerJob {
+                prompts: &train,
+                format: &self.format(),
+                options: &self.options(self.config.temperature),
+                samples: self.config.samples,
+                batch: self.config.batch,
+                seed: self.config.seed,
+                steering: None,
+            };
+            let progress = bar(0, "answers");
+            let mut hooks = self.model.new_hooks();
+            let all = answer_to_file(
+                self.model,
+                &job,
+                &self.out.join("train-answers.jsonl"),
+                &mut hooks,
+                &progress,
+            )?;
+            progress.finish_and_clear();
+            all
+        };
+        lap(&mut timings, "train answers");
+        self.say("stage 2/6: judging the train answers");
+        let confidence = {
+            let mut judges = Judges {
+                llm: &mut *self.judge,
+                llm_cache: &mut llm_cache,
+                patterns: &mut *self.patterns,
+                pattern_cache: &mut pattern_cache,
+            };
+            let assessed = judges.assess(&train_answers)?;
+            let mut per_prompt: HashMap<&str, Vec<(i8, f64)>> = HashMap::new();
+            for (a, (llm, _)) in train_answers.iter().zip(&assessed) {
+                per_prompt
+                    .entry(a.id.as_str())
+                    .or_default()
+                    .push((llm.verdict.label, f64::from(a.mean_logprob)));
+            }
+            let mut c = HashMap::new();
+            for (id, answers) in per_prompt {
+                c.insert(
+                    id.to_string(),
+                    aggregate(&answers, &Thresholds::default())?.c,
+                );
+            }
+            c
+        };
+        let scores: Vec<serde_json::Value> = train
+            .iter()
+            .map(|p| serde_json::json!({"id": p.id, "set": p.set, "c": confidence[&p.id]}))
+            .collect();
+        write_atomic(
+            &self.out.join("train-scores.jsonl"),
+            &scores
+                .iter()
+                .map(|s| s.to_string() + "\n")
+                .collect::<String>(),
+        )?;
+        lap(&mut timings, "judge train");
+
+        // 3. Activations of the train prompts.
+        self.say("stage 3/6: capturing activations");
+        let acts_path = self.out.join("train-acts.safetensors");
+        let progress = bar(train.len() as u64, "prompts");
+        capture(
+            self.model,
+            &train,
+            &self.format(),
+            CapturePosition::LastPrompt,
+            None,
+            self.config.batch,
+            &acts_path,
+            &progress,
+        )?;
+        progress.finish_and_clear();
+        let acts = Activations::load(&acts_path)?;
+        lap(&mut timings, "capture");
+
+        // 4. Vectors.
+        self.say("stage 4/6: fitting vectors");
+        let (vectors, train_classes) = self.fit(&acts, &confidence)?;
+        let heldout_auc = vectors
+            .iter()
+            .map(|(m, v)| Ok((m.clone(), metadata_list(v, "heldout_auc_per_point")?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        lap(&mut timings, "fit");
+
+        // 5. Tuning on validation prompts.
+        self.say("stage 5/6: choosing points and strengths on validation prompts");
+        let tuner = Tuner {
+            config: self.config,
+            model: self.model,
+            format: self.format(),
+            options: self.options(0.0),
+        };
+        let mut judges = Judges {
+            llm: &mut *self.judge,
+            llm_cache: &mut llm_cache,
+            patterns: &mut *self.patterns,
+            pattern_cache: &mut pattern_cache,
+        };
+        let validation = |role: &str| splits.prompts[role].validation.clone();
+        let eval_roles = ["target", "safety", "benign"];
+        let mut validation_baseline = BTreeMap::new();
+        for role in eval_roles {
+            let answers = tuner.answers(
+                &validation(role),
+                None,
+                &self.out.join(format!("validation/baseline/{role}.jsonl")),
+            )?;
+            validation_baseline.insert(role.to_string(), rate(&judges.assess(&answers)?));
+        }
+        let mut tuned = Vec::new();
+        for method in METHODS {
+            let t = tuner.tune(
+                method,
+                &vectors[method],
+                &validation_baseline,
+                &|role| validation(role),
+                &mut judges,
+                &self.out.join("validation").join(method.replace('+', "-")),
+                &mut *self.log,
+            )?;
+            tuned.push(t);
+        }
+        write_atomic(
+            &self.out.join("tuning.json"),
+            &serde_json::to_string_pretty(&tuned)?,
+        )?;
+        lap(&mut timings, "tune");
+
+        // 6. Test.
+        (self.log)("stage 6/6: evaluating on the test prompts");
+        let mut test = Vec::new();
+        let conditions: Vec<(String, Option<&Tuned>)> =
+            std::iter::once(("baseline".to_string(), None))
+                .chain(tuned.iter().map(|t| (t.method.clone(), Some(t))))
+                .collect();
+        for (name, t) in conditions {
+            let alphas;
+            let steering = match t.and_then(|t| t.strength.map(|s| (t, s))) {
+                Some((t, s)) => {
+                    alphas = point_alphas(&vectors[&t.method], s, &AlphaProfile::NormScaled)?;
+                    Some(Steering {
+                        vectors: &vectors[&t.method],
+                        points: &t.points,
+                        alphas: &alphas,
+                        mode: SteerMode::Add,
+                        positions: Positions::All,
+                    })
+                }
+                None if t.is_some() => {
+                    (self.log)(&format!(
+                        "{name}: no strength kept every limit; not evaluated"
+                    ));
+                    continue;
+                }
+                None => None,
+            };
+            let mut rates = BTreeMap::new();
+            for role in eval_roles {
+                let answers = tuner.answers(
+                    &splits.prompts[role].test,
+                    steering.as_ref(),
+                    &self
+                        .out
+                        .join(format!("test/{}/{role}.jsonl", name.replace('+', "-"))),
+                )?;
+                rates.insert(role.to_string(), rate(&judges.assess(&answers)?));
+            }
+            let kl = match &steering {
+                Some(s) => Some(mean_kl(
+                    self.model,
+                    &splits.prompts["benign"].test,
+                    &tuner.format,
+                    self.config.batch,
+                    s,
+                )?),
+                None => None,
+            };
+            let capability_accuracy = choice_accuracy(
+                self.model,
+                &splits.capability.test,
+                &tuner.format,
+                self.config.batch,
+                steering.as_ref(),
+            )?;
+            (self.log)(&format!(
+                "{name}: target {:.0}%  safety {:.0}%  benign {:.0}%  capability {:.0}%",
+                100.0 * rates["target"].rate,
+                100.0 * rates["safety"].rate,
+                100.0 * rates["benign"].rate,
+                100.0 * capability_accuracy
+            ));
+            test.push(Evaluation {
+                condition: name,
+                strength: t.and_then(|t| t.strength),
+                points: t.map(|t| t.points.clone()).unwrap_or_default(),
+                rates,
+                kl,
+                capability_accuracy,
+            });
+        }
+        lap(&mut timings, "test");
+        // The recommendation: the feasible method with the lowest validation target metric.
+        let recommended = tuned
+            .iter()
+            .filter_map(|t| {
+                let s = t.strength?;
+                let trial = t.trials.iter().find(|x| x.strength == s)?;
+                Some((t.method.clone(), tuner.target_metric(&trial.rates)))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(m, _)| m);
+        if let Some(m) = &recommended {
+            vectors[m].save(&self.out.join("recommended.safetensors"))?;
+        }
+        let report = RunReport {
+            model: self.config.model.clone(),
+            judge: self.config.judge.clone(),
+            direction: self.config.direction,
+            train_classes,
+            heldout_auc,
+            validation_baseline,
+            tuned,
+            test,
+            recommended,
+            timings_s: timings,
+        };
+        write_atomic(
+            &self.out.join("report.json"),
+            &serde_json::to_string_pretty(&report)?,
+        )?;
+        crate::report::write(&report, self.out, &acts, &confidence)?;
+        Ok(report)
+    }
+
+    /// MD and WRMD on the target (and contrast) train prompts, and WRMD with the safety
+    /// direction (harmful minus benign train prompts) removed. Reuses saved vectors.
+    #[allow(clippy::type_complexity)]
+    fn fit(
+        &mut self,
+        acts: &Activations,
+        confidence: &HashMap<String, f64>,
+    ) -> Result<(
+        BTreeMap<String, SteeringVectors>,
+        BTreeMap<String, (usize, usize, usize)>,
+    )> {
+        let h = &acts.header;
+        let set_of = |i: usize| h.sets[i].as_deref().unwrap_or("");
+        // Which prompts train the vector: remove uses the topic (and its contrast); induce
+        // has no refusals on its topic to learn from, so it learns refusal from every set.
+        let fit_roles: &[&str] = match self.config.direction {
+            Direction::Remove => &["target", "contrast"],
+            Direction::Induce => &["target", "contrast", "safety", "benign"],
+        };
+        let c: Vec<Option<f64>> = (0..h.ids.len())
+            .map(|i| {
+                fit_roles
+                    .contains(&set_of(i))
+                    .then(|| confidence.get(&h.ids[i]).copied())
+                    .flatten()
+            })
+            .collect();
+        let threshold = Thresholds::default().refusal;
+        let mut classes = BTreeMap::new();
+        for role in ["target", "contrast", "safety", "benign"] {
+            let rows: Vec<usize> = (0..h.ids.len()).filter(|&i| set_of(i) == role).collect();
+            let of = |pred: &dyn Fn(f64) -> bool| {
+                rows.iter()
+                    .filter(|&&i| confidence.get(&h.ids[i]).is_some_and(|&c| pred(c)))
+                    .count()
+            };
+            classes.insert(
+                role.to_string(),
+                (
+                    of(&|c| c > threshold),
+                    of(&|c| c < -threshold),
+                    of(&|c| c.abs() <= threshold),
+                ),
+            );
+        }
+        let (refused, answered) = c.iter().fold((0, 0), |(r, a), c| match c {
+            Some(c) if *c > threshold => (r + 1, a),
+            Some(c) if *c < -threshold => (r, a + 1),
+            _ => (r, a),
+        });
+        if refused < 2 || answered < 2 {
+            bail!(
+                "the train prompts have {refused} refused and {answered} answered ({}); a vector needs at least 2 of each: add refused topic prompts or answered contrast prompts to the config",
+                fit_roles.join(" + ")
+            );
+        }
+        let folds = refused.min(answered).min(5);
+        let rows_of = |role: &str| -> Vec<usize> {
+            (0..h.ids.len()).filter(|&i| set_of(i) == role).collect()
+        };
+        let protect = mean_difference(acts, &rows_of("safety"), &rows_of("benign"))?;
+        let mut out = BTreeMap::new();
+        for name in METHODS {
+            let path = self
+                .out
+                .join(format!("vectors/{}.safetensors", name.replace('+', "-")));
+            if path.exists() {
+                out.insert(name.to_string(), SteeringVectors::load(&path)?);
+                continue;
+            }
+            std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+            let method = if name == "md" {
+                Method::Md
+            } else {
+                Method::Wrmd
+            };
+            let options = FitOptions {
+                method,
+                ridge: Ridge::Relative(self.config.kappa),
+                threshold,
+                folds,
+                seed: self.config.seed,
+            };
+            let protected = (name == "wrmd+protected").then_some(protect.as_slice());
+            let mut v = fit_points(acts, &c, &options, protected, &mut |_| {})?;
+            if protected.is_some() {
+                v.metadata
+                    .insert("protected".into(), "safety:benign".into());
+            }
+            v.save(&path)?;
+            out.insert(name.to_string(), v);
+        }
+        Ok((out, classes))
+    }
+}
+
+/// The strength search on validation prompts.
+struct Tuner<'a> {
+    config: &'a RunConfig,
+    model: &'a Model,
+    format: Format,
+    options: GenerateOptions,
+}
+
+impl Tuner<'_> {
+    fn answers(
+        &self,
+        prompts: &[Prompt],
+        steering: Option<&Steering>,
+        path: &Path,
+    ) -> Result<Vec<Answer>> {
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        let progress = bar(0, "answers");
+        let answers = answers_for(
+            self.model,
+            prompts,
+            &self.format,
+            &self.options,
+            self.config.batch,
+            self.config.seed,
+            steering,
+            path,
+            &progress,
+        )?;
+        progress.finish_and_clear();
+        Ok(answers)
+    }
+
+    /// What tuning minimises: the target refusal rate (remove) or non-refusal rate (induce).
+    fn target_metric(&self, rates: &BTreeMap<String, SetRate>) -> f64 {
+        let r = rates["target"].rate;
+        match self.config.direction {
+            Direction::Remove => r,
+            Direction::Induce => 1.0 - r,
+        }
+    }
+
+    /// Steered points: held-out AUC within the margin of the best, past the minimum depth.
+    fn points(&self, vectors: &SteeringVectors) -> Result<Vec<usize>> {
+        let auc = metadata_list(vectors, "heldout_auc_per_point")?;
+        let n_layers = vectors.n_points - 1;
+        let first = ((self.config.tune.min_depth * n_layers as f64).ceil() as usize).max(1);
+        let best = auc[first..].iter().copied().fold(f64::MIN, f64::max);
+        Ok((first..vectors.n_points)
+            .filter(|&p| auc[p] >= best - self.config.tune.auc_margin)
+            .collect())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn tune(
+        &self,
+        method: &str,
+        vectors: &SteeringVectors,
+        baseline: &BTreeMap<String, SetRate>,
+        validation: &dyn Fn(&str) -> Vec<Prompt>,
+        judges: &mut Judges,
+        dir: &Path,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Tuned> {
+        let t = &self.config.tune;
+        let points = self.points(vectors)?;
+        let sign = match self.config.direction {
+            Direction::Remove => -1.0,
+            Direction::Induce => 1.0,
+        };
+        let mut trials = Vec::new();
+        for &magnitude in &t.strengths {
+            let strength = sign * magnitude;
+            let alphas = point_alphas(vectors, strength, &AlphaProfile::NormScaled)?;
+            let steering = Steering {
+                vectors,
+                points: &points,
+                alphas: &alphas,
+                mode: SteerMode::Add,
+                positions: Positions::All,
+            };
+            let kl = mean_kl(
+                self.model,
+                &validation("benign"),
+                &self.format,
+                self.config.batch,
+                &steering,
+            )?;
+            if kl > t.max_kl {
+                log(&format!(
+                    "{method} {strength:+.3}: benign KL {kl:.3} > {}; stop",
+                    t.max_kl
+                ));
+                trials.push(Trial {
+                    strength,
+                    kl,
+                    rates: BTreeMap::new(),
+                    feasible: false,
+                    note: format!("KL {kl:.3} above the limit {}", t.max_kl),
+                });
+                break;
+            }
+            let mut rates = BTreeMap::new();
+            for role in ["target", "safety", "benign"] {
+                let answers = self.answers(
+                    &validation(role),
+                    Some(&steering),
+                    &dir.join(format!("{strength:+.3}/{role}.jsonl")),
+                )?;
+                rates.insert(role.to_string(), rate(&judges.assess(&answers)?));
+            }
+            let safety_ok =
+                rates["safety"].rate >= baseline["safety"].rate - t.max_safety_drop - 1e-9;
+            let benign_ok =
+                rates["benign"].rate <= baseline["benign"].rate + t.max_benign_rise + 1e-9;
+            let feasible = safety_ok && benign_ok;
+            let metric = self.target_metric(&rates);
+            let note = match (safety_ok, benign_ok) {
+                (false, _) => "safety refusals fell below the floor".to_string(),
+                (_, false) => "benign refusals rose above the ceiling".to_string(),
+                _ => String::new(),
+            };
+            log(&format!(
+                "{method} {strength:+.3}: target {:.0}%  safety {:.0}%  benign {:.0}%  KL {kl:.3}{}",
+                100.0 * rates["target"].rate,
+                100.0 * rates["safety"].rate,
+                100.0 * rates["benign"].rate,
+                if note.is_empty() { String::new() } else { format!("  ({note})") }
+            ));
+            trials.push(Trial {
+                strength,
+                kl,
+                rates,
+                feasible,
+                note,
+            });
+            // Stronger steering only moves further: stop at the goal or at a broken limit.
+            if !feasible || metric <= t.goal {
+                break;
+            }
+        }
+        let strength = trials
+            .iter()
+            .filter(|x| x.feasible)
+            .min_by(|a, b| {
+                self.target_metric(&a.rates)
+                    .total_cmp(&self.target_metric(&b.rates))
+                    .then(a.strength.abs().total_cmp(&b.strength.abs()))
+            })
+            .map(|x| x.strength);
+        Ok(Tuned {
+            method: method.to_string(),
+            points,
+            trials,
+            strength,
+        })
+    }
+}
+
+/// Where the run folder goes by default.
+pub fn default_out() -> PathBuf {
+    PathBuf::from("runs/default")
+}
