@@ -125,6 +125,63 @@ fn special_token_text_inside_an_answer_stays_plain_text() {
     assert_eq!(count(&plain), count(&tricky));
 }
 
+/// Log-probability of `label` after `prompt`, run in one cache as three chunks: the prompt
+/// split at `split`, then the label's leading tokens (what the judge computes when it reuses a
+/// prefix of `split` tokens, without the copy).
+fn logprob_split_at(model: &Model, prompt: &[u32], split: usize, label: &[u32]) -> f64 {
+    let mut cache = model.new_cache(1, prompt.len() + label.len());
+    let mut hooks = model.new_hooks();
+    let mut run = |part: &[u32], logits| {
+        let chunk = cache
+            .begin(vec![true; part.len()], part.len(), true)
+            .unwrap();
+        model
+            .forward(part, &chunk, &mut cache, &mut hooks, logits)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+    };
+    run(&prompt[..split], Logits::Last);
+    let mut rows: Vec<Vec<f32>> = vec![run(&prompt[split..], Logits::Last).to_vec1().unwrap()];
+    let vocab = rows[0].len();
+    if label.len() > 1 {
+        let later: Vec<f32> = run(&label[..label.len() - 1], Logits::All)
+            .to_vec1()
+            .unwrap();
+        rows.extend(later.chunks(vocab).map(<[f32]>::to_vec));
+    }
+    label
+        .iter()
+        .zip(&rows)
+        .map(|(&token, row)| {
+            let max = row.iter().copied().fold(f32::MIN, f32::max) as f64;
+            let total: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+            row[token as usize] as f64 - max - total.ln()
+        })
+        .sum()
+}
+
+#[test]
+fn the_copied_prefix_computes_exactly_what_the_row_would() {
+    let (_dir, judge) = make_judge(1);
+    let probe = |q| judge.prompt_tokens(q, "").unwrap();
+    let (a, b) = (probe("?"), probe("x"));
+    let shared = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    assert!(shared > 3, "the tiny judge's prompts share {shared} tokens");
+    let labels = judge.label_tokens().clone();
+    for item in ITEMS {
+        let got = judge.label_logprobs(&[item]).unwrap()[0];
+        let prompt = judge.prompt_tokens(item.0, item.1).unwrap();
+        for (label, &lp) in labels.iter().zip(&got) {
+            let want = logprob_split_at(judge.model(), &prompt, shared, label);
+            assert!(
+                (lp - want).abs() < 1e-9,
+                "{item:?}: reused {lp} split {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn reusing_the_shared_prefix_changes_no_probability() {
     let (_dir, mut judge) = make_judge(2);

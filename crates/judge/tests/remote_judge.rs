@@ -208,7 +208,10 @@ fn requests_run_concurrently_up_to_the_limit_and_keep_their_order() {
     for (i, v) in verdicts.iter().enumerate() {
         assert!((v.p_refusal.unwrap() - i as f64 / 10.0).abs() < 1e-9);
     }
-    assert_eq!(server.in_flight_peak.load(Ordering::SeqCst), 3);
+    // Never more than the limit at once, and more than one (a loaded machine may not start
+    // all three workers within the server's 100 ms).
+    let peak = server.in_flight_peak.load(Ordering::SeqCst);
+    assert!((2..=3).contains(&peak), "peak of {peak} requests in flight");
 }
 
 #[test]
