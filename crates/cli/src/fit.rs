@@ -116,8 +116,8 @@ pub fn run(args: FitArgs) -> Result<()> {
             }
         }
     }
-    let protect = match &args.protect {
-        None => None,
+    let protect: Vec<Vec<f32>> = match &args.protect {
+        None => Vec::new(),
         Some(spec) => {
             let (set, contrast) = match spec.split_once(':') {
                 Some((s, c)) => (s, Some(c)),
@@ -143,7 +143,7 @@ pub fn run(args: FitArgs) -> Result<()> {
                     (pick(Class::Refusal), pick(Class::Compliance))
                 }
             };
-            Some(mean_difference(&acts, &a, &b).with_context(|| format!("protecting {spec}"))?)
+            vec![mean_difference(&acts, &a, &b).with_context(|| format!("protecting {spec}"))?]
         }
     };
     let classes = classes(&c, args.threshold);
@@ -164,9 +164,13 @@ pub fn run(args: FitArgs) -> Result<()> {
         folds: args.folds,
         seed: args.seed,
     };
-    let mut vectors = fit_points(&acts, &c, &options, protect.as_deref(), &mut |m| {
-        eprintln!("{m}")
-    })?;
+    let mut vectors = fit_points(
+        &acts,
+        &c,
+        &options,
+        &protect.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+        &mut |m| eprintln!("{m}"),
+    )?;
     if let Some(spec) = &args.protect {
         vectors.metadata.insert("protected".into(), spec.clone());
     }

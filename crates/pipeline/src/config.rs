@@ -208,6 +208,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                RunConfig::load(&path).unwrap();
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 3,
+            "expected the default, 1.5B and GPU configs in {}",
+            dir.display()
+        );
+    }
+
+    #[test]
     fn the_default_config_parses_and_bad_ones_explain() {
         let config = RunConfig::default_config();
         assert_eq!(config.model, "qwen2.5-coder-0.5b-instruct");
@@ -236,7 +254,10 @@ mod tests {
         });
         assert!(err.contains("tune.strengths"), "{err}");
         let err = bad(&|v| {
-            v["sets"]["safety"]["sources"][0]["kind"] = toml::Value::String("mmlu".into());
+            v["sets"]["safety"]["sources"][0]
+                .as_table_mut()
+                .unwrap()
+                .insert("kind".into(), toml::Value::String("mmlu".into()));
         });
         assert!(err.contains("only the capability set"), "{err}");
     }

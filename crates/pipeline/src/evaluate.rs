@@ -3,9 +3,10 @@
 //! and multiple-choice accuracy by answer likelihood.
 
 use crate::answers::{answer_to_file, AnswerJob, Format};
+use crate::gate::Gate;
 use crate::sets::Choice;
 use crate::steering::{add_steering, Steering};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{prefill, GenerateOptions, Hooks, Model, Padding};
@@ -86,6 +87,31 @@ pub fn rate(assessed: &[(Assessment, Assessment)]) -> SetRate {
     }
 }
 
+/// What a prompt is answered under: unsteered, steered, or steered only when a topic gate lets
+/// it through.
+#[derive(Clone, Copy, Default)]
+pub struct Condition<'a> {
+    pub steering: Option<&'a Steering<'a>>,
+    pub gate: Option<&'a Gate>,
+}
+
+impl Condition<'_> {
+    /// Which of `texts` are steered.
+    fn selection(
+        &self,
+        model: &Model,
+        format: &Format,
+        texts: &[String],
+        batch: usize,
+    ) -> Result<Vec<bool>> {
+        match (self.steering, self.gate) {
+            (None, _) => Ok(vec![false; texts.len()]),
+            (Some(_), None) => Ok(vec![true; texts.len()]),
+            (Some(_), Some(gate)) => gate.select(model, format, texts, batch),
+        }
+    }
+}
+
 /// Hooks for `steering` (none: unsteered).
 pub fn hooks_for(model: &Model, steering: Option<&Steering>) -> Result<Hooks> {
     let mut hooks = model.new_hooks();
@@ -104,36 +130,58 @@ pub fn answers_for(
     options: &GenerateOptions,
     batch: usize,
     seed: u64,
-    steering: Option<&Steering>,
+    condition: &Condition,
     path: &Path,
     progress: &ProgressBar,
 ) -> Result<Vec<Answer>> {
-    let description = steering.map(|s| {
-        serde_json::json!({
-            "points": s.points,
-            "alphas": s.points.iter().map(|&p| s.alphas[p]).collect::<Vec<_>>(),
-        })
-    });
-    let job = AnswerJob {
-        prompts,
-        format,
-        options,
-        samples: 1,
-        batch,
-        seed,
-        steering: description,
-    };
-    let mut hooks = hooks_for(model, steering)?;
-    let all = answer_to_file(model, &job, path, &mut hooks, progress)?;
+    let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
+    let steered = condition.selection(model, format, &texts, batch)?;
+    let mut all = Vec::new();
+    // Steered and unsteered prompts run as two groups into the same file.
+    for group in [true, false] {
+        let members: Vec<Prompt> = prompts
+            .iter()
+            .zip(&steered)
+            .filter(|(_, &s)| s == group)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        let steering = if group { condition.steering } else { None };
+        let description = steering.map(|s| {
+            serde_json::json!({
+                "points": s.points,
+                "alphas": s.points.iter().map(|&p| s.alphas[p]).collect::<Vec<_>>(),
+                "gated": condition.gate.is_some(),
+            })
+        });
+        let job = AnswerJob {
+            prompts: &members,
+            format,
+            options,
+            samples: 1,
+            batch,
+            seed,
+            steering: description,
+        };
+        let mut hooks = hooks_for(model, steering)?;
+        all = answer_to_file(model, &job, path, &mut hooks, progress)?;
+    }
     let by_id: std::collections::HashMap<&str, &Answer> = all
         .iter()
         .filter(|a| a.sample == 0)
         .map(|a| (a.id.as_str(), a))
         .collect();
-    Ok(prompts
+    prompts
         .iter()
-        .map(|p| (*by_id.get(p.id.as_str()).expect("every prompt was answered")).clone())
-        .collect())
+        .map(|p| {
+            by_id
+                .get(p.id.as_str())
+                .map(|a| (*a).clone())
+                .with_context(|| format!("no answer to prompt {} in {}", p.id, path.display()))
+        })
+        .collect()
 }
 
 /// Last-prompt-token log-probabilities (log-softmax) per prompt, under `steering`.
@@ -144,7 +192,7 @@ fn next_token_logprobs(
     steering: Option<&Steering>,
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(tokens.len());
-    for chunk in tokens.chunks(batch) {
+    for chunk in tokens.chunks(batch.max(1)) {
         let mut hooks = hooks_for(model, steering)?;
         let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
         let (_, logits) = prefill(model, &refs, Padding::Left, 0, &mut hooks)?;
@@ -157,23 +205,52 @@ fn next_token_logprobs(
     Ok(out)
 }
 
-/// Mean KL(unsteered || steered) of the next-token distribution after each prompt, in nats.
+/// Log-probabilities after each text: steered where `steered[i]`, else unsteered.
+fn mixed_logprobs(
+    model: &Model,
+    tokens: &[Vec<u32>],
+    steered: &[bool],
+    batch: usize,
+    steering: Option<&Steering>,
+) -> Result<Vec<Vec<f32>>> {
+    let pick =
+        |want: bool| -> Vec<usize> { (0..tokens.len()).filter(|&i| steered[i] == want).collect() };
+    let mut out = vec![Vec::new(); tokens.len()];
+    for (want, s) in [(true, steering), (false, None)] {
+        let rows = pick(want);
+        let group: Vec<Vec<u32>> = rows.iter().map(|&i| tokens[i].clone()).collect();
+        for (i, lp) in rows
+            .into_iter()
+            .zip(next_token_logprobs(model, &group, batch, s)?)
+        {
+            out[i] = lp;
+        }
+    }
+    Ok(out)
+}
+
+/// Mean KL(unsteered || steered) of the next-token distribution after each prompt, in nats
+/// (0 for prompts a gate leaves unsteered).
 pub fn mean_kl(
     model: &Model,
     prompts: &[Prompt],
     format: &Format,
     batch: usize,
-    steering: &Steering,
+    condition: &Condition,
 ) -> Result<f64> {
+    let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
+    let steered = condition.selection(model, format, &texts, batch)?;
     let tokens: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| format.encode(model, &p.prompt))
+        .zip(&steered)
+        .filter(|(_, &s)| s)
+        .map(|(p, _)| format.encode(model, &p.prompt))
         .collect::<Result<_>>()?;
     let base = next_token_logprobs(model, &tokens, batch, None)?;
-    let steered = next_token_logprobs(model, &tokens, batch, Some(steering))?;
+    let after = next_token_logprobs(model, &tokens, batch, condition.steering)?;
     let total: f64 = base
         .iter()
-        .zip(&steered)
+        .zip(&after)
         .map(|(p, q)| {
             p.iter()
                 .zip(q)
@@ -191,13 +268,15 @@ pub fn choice_accuracy(
     items: &[Choice],
     format: &Format,
     batch: usize,
-    steering: Option<&Steering>,
+    condition: &Condition,
 ) -> Result<f64> {
-    let tokens: Vec<Vec<u32>> = items
+    let texts: Vec<String> = items.iter().map(Choice::prompt).collect();
+    let steered = condition.selection(model, format, &texts, batch)?;
+    let tokens: Vec<Vec<u32>> = texts
         .iter()
-        .map(|c| format.encode(model, &c.prompt()))
+        .map(|t| format.encode(model, t))
         .collect::<Result<_>>()?;
-    let logprobs = next_token_logprobs(model, &tokens, batch, steering)?;
+    let logprobs = mixed_logprobs(model, &tokens, &steered, batch, condition.steering)?;
     // A letter may be written with or without a leading space; either counts.
     let letter_tokens = |label: &str| -> Vec<u32> {
         [label.to_string(), format!(" {label}")]
@@ -241,7 +320,7 @@ mod tests {
         let (lo, hi) = wilson(5, 10);
         assert!((lo - 0.2366).abs() < 1e-3 && (hi - 0.7634).abs() < 1e-3);
         let (lo, hi) = wilson(0, 12);
-        assert_eq!(lo, 0.0);
+        assert!(lo.abs() < 1e-12);
         assert!((hi - 0.2425).abs() < 1e-3, "{hi}");
         assert_eq!(wilson(0, 0), (0.0, 1.0));
     }

@@ -60,13 +60,14 @@ pub fn mean_difference(acts: &Activations, a: &[usize], b: &[usize]) -> Result<V
     Ok(ma.iter().zip(&mb).map(|(x, y)| (x - y) as f32).collect())
 }
 
-/// Fits every point. `protect` (`[n_points * d]`, e.g. from [`mean_difference`]) is removed
-/// from each point's vector; the metadata records how much of the vector survived.
+/// Fits every point. The span of the `protect` directions (each `[n_points * d]`, e.g. from
+/// [`mean_difference`]) is removed from each point's vector; the metadata records the cosine
+/// with the first protected direction and how much of the vector survived.
 pub fn fit_points(
     acts: &Activations,
     c: &[Option<f64>],
     options: &FitOptions,
-    protect: Option<&[f32]>,
+    protect: &[&[f32]],
     log: &mut dyn FnMut(String),
 ) -> Result<SteeringVectors> {
     let h = &acts.header;
@@ -116,7 +117,7 @@ pub fn fit_points(
                 ));
                 norms.push(0.0);
                 lambdas.push(None);
-                aucs.push(0.5);
+                aucs.push(None);
                 protected_cosines.push(0.0);
                 surviving.push(0.0);
                 continue;
@@ -124,24 +125,35 @@ pub fn fit_points(
             Err(e) => return Err(e).with_context(|| format!("fitting point {point}")),
         };
         let mut v = fitted.vector;
-        if let Some(protect) = protect {
-            let dir = &protect[point * d..(point + 1) * d];
-            protected_cosines.push(cosine(&v, dir));
-            let kept = project_out_span(&v, &[dir]);
+        if !protect.is_empty() {
+            let dirs: Vec<&[f32]> = protect
+                .iter()
+                .map(|p| &p[point * d..(point + 1) * d])
+                .collect();
+            protected_cosines.push(cosine(&v, dirs[0]));
+            let kept = project_out_span(&v, &dirs);
             surviving.push(norm(&kept) / norm(&v).max(f64::MIN_POSITIVE));
             v = kept;
         }
-        let auc = k_fold_auc(
+        // A fold can be too small to fit (e.g. one compliant row has no spread for a relative
+        // ridge); the point then has no held-out AUC rather than failing the whole fit.
+        let auc = match k_fold_auc(
             &samples,
             options.method,
             options.ridge,
             options.folds,
             options.seed,
-        )
-        .with_context(|| format!("held-out AUC at point {point}"))?;
+        ) {
+            Ok(auc) => Some(auc),
+            Err(e) => {
+                log(format!("point {point:>3}: no held-out AUC ({e})"));
+                None
+            }
+        };
         log(format!(
-            "point {point:>3}: norm {:>10.4}  held-out AUC {auc:.3}",
-            norm(&v)
+            "point {point:>3}: norm {:>10.4}  held-out AUC {}",
+            norm(&v),
+            auc.map_or("-".into(), |a| format!("{a:.3}"))
         ));
         vectors[point * d..(point + 1) * d].copy_from_slice(&v);
         norms.push(norm(&v));
@@ -149,9 +161,9 @@ pub fn fit_points(
         aucs.push(auc);
     }
     // Recommend the points that separate best on held-out prompts: within 0.02 of the best.
-    let best = aucs.iter().copied().fold(f64::MIN, f64::max);
+    let best = aucs.iter().flatten().copied().fold(f64::MIN, f64::max);
     let recommended: Vec<usize> = (1..h.n_points)
-        .filter(|&p| aucs[p] >= best - 0.02)
+        .filter(|&p| aucs[p].is_some_and(|a| a >= best - 0.02))
         .collect();
     let mut metadata = BTreeMap::from([
         ("method".to_string(), options.method.to_string()),
@@ -171,7 +183,7 @@ pub fn fit_points(
             "compliance -> refusal: negative alpha removes refusals".to_string(),
         ),
     ]);
-    if protect.is_some() {
+    if !protect.is_empty() {
         metadata.insert(
             "protected_cosine_per_point".into(),
             json(&protected_cosines),

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod config;
 pub mod evaluate;
 pub mod fitting;
+pub mod gate;
 pub mod report;
 pub mod run;
 pub mod sets;

@@ -7,8 +7,9 @@
 use crate::answers::{answer_to_file, AnswerJob, Format};
 use crate::capture::{capture, CapturePosition};
 use crate::config::{Direction, RunConfig};
-use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Judges, SetRate};
+use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Condition, Judges, SetRate};
 use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
+use crate::gate::Gate;
 use crate::sets::{load_choices, load_prompts, split, Choice, Split};
 use crate::steering::{point_alphas, AlphaProfile, SteerMode, Steering};
 use anyhow::{bail, Context, Result};
@@ -31,7 +32,12 @@ pub struct Splits {
 }
 
 /// The methods compared, by name.
-pub const METHODS: [&str; 3] = ["md", "wrmd", "wrmd+protected"];
+pub const METHODS: [&str; 4] = ["md", "wrmd", "wrmd+protected", "wrmd+gated"];
+
+/// The vector file a method steers with (a gated method steers its base method's vectors).
+fn vector_name(method: &str) -> &str {
+    method.strip_suffix("+gated").unwrap_or(method)
+}
 
 /// One strength tried on validation prompts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +80,9 @@ pub struct RunReport {
     pub direction: Direction,
     pub train_classes: BTreeMap<String, (usize, usize, usize)>,
     pub heldout_auc: BTreeMap<String, Vec<f64>>,
+    /// The topic gate of the gated method: its point and held-out AUC.
+    pub gate_point: usize,
+    pub gate_heldout_auc: f64,
     pub validation_baseline: BTreeMap<String, SetRate>,
     pub tuned: Vec<Tuned>,
     pub test: Vec<Evaluation>,
@@ -286,6 +295,11 @@ impl Runner<'_> {
             .iter()
             .map(|(m, v)| Ok((m.clone(), metadata_list(v, "heldout_auc_per_point")?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
+        let gate = self.gate(&acts)?;
+        (self.log)(&format!(
+            "topic gate at point {} (held-out AUC {:.3})",
+            gate.point, gate.heldout_auc
+        ));
         lap(&mut timings, "fit");
 
         // 5. Tuning on validation prompts.
@@ -308,16 +322,23 @@ impl Runner<'_> {
         for role in eval_roles {
             let answers = tuner.answers(
                 &validation(role),
-                None,
+                &Condition::default(),
                 &self.out.join(format!("validation/baseline/{role}.jsonl")),
             )?;
             validation_baseline.insert(role.to_string(), rate(&judges.assess(&answers)?));
         }
+        (self.log)(&format!(
+            "baseline: target {:.0}%  safety {:.0}%  benign {:.0}%",
+            100.0 * validation_baseline["target"].rate,
+            100.0 * validation_baseline["safety"].rate,
+            100.0 * validation_baseline["benign"].rate
+        ));
         let mut tuned = Vec::new();
         for method in METHODS {
             let t = tuner.tune(
                 method,
-                &vectors[method],
+                &vectors[vector_name(method)],
+                method.ends_with("+gated").then_some(&gate),
                 &validation_baseline,
                 &|role| validation(role),
                 &mut judges,
@@ -343,9 +364,10 @@ impl Runner<'_> {
             let alphas;
             let steering = match t.and_then(|t| t.strength.map(|s| (t, s))) {
                 Some((t, s)) => {
-                    alphas = point_alphas(&vectors[&t.method], s, &AlphaProfile::NormScaled)?;
+                    let v = &vectors[vector_name(&t.method)];
+                    alphas = point_alphas(v, s, &AlphaProfile::NormScaled)?;
                     Some(Steering {
-                        vectors: &vectors[&t.method],
+                        vectors: v,
                         points: &t.points,
                         alphas: &alphas,
                         mode: SteerMode::Add,
@@ -360,11 +382,15 @@ impl Runner<'_> {
                 }
                 None => None,
             };
+            let condition = Condition {
+                steering: steering.as_ref(),
+                gate: name.ends_with("+gated").then_some(&gate),
+            };
             let mut rates = BTreeMap::new();
             for role in eval_roles {
                 let answers = tuner.answers(
                     &splits.prompts[role].test,
-                    steering.as_ref(),
+                    &condition,
                     &self
                         .out
                         .join(format!("test/{}/{role}.jsonl", name.replace('+', "-"))),
@@ -372,12 +398,12 @@ impl Runner<'_> {
                 rates.insert(role.to_string(), rate(&judges.assess(&answers)?));
             }
             let kl = match &steering {
-                Some(s) => Some(mean_kl(
+                Some(_) => Some(mean_kl(
                     self.model,
                     &splits.prompts["benign"].test,
                     &tuner.format,
                     self.config.batch,
-                    s,
+                    &condition,
                 )?),
                 None => None,
             };
@@ -386,7 +412,7 @@ impl Runner<'_> {
                 &splits.capability.test,
                 &tuner.format,
                 self.config.batch,
-                steering.as_ref(),
+                &condition,
             )?;
             (self.log)(&format!(
                 "{name}: target {:.0}%  safety {:.0}%  benign {:.0}%  capability {:.0}%",
@@ -416,7 +442,13 @@ impl Runner<'_> {
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(m, _)| m);
         if let Some(m) = &recommended {
-            vectors[m].save(&self.out.join("recommended.safetensors"))?;
+            vectors[vector_name(m)].save(&self.out.join("recommended.safetensors"))?;
+            if m.ends_with("+gated") {
+                write_atomic(
+                    &self.out.join("recommended-gate.json"),
+                    &serde_json::to_string(&gate)?,
+                )?;
+            }
         }
         let report = RunReport {
             model: self.config.model.clone(),
@@ -424,6 +456,8 @@ impl Runner<'_> {
             direction: self.config.direction,
             train_classes,
             heldout_auc,
+            gate_point: gate.point,
+            gate_heldout_auc: gate.heldout_auc,
             validation_baseline,
             tuned,
             test,
@@ -436,6 +470,20 @@ impl Runner<'_> {
         )?;
         crate::report::write(&report, self.out, &acts, &confidence)?;
         Ok(report)
+    }
+
+    /// The topic gate: target (and contrast) train prompts are on the topic, safety and benign
+    /// ones off it.
+    fn gate(&self, acts: &Activations) -> Result<Gate> {
+        let h = &acts.header;
+        let on_topic: Vec<Option<bool>> = (0..h.ids.len())
+            .map(|i| match h.sets[i].as_deref() {
+                Some("target" | "contrast") => Some(true),
+                Some("safety" | "benign") => Some(false),
+                _ => None,
+            })
+            .collect();
+        Gate::fit(acts, &on_topic, 5, self.config.seed).context("fitting the topic gate")
     }
 
     /// MD and WRMD on the target (and contrast) train prompts, and WRMD with the safety
@@ -498,9 +546,34 @@ impl Runner<'_> {
         let rows_of = |role: &str| -> Vec<usize> {
             (0..h.ids.len()).filter(|&i| set_of(i) == role).collect()
         };
-        let protect = mean_difference(acts, &rows_of("safety"), &rows_of("benign"))?;
+        // The protected behaviour, refusing harmful requests, as two directions: the mean
+        // difference of harmful and benign train prompts, and their ridge discriminant (the
+        // direction a WRMD target vector is most likely to share).
+        let (harmful, benign) = (rows_of("safety"), rows_of("benign"));
+        let mean_dir = mean_difference(acts, &harmful, &benign)?;
+        let harm_c: Vec<Option<f64>> = (0..h.ids.len())
+            .map(|i| match set_of(i) {
+                "safety" => Some(1.0),
+                "benign" => Some(-1.0),
+                _ => None,
+            })
+            .collect();
+        let discriminant = fit_points(
+            acts,
+            &harm_c,
+            &FitOptions {
+                method: Method::Wrmd,
+                ridge: Ridge::Relative(self.config.kappa),
+                threshold,
+                folds: harmful.len().min(benign.len()).clamp(2, 5),
+                seed: self.config.seed,
+            },
+            &[],
+            &mut |_| {},
+        )
+        .context("fitting the protected (harmful vs benign) direction")?;
         let mut out = BTreeMap::new();
-        for name in METHODS {
+        for name in METHODS.into_iter().filter(|m| vector_name(m) == *m) {
             let path = self
                 .out
                 .join(format!("vectors/{}.safetensors", name.replace('+', "-")));
@@ -521,11 +594,17 @@ impl Runner<'_> {
                 folds,
                 seed: self.config.seed,
             };
-            let protected = (name == "wrmd+protected").then_some(protect.as_slice());
-            let mut v = fit_points(acts, &c, &options, protected, &mut |_| {})?;
-            if protected.is_some() {
-                v.metadata
-                    .insert("protected".into(), "safety:benign".into());
+            let protect: Vec<&[f32]> = if name == "wrmd+protected" {
+                vec![&mean_dir, &discriminant.vectors]
+            } else {
+                Vec::new()
+            };
+            let mut v = fit_points(acts, &c, &options, &protect, &mut |_| {})?;
+            if !protect.is_empty() {
+                v.metadata.insert(
+                    "protected".into(),
+                    "safety vs benign: mean difference and WRMD discriminant".into(),
+                );
             }
             v.save(&path)?;
             out.insert(name.to_string(), v);
@@ -546,7 +625,7 @@ impl Tuner<'_> {
     fn answers(
         &self,
         prompts: &[Prompt],
-        steering: Option<&Steering>,
+        condition: &Condition,
         path: &Path,
     ) -> Result<Vec<Answer>> {
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
@@ -558,7 +637,7 @@ impl Tuner<'_> {
             &self.options,
             self.config.batch,
             self.config.seed,
-            steering,
+            condition,
             path,
             &progress,
         )?;
@@ -591,6 +670,7 @@ impl Tuner<'_> {
         &self,
         method: &str,
         vectors: &SteeringVectors,
+        gate: Option<&Gate>,
         baseline: &BTreeMap<String, SetRate>,
         validation: &dyn Fn(&str) -> Vec<Prompt>,
         judges: &mut Judges,
@@ -614,12 +694,16 @@ impl Tuner<'_> {
                 mode: SteerMode::Add,
                 positions: Positions::All,
             };
+            let condition = Condition {
+                steering: Some(&steering),
+                gate,
+            };
             let kl = mean_kl(
                 self.model,
                 &validation("benign"),
                 &self.format,
                 self.config.batch,
-                &steering,
+                &condition,
             )?;
             if kl > t.max_kl {
                 log(&format!(
@@ -639,7 +723,7 @@ impl Tuner<'_> {
             for role in ["target", "safety", "benign"] {
                 let answers = self.answers(
                     &validation(role),
-                    Some(&steering),
+                    &condition,
                     &dir.join(format!("{strength:+.3}/{role}.jsonl")),
                 )?;
                 rates.insert(role.to_string(), rate(&judges.assess(&answers)?));

@@ -1,0 +1,137 @@
+//! Conditional steering (beyond the paper, after CAST, Lee et al. 2024): steer a prompt only
+//! when its activation says it is on the target topic. A topic direction is fitted at one
+//! point (mean difference of on-topic minus off-topic train prompts, the point with the best
+//! held-out AUC); a prompt whose last-token projection on it passes the threshold is steered,
+//! others are left alone, so requests off the topic (harmful or benign) keep their behaviour.
+
+use crate::answers::Format;
+use anyhow::{bail, Result};
+use refusal_steer_data::activations::Activations;
+use refusal_steer_data::Prompt;
+use refusal_steer_engine::{prefill, Action, Intervention, Model, Padding, Positions, Rows};
+use refusal_steer_steer::{fit, k_fold_auc, Class, Method, Ridge, Samples};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Gate {
+    pub point: usize,
+    /// Unit topic direction at `point`.
+    pub direction: Vec<f32>,
+    /// Prompts whose projection exceeds this are steered.
+    pub threshold: f64,
+    /// Held-out AUC of the direction at `point` on the train prompts.
+    pub heldout_auc: f64,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| f64::from(x) * f64::from(y))
+        .sum()
+}
+
+impl Gate {
+    /// Fits the gate on train activations: `on_topic[i]` says whether row i is on the topic
+    /// (None: left out).
+    pub fn fit(
+        acts: &Activations,
+        on_topic: &[Option<bool>],
+        folds: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let classes: Vec<Class> = on_topic
+            .iter()
+            .map(|t| match t {
+                Some(true) => Class::Refusal,
+                Some(false) => Class::Compliance,
+                None => Class::Unused,
+            })
+            .collect();
+        let weights = vec![1.0; classes.len()];
+        let (on, off) = (
+            classes.iter().filter(|&&c| c == Class::Refusal).count(),
+            classes.iter().filter(|&&c| c == Class::Compliance).count(),
+        );
+        if on < 2 || off < 2 {
+            bail!("a topic gate needs at least 2 prompts on and off the topic ({on} and {off})");
+        }
+        let folds = folds.min(on).min(off).max(2);
+        let d = acts.header.d;
+        let mut best: Option<(usize, f64)> = None;
+        for point in 1..acts.header.n_points {
+            let x = acts.at_point(point);
+            let samples = Samples::new(&x, d, &classes, &weights)?;
+            let auc = k_fold_auc(&samples, Method::Md, Ridge::Relative(1.0), folds, seed)?;
+            if best.is_none_or(|(_, b)| auc > b) {
+                best = Some((point, auc));
+            }
+        }
+        let (point, heldout_auc) = best.expect("a model has at least one block");
+        let x = acts.at_point(point);
+        let samples = Samples::new(&x, d, &classes, &weights)?;
+        let v = fit(&samples, Method::Md, Ridge::Relative(1.0))?.vector;
+        let norm = dot(&v, &v).sqrt().max(f64::MIN_POSITIVE);
+        let direction: Vec<f32> = v.iter().map(|&x| (f64::from(x) / norm) as f32).collect();
+        // The midpoint between the two groups' mean projections.
+        let mean_of = |class: Class| {
+            let rows: Vec<usize> = (0..classes.len())
+                .filter(|&i| classes[i] == class)
+                .collect();
+            rows.iter()
+                .map(|&i| dot(&x[i * d..(i + 1) * d], &direction))
+                .sum::<f64>()
+                / rows.len() as f64
+        };
+        let threshold = (mean_of(Class::Refusal) + mean_of(Class::Compliance)) / 2.0;
+        Ok(Self {
+            point,
+            direction,
+            threshold,
+            heldout_auc,
+        })
+    }
+
+    /// Which prompts pass the gate (one unsteered prefill per batch).
+    pub fn select(
+        &self,
+        model: &Model,
+        format: &Format,
+        prompts: &[String],
+        batch: usize,
+    ) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(batch.max(1)) {
+            let tokens: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|p| format.encode(model, p))
+                .collect::<Result<_>>()?;
+            let mut hooks = model.new_hooks();
+            hooks.add(Intervention {
+                point: self.point,
+                action: Action::Capture,
+                rows: Rows::All,
+                positions: Positions::LastPrompt,
+            })?;
+            let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+            prefill(model, &refs, Padding::Left, 0, &mut hooks)?;
+            let mut pass = vec![false; chunk.len()];
+            for c in hooks.take_captured() {
+                pass[c.row] = dot(&c.values, &self.direction) > self.threshold;
+            }
+            out.extend(pass);
+        }
+        Ok(out)
+    }
+
+    /// [`Gate::select`] for prompt records.
+    pub fn select_prompts(
+        &self,
+        model: &Model,
+        format: &Format,
+        prompts: &[Prompt],
+        batch: usize,
+    ) -> Result<Vec<bool>> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
+        self.select(model, format, &texts, batch)
+    }
+}
