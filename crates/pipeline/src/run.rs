@@ -18,6 +18,7 @@ use refusal_steer_data::activations::Activations;
 use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{GenerateOptions, Model, Padding, Positions, Sampling};
 use refusal_steer_judge::{aggregate, Judge, Thresholds, VerdictCache};
+use refusal_steer_steer::analysis::{analyze, write_report, AnalysisOptions};
 use refusal_steer_steer::{Method, Ridge, SteeringVectors};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -295,6 +296,32 @@ impl Runner<'_> {
             .iter()
             .map(|(m, v)| Ok((m.clone(), metadata_list(v, "heldout_auc_per_point")?)))
             .collect::<Result<BTreeMap<_, _>>>()?;
+        // Per-point analysis of the WRMD vectors against MD (held-out AUC, r, cosines,
+        // dimensionality), on the prompts the vectors were fitted on.
+        let fitted_scores: HashMap<String, f64> = acts
+            .header
+            .ids
+            .iter()
+            .zip(&acts.header.sets)
+            .filter(|(_, set)| matches!(set.as_deref(), Some("target" | "contrast")))
+            .filter_map(|(id, _)| confidence.get(id).map(|&c| (id.clone(), c)))
+            .collect();
+        let analysis_dir = self.out.join("analysis");
+        if !analysis_dir.join("analysis.json").exists() {
+            match analyze(
+                &acts,
+                &fitted_scores,
+                &vectors["wrmd"],
+                Some(&vectors["md"]),
+                &AnalysisOptions::default(),
+            ) {
+                Ok(analysis) => {
+                    write_report(&analysis, &analysis_dir)?;
+                }
+                // Too few prompts per class for its folds: the report says so, the run goes on.
+                Err(e) => (self.log)(&format!("no per-point analysis: {e}")),
+            }
+        }
         let gate = self.gate(&acts)?;
         (self.log)(&format!(
             "topic gate at point {} (held-out AUC {:.3})",
