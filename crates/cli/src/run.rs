@@ -6,7 +6,7 @@ use clap::Args;
 use refusal_steer_catalog as catalog;
 use refusal_steer_engine::Model;
 use refusal_steer_judge::{MarkerSet, PatternJudge};
-use refusal_steer_pipeline::config::RunConfig;
+use refusal_steer_pipeline::config::{Direction, RunConfig};
 use refusal_steer_pipeline::report::table;
 use refusal_steer_pipeline::run::Runner;
 use std::path::PathBuf;
@@ -19,6 +19,10 @@ pub struct RunArgs {
     /// The model to steer (overrides the config's).
     #[arg(long)]
     model: Option<String>,
+    /// Induce refusals on the target set instead of removing them (positive strengths; the
+    /// vector learns refusal from every train set). See configs/induce.toml.
+    #[arg(long)]
+    induce: bool,
     /// The run folder; rerun with the same folder to continue a stopped run.
     #[arg(long, default_value = "runs/default")]
     out: PathBuf,
@@ -31,6 +35,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(path) => RunConfig::load(path)?,
         None => RunConfig::default_config(),
     };
+    if args.induce {
+        config.direction = Direction::Induce;
+    }
     if let Some(model) = &args.model {
         config.model = model.clone();
     }

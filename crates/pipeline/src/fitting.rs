@@ -222,3 +222,108 @@ pub fn metadata_list(vectors: &SteeringVectors, key: &str) -> Result<Vec<f64>> {
     );
     Ok(values.into_iter().map(|v| v.unwrap_or(0.0)).collect())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
+    use refusal_steer_data::activations::ActivationsHeader;
+
+    /// `n` rows, 3 points of dimension `d`: at point 2 the first half of the rows is shifted by
+    /// `shift` along `planted`; the rest is noise. Sets: first half "a", second half "b".
+    pub(crate) fn planted(
+        n: usize,
+        d: usize,
+        planted: &[f32],
+        shift: f32,
+        seed: u64,
+    ) -> Activations {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut data = Vec::with_capacity(n * 3 * d);
+        for row in 0..n {
+            for point in 0..3 {
+                for (j, &p) in planted.iter().enumerate().take(d) {
+                    let noise: f32 = rng.gen_range(-1.0..1.0);
+                    // Point 0 identical for every row, like the embeddings of a shared token.
+                    let base = if point == 0 { j as f32 * 0.01 } else { noise };
+                    let on = point == 2 && row < n / 2;
+                    data.push(base + if on { shift * p } else { 0.0 });
+                }
+            }
+        }
+        Activations {
+            header: ActivationsHeader {
+                n_points: 3,
+                d,
+                ids: (0..n).map(|i| format!("p{i}")).collect(),
+                sets: (0..n)
+                    .map(|i| Some(if i < n / 2 { "a" } else { "b" }.to_string()))
+                    .collect(),
+                metadata: BTreeMap::new(),
+            },
+            data,
+        }
+    }
+
+    fn unit(d: usize, at: usize) -> Vec<f32> {
+        (0..d).map(|j| if j == at { 1.0 } else { 0.0 }).collect()
+    }
+
+    #[test]
+    fn a_planted_direction_is_found_its_steering_flips_a_classifier_and_protection_removes_it() {
+        let (n, d) = (40, 16);
+        let dir = unit(d, 3);
+        let acts = planted(n, d, &dir, 4.0, 1);
+        // Rows of set "a" refused (c = 1), set "b" answered (c = -1).
+        let c: Vec<Option<f64>> = (0..n)
+            .map(|i| Some(if i < n / 2 { 1.0 } else { -1.0 }))
+            .collect();
+        let options = FitOptions {
+            method: Method::Md,
+            ridge: Ridge::Relative(1.0),
+            threshold: 0.1,
+            folds: 5,
+            seed: 0,
+        };
+        let v = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap();
+        let at2 = v.point(2).unwrap();
+        assert!(cosine(at2, &dir) > 0.95, "cos {}", cosine(at2, &dir));
+        let auc = metadata_list(&v, "heldout_auc_per_point").unwrap();
+        assert!(auc[2] > 0.95 && auc[1] < 0.8, "{auc:?}");
+        assert_eq!(v.metadata["recommended_points"], "[2]");
+        // A linear "refusal" classifier at point 2: projection on the direction above the
+        // midpoint. Adding -1 * v (the fitted mean difference) to a refused row flips it.
+        let x = acts.at_point(2);
+        let proj = |row: &[f32]| row.iter().zip(&dir).map(|(a, b)| a * b).sum::<f32>();
+        let refused = &x[0..d];
+        assert!(proj(refused) > 2.0);
+        let steered: Vec<f32> = refused.iter().zip(at2).map(|(x, v)| x - v).collect();
+        assert!(proj(&steered) < 2.0, "{}", proj(&steered));
+        // Protecting the same direction leaves nothing of it.
+        let protect: Vec<f32> = (0..3).flat_map(|_| dir.clone()).collect();
+        let p = fit_points(&acts, &c, &options, &[&protect], &mut |_| {}).unwrap();
+        assert!(cosine(p.point(2).unwrap(), &dir).abs() < 1e-6);
+        let surviving = metadata_list(&p, "surviving_fraction_per_point").unwrap();
+        assert!(surviving[2] < 0.5, "{surviving:?}");
+        // The residual scale that norm-scaled strengths use is recorded per point.
+        assert_eq!(
+            metadata_list(&v, "residual_norm_per_point").unwrap().len(),
+            3
+        );
+    }
+
+    #[test]
+    fn too_few_prompts_of_a_class_is_a_clear_error() {
+        let acts = planted(6, 4, &unit(4, 0), 3.0, 2);
+        let c = vec![Some(1.0), Some(1.0), Some(1.0), Some(1.0), Some(1.0), None];
+        let options = FitOptions {
+            method: Method::Wrmd,
+            ridge: Ridge::Relative(1.0),
+            threshold: 0.1,
+            folds: 2,
+            seed: 0,
+        };
+        let err = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap_err();
+        assert!(format!("{err:#}").contains("compliance"), "{err:#}");
+    }
+}

@@ -135,3 +135,32 @@ impl Gate {
         self.select(model, format, &texts, batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fitting::tests::planted;
+
+    #[test]
+    fn the_gate_finds_the_point_where_the_topic_is_written_and_splits_at_the_midpoint() {
+        let d = 12;
+        let topic: Vec<f32> = (0..d).map(|j| if j == 5 { 1.0 } else { 0.0 }).collect();
+        let acts = planted(30, d, &topic, 5.0, 3);
+        let on_topic: Vec<Option<bool>> = (0..30).map(|i| Some(i < 15)).collect();
+        let gate = Gate::fit(&acts, &on_topic, 5, 0).unwrap();
+        assert_eq!(gate.point, 2);
+        assert!(gate.heldout_auc > 0.99);
+        assert!(gate.direction[5] > 0.9);
+        // Every train row lands on its side of the threshold.
+        let x = acts.at_point(2);
+        for (i, row) in x.chunks_exact(d).enumerate() {
+            assert_eq!(
+                dot(row, &gate.direction) > gate.threshold,
+                i < 15,
+                "row {i}"
+            );
+        }
+        let err = Gate::fit(&acts, &vec![Some(true); 30], 5, 0).unwrap_err();
+        assert!(err.to_string().contains("on and off the topic"), "{err}");
+    }
+}

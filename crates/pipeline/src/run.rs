@@ -165,10 +165,6 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
 }
 
 impl Runner<'_> {
-    fn say(&mut self, msg: &str) {
-        (self.log)(msg);
-    }
-
     fn format(&self) -> Format {
         Format::default()
     }
@@ -189,10 +185,6 @@ impl Runner<'_> {
     pub fn run(&mut self) -> Result<RunReport> {
         std::fs::create_dir_all(self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
-        write_atomic(
-            &self.out.join("config.toml"),
-            &toml::to_string(self.config)?,
-        )?;
         let mut timings = BTreeMap::new();
         let mut clock = Instant::now();
         let mut lap = |timings: &mut BTreeMap<String, f64>, name: &str| {
@@ -200,11 +192,15 @@ impl Runner<'_> {
             clock = Instant::now();
         };
         let splits = make_splits(self.config, self.out)?;
+        write_atomic(
+            &self.out.join("config.toml"),
+            &toml::to_string(self.config)?,
+        )?;
         let mut llm_cache = VerdictCache::open(&self.out.join("verdicts.jsonl"))?;
         let mut pattern_cache = VerdictCache::in_memory();
 
         // 1-2. Baseline answers on the train prompts, judged, one confidence per prompt.
-        self.say("stage 1/6: answering the train prompts (baseline)");
+        (self.log)("stage 1/6: answering the train prompts (baseline)");
         let train: Vec<Prompt> = splits
             .prompts
             .values()
@@ -233,7 +229,7 @@ impl Runner<'_> {
             all
         };
         lap(&mut timings, "train answers");
-        self.say("stage 2/6: judging the train answers");
+        (self.log)("stage 2/6: judging the train answers");
         let confidence = {
             let mut judges = Judges {
                 llm: &mut *self.judge,
@@ -272,7 +268,7 @@ impl Runner<'_> {
         lap(&mut timings, "judge train");
 
         // 3. Activations of the train prompts.
-        self.say("stage 3/6: capturing activations");
+        (self.log)("stage 3/6: capturing activations");
         let acts_path = self.out.join("train-acts.safetensors");
         let progress = bar(train.len() as u64, "prompts");
         capture(
@@ -290,7 +286,7 @@ impl Runner<'_> {
         lap(&mut timings, "capture");
 
         // 4. Vectors.
-        self.say("stage 4/6: fitting vectors");
+        (self.log)("stage 4/6: fitting vectors");
         let (vectors, train_classes) = self.fit(&acts, &confidence)?;
         let heldout_auc = vectors
             .iter()
@@ -330,7 +326,7 @@ impl Runner<'_> {
         lap(&mut timings, "fit");
 
         // 5. Tuning on validation prompts.
-        self.say("stage 5/6: choosing points and strengths on validation prompts");
+        (self.log)("stage 5/6: choosing points and strengths on validation prompts");
         let tuner = Tuner {
             config: self.config,
             model: self.model,
