@@ -47,7 +47,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     config.judge = spec;
     let path = catalog::resolve(&config.model, &mut |msg| eprintln!("{msg}"))?;
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let mut patterns = PatternJudge::new(MarkerSet::built_in("refusal-direction")?);
+    let mut patterns = PatternJudge::new(MarkerSet::built_in("refusal-direction+zh")?);
     eprintln!(
         "run folder {} (rerun the same command to continue after a stop)",
         args.out.display()

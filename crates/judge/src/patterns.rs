@@ -19,16 +19,20 @@ pub struct MarkerSet {
     pub case_sensitive: bool,
 }
 
-/// The built-in sets: the files in `data/` (see its README for sources and licences).
-const BUILT_IN: [(&str, &str, bool); 2] = [
-    (
-        "refusal-direction",
-        include_str!("../data/refusal_direction_refusal_substrings.json"),
-        false,
-    ),
+const REFUSAL_DIRECTION: &str = include_str!("../data/refusal_direction_refusal_substrings.json");
+const CHINESE: &str = include_str!("../data/refusal_markers_zh.json");
+
+/// The built-in sets, each the union of files in `data/` (see its README for sources and
+/// licences). `refusal-direction+zh` adds the Chinese refusals Qwen2.5 switches to under
+/// steering, which the English lists cannot see.
+const BUILT_IN: [(&str, &[&str], bool); 3] = [
+    ("refusal-direction", &[REFUSAL_DIRECTION], false),
+    ("refusal-direction+zh", &[REFUSAL_DIRECTION, CHINESE], false),
     (
         "jailbreakbench",
-        include_str!("../data/jailbreakbench_string_classifier_prefixes.json"),
+        &[include_str!(
+            "../data/jailbreakbench_string_classifier_prefixes.json"
+        )],
         true,
     ),
 ];
@@ -41,14 +45,17 @@ impl MarkerSet {
 
     /// One of the embedded sets by name.
     pub fn built_in(name: &str) -> Result<Self> {
-        let (name, json, case_sensitive) =
+        let (name, files, case_sensitive) =
             BUILT_IN.iter().find(|(n, ..)| *n == name).ok_or_else(|| {
                 JudgeError::Setup(format!(
                     "unknown marker set '{name}'; built in: {}, or give a JSON file",
                     Self::built_in_names().join(", ")
                 ))
             })?;
-        let markers = parse_markers(json).expect("embedded marker files parse");
+        let markers = files
+            .iter()
+            .flat_map(|json| parse_markers(json).expect("embedded marker files parse"))
+            .collect();
         Ok(Self {
             name: name.to_string(),
             markers,
@@ -166,7 +173,7 @@ mod tests {
         assert!(MarkerSet::built_in("nope")
             .unwrap_err()
             .to_string()
-            .contains("refusal-direction, jailbreakbench"));
+            .contains("refusal-direction, refusal-direction+zh, jailbreakbench"));
     }
 
     #[test]
@@ -216,5 +223,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("\"markers\" or \"prefixes\""));
+    }
+
+    #[test]
+    fn the_chinese_set_sees_refusals_the_english_lists_miss() {
+        let zh = MarkerSet::built_in("refusal-direction+zh").unwrap();
+        let en = MarkerSet::built_in("refusal-direction").unwrap();
+        let refusal = "对不起，我无法协助完成这个请求。";
+        assert!(zh.matches(refusal) && !en.matches(refusal));
+        assert!(zh.matches("I'm sorry, but I can't assist with that."));
+        assert!(!zh.matches("新疆位于中国西北部，面积约166万平方公里。"));
+        assert_eq!(zh.markers.len(), en.markers.len() + 10);
     }
 }
