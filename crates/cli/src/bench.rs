@@ -1,11 +1,16 @@
 //! `refusal-steer bench`: prefill and decode throughput on one model, measured the way
 //! llama-bench measures (`pp`: one forward pass over N prompt tokens; `tg`: N tokens decoded
 //! one at a time), so `scripts/bench/engine_vs_llama_cpp.sh` can print the ratio.
+//!
+//! With `--steer FILE` (and the other steering options of `generate`), every test is also run
+//! with the steering hooks installed, repetitions interleaved with the plain ones so that a
+//! loaded machine slows both alike, and the steered/plain ratio of the medians is printed.
 
+use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
-use refusal_steer_engine::{Logits, Model};
+use refusal_steer_engine::{Hooks, Logits, Model};
 use std::time::Instant;
 
 #[derive(Args)]
@@ -21,6 +26,9 @@ pub struct BenchArgs {
     /// Timed repetitions of each test (after one warm-up).
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
+    /// Steering to time against no steering (e.g. `--steer v.safetensors --alpha -4`).
+    #[command(flatten)]
+    steer: SteerArgs,
 }
 
 /// Deterministic token ids spread over the vocabulary (llama-bench uses random ones).
@@ -31,29 +39,45 @@ fn tokens(model: &Model, n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn prefill(model: &Model, ids: &[u32]) -> Result<f64> {
+fn prefill(model: &Model, ids: &[u32], mut hooks: Hooks) -> Result<f64> {
     let mut cache = model.new_cache(1, ids.len());
     let chunk = cache.begin(vec![true; ids.len()], ids.len(), true)?;
     let start = Instant::now();
-    model.forward(
-        ids,
-        &chunk,
-        &mut cache,
-        &mut model.new_hooks(),
-        Logits::Last,
-    )?;
+    model.forward(ids, &chunk, &mut cache, &mut hooks, Logits::Last)?;
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn decode(model: &Model, ids: &[u32]) -> Result<f64> {
+fn decode(model: &Model, ids: &[u32], mut hooks: Hooks) -> Result<f64> {
     let mut cache = model.new_cache(1, ids.len());
-    let mut hooks = model.new_hooks();
     let start = Instant::now();
     for &id in ids {
         let chunk = cache.begin(vec![true], 1, false)?;
         model.forward(&[id], &chunk, &mut cache, &mut hooks, Logits::Last)?;
     }
     Ok(start.elapsed().as_secs_f64())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// One test's record: tokens/s as mean, standard deviation and median of the repetitions.
+fn record(test: String, n: usize, times: &[f64]) -> (serde_json::Value, f64) {
+    let rates: Vec<f64> = times.iter().map(|t| n as f64 / t).collect();
+    let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+    let sd = (rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64).sqrt();
+    let med = median(&rates);
+    (
+        serde_json::json!({"test": test, "tokens_per_second": mean, "stddev": sd, "median": med}),
+        med,
+    )
 }
 
 fn peak_rss_mb() -> Option<f64> {
@@ -66,41 +90,66 @@ fn peak_rss_mb() -> Option<f64> {
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = args.model.load()?;
     let threads = std::env::var("RAYON_NUM_THREADS").ok();
+    let (_, steer) = args.steer.hooks(&model)?;
+    let steered = steer.is_some();
     let mut results = Vec::new();
+    let mut ratios = Vec::new();
+    type Run = fn(&Model, &[u32], Hooks) -> Result<f64>;
     for (test, n, run) in [
-        (
-            "pp",
-            args.prompt_tokens,
-            prefill as fn(&Model, &[u32]) -> Result<f64>,
-        ),
-        (
-            "tg",
-            args.gen_tokens,
-            decode as fn(&Model, &[u32]) -> Result<f64>,
-        ),
+        ("pp", args.prompt_tokens, prefill as Run),
+        ("tg", args.gen_tokens, decode as Run),
     ] {
         if n == 0 {
             continue;
         }
         let ids = tokens(&model, n);
-        run(&model, &ids)?;
-        let times: Vec<f64> = (0..args.repetitions.max(1))
-            .map(|_| run(&model, &ids))
-            .collect::<Result<_>>()?;
-        let rates: Vec<f64> = times.iter().map(|t| n as f64 / t).collect();
-        let mean = rates.iter().sum::<f64>() / rates.len() as f64;
-        let sd =
-            (rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64).sqrt();
-        results.push(serde_json::json!({"test": format!("{test}{n}"), "tokens_per_second": mean, "stddev": sd}));
+        let with_steering = || -> Result<Hooks> { Ok(args.steer.hooks(&model)?.0) };
+        // Warm-up, then the timed repetitions, plain and steered interleaved.
+        run(&model, &ids, model.new_hooks())?;
+        if steered {
+            run(&model, &ids, with_steering()?)?;
+        }
+        let (mut plain, mut steered_times) = (Vec::new(), Vec::new());
+        for _ in 0..args.repetitions.max(1) {
+            plain.push(run(&model, &ids, model.new_hooks())?);
+            if steered {
+                steered_times.push(run(&model, &ids, with_steering()?)?);
+            }
+        }
+        let (plain_record, plain_median) = record(format!("{test}{n}"), n, &plain);
+        results.push(plain_record);
+        if steered {
+            let (steered_record, steered_median) =
+                record(format!("{test}{n}+steer"), n, &steered_times);
+            results.push(steered_record);
+            ratios.push(serde_json::json!({
+                "test": format!("{test}{n}"),
+                "steered_over_plain": steered_median / plain_median,
+            }));
+        }
     }
-    println!(
-        "{}",
-        serde_json::json!({
-            "model": model.path.display().to_string(),
-            "threads": threads,
-            "results": results,
-            "peak_rss_mb": peak_rss_mb(),
-        })
-    );
+    let mut out = serde_json::json!({
+        "model": model.path.display().to_string(),
+        "threads": threads,
+        "results": results,
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    if let Some(steer) = steer {
+        out["steer"] = steer;
+        out["steered_over_plain"] = serde_json::Value::Array(ratios);
+    }
+    println!("{out}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+    }
 }

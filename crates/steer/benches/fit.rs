@@ -1,4 +1,6 @@
-//! WRMD on one layer at a realistic size: d = 4096, 2000 rows per class (goal <= 2 s).
+//! WRMD on one layer at a realistic size, d = 4096 (goal <= 2 s per layer): n = 2000 rows
+//! per layer (1000 per class, the case) and 2000 rows per class (4000 in all).
+//! Run at one thread with `RAYON_NUM_THREADS=1 cargo bench -p refusal-steer-steer --bench fit`.
 
 use std::time::Duration;
 
@@ -6,7 +8,6 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use refusal_steer_steer::{fit, Class, Method, Ridge, Samples};
 
 const D: usize = 4096;
-const N_PER_CLASS: usize = 2000;
 
 /// splitmix64 mapped to [-1, 1): the timing does not depend on the distribution.
 fn pseudo_random(n: usize) -> Vec<f32> {
@@ -24,28 +25,30 @@ fn pseudo_random(n: usize) -> Vec<f32> {
 }
 
 fn wrmd_one_layer(c: &mut Criterion) {
-    let x = pseudo_random(2 * N_PER_CLASS * D);
-    let classes: Vec<Class> = (0..2 * N_PER_CLASS)
-        .map(|i| {
-            if i < N_PER_CLASS {
-                Class::Refusal
-            } else {
-                Class::Compliance
-            }
-        })
-        .collect();
-    let weights: Vec<f64> = (0..2 * N_PER_CLASS)
-        .map(|i| 0.2 + (i % 5) as f64 * 0.2)
-        .collect();
-    let samples = Samples::new(&x, D, &classes, &weights).unwrap();
     let mut group = c.benchmark_group("fit");
-    // One fit takes about a second: ten samples in ten seconds keep the run short.
+    // A fit takes 0.2 s (n = 2000) to 0.8 s (n = 4000) at one thread: ten samples each.
     group
         .sample_size(10)
         .measurement_time(Duration::from_secs(10));
-    group.bench_function("wrmd_d4096_n2000x2", |b| {
-        b.iter(|| fit(&samples, Method::Wrmd, Ridge::Relative(0.1)).unwrap())
-    });
+    for n_per_class in [1000, 2000] {
+        let x = pseudo_random(2 * n_per_class * D);
+        let classes: Vec<Class> = (0..2 * n_per_class)
+            .map(|i| {
+                if i < n_per_class {
+                    Class::Refusal
+                } else {
+                    Class::Compliance
+                }
+            })
+            .collect();
+        let weights: Vec<f64> = (0..2 * n_per_class)
+            .map(|i| 0.2 + (i % 5) as f64 * 0.2)
+            .collect();
+        let samples = Samples::new(&x, D, &classes, &weights).unwrap();
+        group.bench_function(format!("wrmd_d{D}_n{n_per_class}x2"), |b| {
+            b.iter(|| fit(&samples, Method::Wrmd, Ridge::Relative(0.1)).unwrap())
+        });
+    }
     group.finish();
 }
 
