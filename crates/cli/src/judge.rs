@@ -17,8 +17,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// The default judge: the strongest model in the catalogue that runs at useful speed here.
-const DEFAULT_JUDGE: &str = "qwen2.5-coder-1.5b-instruct";
+/// The default judge: the one that agrees best with the hand-labelled gold answers out of
+/// sample (crates/judge/data/README.md); the local LLM judges rank worse and, at the default
+/// threshold, call every answer a refusal.
+const DEFAULT_JUDGE: &str = "patterns:refusal-direction+zh";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -35,7 +37,7 @@ enum Mode {
 pub struct JudgeSetup {
     /// How to judge: a catalogue name or .gguf path (an LLM judge), `patterns` (the
     /// refusal_direction markers), `patterns:jailbreakbench`, or `patterns:FILE.json`
-    /// (default: qwen2.5-coder-1.5b-instruct, unless --judge-url is given).
+    /// (default: patterns:refusal-direction+zh, unless --judge-url is given).
     #[arg(long = "judge", num_args = 1..)]
     judges: Vec<String>,
     /// How LLM judges decide (default verdict-prob); `calibrate` runs each judge in every
