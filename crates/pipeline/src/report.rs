@@ -69,6 +69,19 @@ pub fn table(report: &RunReport) -> String {
         .map(|e| e.strength.map_or("-".into(), |s| format!("{s:+.3}")))
         .collect();
     let _ = writeln!(md, "| strength (norm-scaled) | {} |", strength.join(" | "));
+    let infeasible: Vec<&str> = report
+        .tuned
+        .iter()
+        .filter(|t| t.strength.is_none())
+        .map(|t| t.method.as_str())
+        .collect();
+    if !infeasible.is_empty() {
+        let _ = writeln!(
+            md,
+            "\nNot evaluated (no strength kept every limit on validation): {}.",
+            infeasible.join(", ")
+        );
+    }
     md
 }
 
