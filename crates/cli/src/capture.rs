@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::{read_prompts, Answer, JsonlAppender};
-use refusal_steer_pipeline::capture::{capture, CapturePosition};
+use refusal_steer_pipeline::capture::{capture, CaptureJob, CapturePosition};
 use std::collections::HashSet;
 use std::path::PathBuf;
 
@@ -72,16 +72,14 @@ pub fn run(args: CaptureArgs) -> Result<()> {
     progress.set_style(ProgressStyle::with_template(
         "{bar:40} {pos}/{len} prompts  {elapsed} elapsed, ETA {eta}",
     )?);
-    capture(
-        &model,
-        &prompts,
-        &args.format.format(),
+    let job = CaptureJob {
+        prompts: &prompts,
+        format: &args.format.format(),
         position,
-        answers.as_deref(),
-        args.batch,
-        &args.out,
-        &progress,
-    )?;
+        answers: answers.as_deref(),
+        batch: args.batch,
+    };
+    capture(&model, &job, &args.out, &progress)?;
     progress.finish();
     Ok(())
 }

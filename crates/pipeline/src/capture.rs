@@ -32,18 +32,25 @@ impl CapturePosition {
     }
 }
 
+/// What to capture and how.
+pub struct CaptureJob<'a> {
+    pub prompts: &'a [Prompt],
+    pub format: &'a Format,
+    pub position: CapturePosition,
+    /// Answers (first sample per id), needed by [`CapturePosition::MeanAnswer`].
+    pub answers: Option<&'a [Answer]>,
+    pub batch: usize,
+}
+
 /// Writes one `[points, d]` row per prompt to `out`, resuming after the rows it already holds.
-/// `answers` (first sample per id) are needed for [`CapturePosition::MeanAnswer`].
-pub fn capture(
-    model: &Model,
-    prompts: &[Prompt],
-    format: &Format,
-    position: CapturePosition,
-    answers: Option<&[Answer]>,
-    batch: usize,
-    out: &Path,
-    progress: &ProgressBar,
-) -> Result<()> {
+pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressBar) -> Result<()> {
+    let CaptureJob {
+        prompts,
+        format,
+        position,
+        answers,
+        batch,
+    } = *job;
     if batch == 0 {
         bail!("the capture batch must be at least 1");
     }

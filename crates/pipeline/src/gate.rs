@@ -160,7 +160,7 @@ mod tests {
                 "row {i}"
             );
         }
-        let err = Gate::fit(&acts, &vec![Some(true); 30], 5, 0).unwrap_err();
+        let err = Gate::fit(&acts, &[Some(true); 30], 5, 0).unwrap_err();
         assert!(err.to_string().contains("on and off the topic"), "{err}");
     }
 }

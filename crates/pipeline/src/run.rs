@@ -5,7 +5,7 @@
 //! killed run continues where it stopped.
 
 use crate::answers::{answer_to_file, AnswerJob, Format};
-use crate::capture::{capture, CapturePosition};
+use crate::capture::{capture, CaptureJob, CapturePosition};
 use crate::config::{Direction, RunConfig};
 use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Condition, Judges, SetRate};
 use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
@@ -271,16 +271,14 @@ impl Runner<'_> {
         (self.log)("stage 3/6: capturing activations");
         let acts_path = self.out.join("train-acts.safetensors");
         let progress = bar(train.len() as u64, "prompts");
-        capture(
-            self.model,
-            &train,
-            &self.format(),
-            CapturePosition::LastPrompt,
-            None,
-            self.config.batch,
-            &acts_path,
-            &progress,
-        )?;
+        let job = CaptureJob {
+            prompts: &train,
+            format: &self.format(),
+            position: CapturePosition::LastPrompt,
+            answers: None,
+            batch: self.config.batch,
+        };
+        capture(self.model, &job, &acts_path, &progress)?;
         progress.finish_and_clear();
         let acts = Activations::load(&acts_path)?;
         lap(&mut timings, "capture");
