@@ -147,7 +147,7 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["test"][0]["condition"], "baseline");
     assert_eq!(report["test"][0]["rates"]["target"]["n"], 2);
-    assert_eq!(report["tuned"].as_array().unwrap().len(), 4);
+    assert_eq!(report["tuned"].as_array().unwrap().len(), 5);
     // 4 + 4 + 2 + 2 train prompts, one answer each.
     assert_eq!(count_lines(&out.join("train-answers.jsonl")), 12);
     let split: serde_json::Value =

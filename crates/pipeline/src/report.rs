@@ -150,7 +150,7 @@ pub fn write(
     );
     let _ = writeln!(
         md,
-        "`wrmd+gated` steers only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, held-out AUC {:.3}, threshold at the midpoint of the two means.\n",
+        "`md+gated` and `wrmd+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, held-out AUC {:.3}, threshold at the midpoint of the two means.\n",
         report.gate_point, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");

@@ -33,7 +33,7 @@ pub struct Splits {
 }
 
 /// The methods compared, by name.
-pub const METHODS: [&str; 4] = ["md", "wrmd", "wrmd+protected", "wrmd+gated"];
+pub const METHODS: [&str; 5] = ["md", "wrmd", "wrmd+protected", "md+gated", "wrmd+gated"];
 
 /// The vector file a method steers with (a gated method steers its base method's vectors).
 fn vector_name(method: &str) -> &str {
@@ -700,6 +700,22 @@ impl Tuner<'_> {
     ) -> Result<Tuned> {
         let t = &self.config.tune;
         let points = self.points(vectors)?;
+        if let Some(gate) = gate {
+            let passing: Vec<String> = ["target", "safety", "benign"]
+                .iter()
+                .map(|role| {
+                    let prompts = validation(role);
+                    let pass =
+                        gate.select_prompts(self.model, &self.format, &prompts, self.config.batch)?;
+                    Ok(format!(
+                        "{role} {}/{}",
+                        pass.iter().filter(|&&p| p).count(),
+                        pass.len()
+                    ))
+                })
+                .collect::<Result<_>>()?;
+            log(&format!("{method}: the gate passes {}", passing.join(", ")));
+        }
         let sign = match self.config.direction {
             Direction::Remove => -1.0,
             Direction::Induce => 1.0,
