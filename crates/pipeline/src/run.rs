@@ -185,11 +185,18 @@ impl Runner<'_> {
     pub fn run(&mut self) -> Result<RunReport> {
         std::fs::create_dir_all(self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
-        let mut timings = BTreeMap::new();
+        // Seconds per stage summed over every invocation of this run folder, so a resumed
+        // run reports what the whole run cost.
+        let timings_path = self.out.join("timings.json");
+        let mut timings: BTreeMap<String, f64> = match std::fs::read_to_string(&timings_path) {
+            Ok(text) => serde_json::from_str(&text).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
         let mut clock = Instant::now();
-        let mut lap = |timings: &mut BTreeMap<String, f64>, name: &str| {
-            timings.insert(name.to_string(), clock.elapsed().as_secs_f64());
+        let mut lap = |timings: &mut BTreeMap<String, f64>, name: &str| -> Result<()> {
+            *timings.entry(name.to_string()).or_default() += clock.elapsed().as_secs_f64();
             clock = Instant::now();
+            write_atomic(&timings_path, &serde_json::to_string_pretty(timings)?)
         };
         let splits = make_splits(self.config, self.out)?;
         write_atomic(
@@ -228,7 +235,7 @@ impl Runner<'_> {
             progress.finish_and_clear();
             all
         };
-        lap(&mut timings, "train answers");
+        lap(&mut timings, "train answers")?;
         (self.log)("stage 2/6: judging the train answers");
         let confidence = {
             let mut judges = Judges {
@@ -265,7 +272,7 @@ impl Runner<'_> {
                 .map(|s| s.to_string() + "\n")
                 .collect::<String>(),
         )?;
-        lap(&mut timings, "judge train");
+        lap(&mut timings, "judge train")?;
 
         // 3. Activations of the train prompts.
         (self.log)("stage 3/6: capturing activations");
@@ -281,7 +288,7 @@ impl Runner<'_> {
         capture(self.model, &job, &acts_path, &progress)?;
         progress.finish_and_clear();
         let acts = Activations::load(&acts_path)?;
-        lap(&mut timings, "capture");
+        lap(&mut timings, "capture")?;
 
         // 4. Vectors.
         (self.log)("stage 4/6: fitting vectors");
@@ -321,7 +328,7 @@ impl Runner<'_> {
             "topic gate at point {} (held-out AUC {:.3})",
             gate.point, gate.heldout_auc
         ));
-        lap(&mut timings, "fit");
+        lap(&mut timings, "fit")?;
 
         // 5. Tuning on validation prompts.
         (self.log)("stage 5/6: choosing points and strengths on validation prompts");
@@ -372,7 +379,7 @@ impl Runner<'_> {
             &self.out.join("tuning.json"),
             &serde_json::to_string_pretty(&tuned)?,
         )?;
-        lap(&mut timings, "tune");
+        lap(&mut timings, "tune")?;
 
         // 6. Test.
         (self.log)("stage 6/6: evaluating on the test prompts");
@@ -451,7 +458,7 @@ impl Runner<'_> {
                 capability_accuracy,
             });
         }
-        lap(&mut timings, "test");
+        lap(&mut timings, "test")?;
         // The recommendation: the feasible method with the lowest validation target metric.
         let recommended = tuned
             .iter()
