@@ -173,6 +173,23 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
     assert_eq!(count_lines(&answers), 12);
     assert_eq!(String::from_utf8_lossy(&second.stdout), stdout);
 
+    // Another ridge: the vectors and every steered answer are redone, not mixed with the old.
+    let refit = dir.path().join("refit.toml");
+    std::fs::write(
+        &refit,
+        CONFIG
+            .replace("DATA", data.to_str().unwrap())
+            .replace("kappa = 1.0", "kappa = 2.0"),
+    )
+    .unwrap();
+    let third = refusal_steer(&["run", "--config", refit.to_str().unwrap(), "--out", out_s]);
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(third.status.success(), "{stderr}");
+    assert!(stderr.contains("refitting and re-tuning"), "{stderr}");
+    let kappa = std::fs::read(out.join("vectors/wrmd.safetensors")).unwrap();
+    assert!(String::from_utf8_lossy(&kappa).contains("Relative(2.0)"));
+    assert_eq!(count_lines(&answers), 12, "baseline answers are kept");
+
     // A different split in the same folder is refused, not mixed in.
     let other = dir.path().join("other.toml");
     std::fs::write(

@@ -1,5 +1,5 @@
 //! Measuring one condition (unsteered, or one steering setting) on prompt sets: refusal rates
-//! by the LLM judge and by patterns, degenerate answers, next-token KL to the unsteered model,
+//! by the run's judge and by the marker list, degenerate answers, next-token KL to the unsteered model,
 //! and multiple-choice accuracy by answer likelihood.
 
 use crate::answers::{answer_to_file, AnswerJob, Format};
@@ -18,15 +18,16 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SetRate {
     pub n: usize,
-    /// By the LLM judge (degenerate answers count as refusals).
+    /// By the run's judge (degenerate answers count as refusals).
     pub refusals: usize,
     pub rate: f64,
     /// Wilson 95% interval of `rate`.
     pub ci: (f64, f64),
-    /// By the pattern judge, for comparison.
+    /// By the marker list, for comparison.
     pub pattern_refusals: usize,
     pub degenerate: usize,
-    /// The LLM judge's graded p(refusal) per answer (1 for degenerate ones).
+    /// The run judge's graded p(refusal) per answer (its label for a marker list; 1 for
+    /// degenerate answers).
     #[serde(default)]
     pub scores: Vec<f64>,
 }
@@ -44,7 +45,8 @@ pub fn wilson(k: usize, n: usize) -> (f64, f64) {
     ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
-/// The two judges every answer is read by.
+/// The two judges every answer is read by: the run's judge (`llm`, usually an LLM) and the
+/// marker list beside it.
 pub struct Judges<'a> {
     pub llm: &'a mut dyn Judge,
     pub llm_cache: &'a mut VerdictCache,

@@ -292,6 +292,7 @@ impl Runner<'_> {
 
         // 4. Vectors.
         (self.log)("stage 4/6: fitting vectors");
+        self.discard_stale_steering(&scores)?;
         let (vectors, train_classes) = self.fit(&acts, &confidence)?;
         let heldout_auc = vectors
             .iter()
@@ -498,6 +499,39 @@ impl Runner<'_> {
         )?;
         crate::report::write(&report, self.out, &acts, &confidence)?;
         Ok(report)
+    }
+
+    /// Vectors, and every steered answer made with them, follow from the train scores and the
+    /// fit and tuning settings. When a resumed run finds these changed (another judge, another
+    /// kappa or ladder), it removes what they produced instead of mixing old and new.
+    fn discard_stale_steering(&mut self, scores: &[serde_json::Value]) -> Result<()> {
+        let inputs = serde_json::json!({
+            "scores": scores,
+            "kappa": self.config.kappa,
+            "seed": self.config.seed,
+            "direction": self.config.direction,
+            "tune": self.config.tune,
+        })
+        .to_string();
+        let path = self.out.join("steering-inputs.json");
+        if std::fs::read_to_string(&path).is_ok_and(|old| old != inputs) {
+            (self.log)("the train scores or fit/tune settings changed: refitting and re-tuning");
+            let mut stale = vec![self.out.join("vectors"), self.out.join("analysis")];
+            for stage in ["validation", "test"] {
+                if let Ok(entries) = std::fs::read_dir(self.out.join(stage)) {
+                    for entry in entries.flatten() {
+                        if entry.file_name() != "baseline" {
+                            stale.push(entry.path());
+                        }
+                    }
+                }
+            }
+            for dir in stale.iter().filter(|d| d.exists()) {
+                std::fs::remove_dir_all(dir)
+                    .with_context(|| format!("removing stale {}", dir.display()))?;
+            }
+        }
+        write_atomic(&path, &inputs)
     }
 
     /// The topic gate: target (and contrast) train prompts are on the topic, safety and benign

@@ -136,10 +136,14 @@ impl SteeringVectors {
         let metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
         let file = safetensors::serialize([(TENSOR_NAME, view)], Some(metadata))
             .map_err(|e| invalid(format!("cannot serialise: {e}")))?;
-        std::fs::write(path, file).map_err(|source| VectorFileError::Io {
+        // Through a temporary file, so a kill never leaves a torn vector file behind.
+        let tmp = path.with_extension("safetensors.tmp");
+        let io = |source| VectorFileError::Io {
             path: path.to_path_buf(),
             source,
-        })
+        };
+        std::fs::write(&tmp, file).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
     }
 
     /// Reads and validates a file written by [`SteeringVectors::save`] (or any safetensors file
