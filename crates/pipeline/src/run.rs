@@ -35,6 +35,22 @@ pub struct Splits {
 /// The methods compared, by name.
 pub const METHODS: [&str; 5] = ["md", "wrmd", "wrmd+protected", "md+gated", "wrmd+gated"];
 
+/// How `run` steers, the same in tuning and in the test: per-point strengths (norm-scaled)
+/// added at every position of the chosen points.
+fn run_steering<'a>(
+    vectors: &'a SteeringVectors,
+    points: &'a [usize],
+    alphas: &'a [f64],
+) -> Steering<'a> {
+    Steering {
+        vectors,
+        points,
+        alphas,
+        mode: SteerMode::Add,
+        positions: Positions::All,
+    }
+}
+
 /// The vector file a method steers with (a gated method steers its base method's vectors).
 fn vector_name(method: &str) -> &str {
     method.strip_suffix("+gated").unwrap_or(method)
@@ -369,7 +385,7 @@ impl Runner<'_> {
                 &vectors[vector_name(method)],
                 method.ends_with("+gated").then_some(&gate),
                 &validation_baseline,
-                &|role| validation(role),
+                &validation,
                 &mut judges,
                 &self.out.join("validation").join(method.replace('+', "-")),
                 &mut *self.log,
@@ -395,13 +411,7 @@ impl Runner<'_> {
                 Some((t, s)) => {
                     let v = &vectors[vector_name(&t.method)];
                     alphas = point_alphas(v, s, &AlphaProfile::NormScaled)?;
-                    Some(Steering {
-                        vectors: v,
-                        points: &t.points,
-                        alphas: &alphas,
-                        mode: SteerMode::Add,
-                        positions: Positions::All,
-                    })
+                    Some(run_steering(v, &t.points, &alphas))
                 }
                 None if t.is_some() => {
                     (self.log)(&format!(
@@ -765,13 +775,7 @@ impl Tuner<'_> {
         for &magnitude in &t.strengths {
             let strength = sign * magnitude;
             let alphas = point_alphas(vectors, strength, &AlphaProfile::NormScaled)?;
-            let steering = Steering {
-                vectors,
-                points: &points,
-                alphas: &alphas,
-                mode: SteerMode::Add,
-                positions: Positions::All,
-            };
+            let steering = run_steering(vectors, &points, &alphas);
             let condition = Condition {
                 steering: Some(&steering),
                 gate,
