@@ -53,23 +53,27 @@ fn serve(script: Arc<Script>, delay: Duration) -> Server {
                 auth.clone(),
             );
             std::thread::spawn(move || {
-                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                handle(stream, &*script, &requests, &auth, delay);
-                in_flight.fetch_sub(1, Ordering::SeqCst);
+                let counters = Counters {
+                    requests: &requests,
+                    in_flight: &in_flight,
+                    peak: &peak,
+                    auth: &auth,
+                };
+                handle(stream, &*script, counters, delay);
             });
         }
     });
     server
 }
 
-fn handle(
-    stream: TcpStream,
-    script: &Script,
-    requests: &AtomicUsize,
-    auth: &Mutex<Vec<Option<String>>>,
-    delay: Duration,
-) {
+struct Counters<'a> {
+    requests: &'a AtomicUsize,
+    in_flight: &'a AtomicUsize,
+    peak: &'a AtomicUsize,
+    auth: &'a Mutex<Vec<Option<String>>>,
+}
+
+fn handle(stream: TcpStream, script: &Script, counters: Counters, delay: Duration) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut length = 0;
     let mut authorization = None;
@@ -96,10 +100,16 @@ fn handle(
     let mut body = vec![0; length];
     reader.read_exact(&mut body).unwrap();
     let body: Value = serde_json::from_slice(&body).unwrap();
-    auth.lock().unwrap().push(authorization);
-    let n = requests.fetch_add(1, Ordering::SeqCst);
+    counters.auth.lock().unwrap().push(authorization);
+    // A request is in flight from its arrival until its reply is written: counting past the
+    // write would overlap with the client's next request on the same worker.
+    let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    counters.peak.fetch_max(now, Ordering::SeqCst);
+    let n = counters.requests.fetch_add(1, Ordering::SeqCst);
     std::thread::sleep(delay);
-    let (status, text) = match script(n, &body) {
+    let reply = script(n, &body);
+    counters.in_flight.fetch_sub(1, Ordering::SeqCst);
+    let (status, text) = match reply {
         Reply::Json(value) => (200, value.to_string()),
         Reply::Status(code, text) => (code, text.to_string()),
         Reply::Hang => {
