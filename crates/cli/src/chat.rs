@@ -23,7 +23,10 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let options = args.decoding.options()?;
     let model = args.model.load()?;
-    let (mut hooks, _) = args.steering.hooks(&model)?;
+    let (mut steered_hooks, _) = args.steering.hooks(&model)?;
+    let mut unsteered_hooks = model.new_hooks();
+    let gate = args.steering.gate(&model)?;
+    let format = args.decoding.format.format();
     let mut history: Vec<Message> = args
         .decoding
         .format
@@ -61,9 +64,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
             seed: args.decoding.seed.wrapping_add(turn),
         };
         turn += 1;
+        // With a gate, each user message decides whether its answer is steered.
+        let hooks = match &gate {
+            Some(gate) if !gate.select(&model, &format, &[line.to_string()], 1)?[0] => {
+                eprintln!("(the gate leaves this message unsteered)");
+                &mut unsteered_hooks
+            }
+            _ => &mut steered_hooks,
+        };
         let mut decoder = StreamDecoder::default();
         let mut stdout = std::io::stdout();
-        let out = generate(&model, &[request], &options, &mut hooks, &mut |_, token| {
+        let out = generate(&model, &[request], &options, hooks, &mut |_, token| {
             if let Ok(bytes) = model.tokenizer.token_bytes(token, false) {
                 let _ = write!(stdout, "{}", decoder.push(&bytes));
                 let _ = stdout.flush();

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::{read_prompts, Prompt};
 use refusal_steer_engine::{GenerateOptions, Padding, Sampling};
 use refusal_steer_pipeline::answers::{answer, answer_to_file, AnswerJob, Format};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -113,37 +113,68 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let model = args.model.load()?;
     // Steering hooks hold no per-batch state, so one set serves every batch.
-    let (mut hooks, steering) = args.steering.hooks(&model)?;
-    let job = AnswerJob {
-        prompts: &prompts,
-        format: &args.decoding.format.format(),
-        options: &options,
-        samples: args.samples,
-        batch: args.batch,
-        seed: args.decoding.seed,
-        steering,
+    let (mut steered_hooks, steering) = args.steering.hooks(&model)?;
+    let format = args.decoding.format.format();
+    // A gate splits the prompts: those it lets through are steered, the rest are not.
+    let steered = match args.steering.gate(&model)? {
+        Some(gate) => gate.select_prompts(&model, &format, &prompts, args.batch)?,
+        None => vec![steering.is_some(); prompts.len()],
     };
-    match &args.out {
-        Some(path) => {
-            let progress = ProgressBar::new(0);
-            progress.set_style(ProgressStyle::with_template(
+    let progress = match &args.out {
+        Some(_) => {
+            let bar = ProgressBar::new(0);
+            bar.set_style(ProgressStyle::with_template(
                 "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}  {msg}",
             )?);
-            let all = answer_to_file(&model, &job, path, &mut hooks, &progress)?;
-            progress.finish_and_clear();
-            eprintln!("{} answers in {}", all.len(), path.display());
+            bar
         }
-        None => answer(
-            &model,
-            &job,
-            &HashSet::new(),
-            &mut hooks,
-            &ProgressBar::hidden(),
-            &mut |a| {
-                println!("{}", a.answer);
+        None => ProgressBar::hidden(),
+    };
+    let mut printed: HashMap<String, Vec<String>> = HashMap::new();
+    let mut in_file = 0;
+    for group in [true, false] {
+        let members: Vec<Prompt> = prompts
+            .iter()
+            .zip(&steered)
+            .filter(|(_, &s)| s == group)
+            .map(|(p, _)| p.clone())
+            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        let mut unsteered_hooks = model.new_hooks();
+        let hooks = if group {
+            &mut steered_hooks
+        } else {
+            &mut unsteered_hooks
+        };
+        let job = AnswerJob {
+            prompts: &members,
+            format: &format,
+            options: &options,
+            samples: args.samples,
+            batch: args.batch,
+            seed: args.decoding.seed,
+            steering: steering.clone().filter(|_| group),
+        };
+        match &args.out {
+            Some(path) => in_file = answer_to_file(&model, &job, path, hooks, &progress)?.len(),
+            None => answer(&model, &job, &HashSet::new(), hooks, &progress, &mut |a| {
+                printed.entry(a.id).or_default().push(a.answer);
                 Ok(())
-            },
-        )?,
+            })?,
+        }
+    }
+    progress.finish_and_clear();
+    match &args.out {
+        Some(path) => eprintln!("{in_file} answers in {}", path.display()),
+        None => {
+            for p in &prompts {
+                for answer in printed.remove(&p.id).unwrap_or_default() {
+                    println!("{answer}");
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use refusal_steer_engine::{Hooks, Model, Positions};
+use refusal_steer_pipeline::gate::Gate;
 use refusal_steer_pipeline::steering::{
     add_steering, parse_points, point_alphas, AlphaProfile, SteerMode, Steering,
 };
@@ -32,6 +33,10 @@ pub struct SteerArgs {
     mode: ModeArg,
     #[arg(long, value_enum, default_value_t = PositionsArg::All)]
     positions: PositionsArg,
+    /// A topic gate (recommended-gate.json from `run`): only prompts it lets through are
+    /// steered; the others are answered unsteered.
+    #[arg(long, requires = "steer")]
+    gate: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -70,6 +75,14 @@ fn profile(spec: &str) -> Result<AlphaProfile> {
 }
 
 impl SteerArgs {
+    /// The topic gate, if one was given.
+    pub fn gate(&self, model: &Model) -> Result<Option<Gate>> {
+        self.gate
+            .as_ref()
+            .map(|path| Gate::load(path, model))
+            .transpose()
+    }
+
     /// The interventions for `model`, and a description of them for the output records.
     pub fn hooks(&self, model: &Model) -> Result<(Hooks, Option<serde_json::Value>)> {
         let mut hooks = model.new_hooks();
@@ -112,6 +125,7 @@ impl SteerArgs {
             "point_alphas": alphas_per_file,
             "mode": format!("{:?}", self.mode).to_lowercase(),
             "positions": format!("{:?}", self.positions).to_lowercase(),
+            "gate": self.gate.as_ref().map(|p| p.display().to_string()),
         });
         Ok((hooks, Some(description)))
     }

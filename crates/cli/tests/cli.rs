@@ -294,4 +294,76 @@ fn capture_fit_and_steer_chain_through_files() {
         strong[0]["steering"]["points"],
         serde_json::json!([1, 2, 3])
     );
+
+    // A topic gate fitted to pass the even prompts: they are steered, the odd ones are not.
+    let acts =
+        refusal_steer_data::activations::Activations::load(Path::new(&p("acts.safetensors")))
+            .unwrap();
+    let on_topic: Vec<Option<bool>> = (0..12).map(|i| Some(i % 2 == 0)).collect();
+    let gate = refusal_steer_pipeline::gate::Gate::fit(&acts, &on_topic, 3, 0).unwrap();
+    std::fs::write(p("gate.json"), serde_json::to_string(&gate).unwrap()).unwrap();
+    let gated = refusal_steer(&[
+        "generate",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompts",
+        &p("prompts.jsonl"),
+        "--out",
+        &p("gated.jsonl"),
+        "--max-tokens",
+        "5",
+        "--steer",
+        &p("v.safetensors"),
+        "--layers",
+        "1-3",
+        "--alpha",
+        "-8",
+        "--gate",
+        &p("gate.json"),
+    ]);
+    assert!(
+        gated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gated.stderr)
+    );
+    let by_id = |v: &[serde_json::Value]| {
+        v.iter()
+            .map(|a| (a["id"].as_str().unwrap().to_string(), a.clone()))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let (gated, plain, strong) = (
+        by_id(&lines(Path::new(&p("gated.jsonl")))),
+        by_id(&plain),
+        by_id(&strong),
+    );
+    assert_eq!(gated.len(), 12);
+    for i in 0..12 {
+        let id = i.to_string();
+        let expected = if i % 2 == 0 {
+            &strong[&id]
+        } else {
+            &plain[&id]
+        };
+        assert_eq!(gated[&id]["answer"], expected["answer"], "prompt {i}");
+        assert_eq!(gated[&id]["steering"].is_null(), i % 2 == 1, "prompt {i}");
+    }
+
+    // A gate from another model is refused with the reason.
+    let mut wrong = gate.clone();
+    wrong.direction.push(0.0);
+    std::fs::write(p("wrong-gate.json"), serde_json::to_string(&wrong).unwrap()).unwrap();
+    let refused = refusal_steer(&[
+        "generate",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompt",
+        "the theer an",
+        "--steer",
+        &p("v.safetensors"),
+        "--gate",
+        &p("wrong-gate.json"),
+    ]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("use the gate of a run on this model"), "{err}");
 }

@@ -147,7 +147,18 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["test"][0]["condition"], "baseline");
     assert_eq!(report["test"][0]["rates"]["target"]["n"], 2);
-    assert_eq!(report["tuned"].as_array().unwrap().len(), 5);
+    let tuned = report["tuned"].as_array().unwrap();
+    assert_eq!(tuned.len(), 6);
+    // Ablation tries itself alone first, at every point past the embeddings.
+    let ablation = &tuned[5];
+    assert_eq!(ablation["method"], "wrmd-ablation+gated");
+    assert_eq!(ablation["mode"], "ablate-add");
+    assert_eq!(ablation["trials"][0]["strength"], 0.0);
+    let n_points = report["heldout_auc"]["wrmd"].as_array().unwrap().len();
+    assert_eq!(
+        ablation["points"],
+        serde_json::json!((1..n_points).collect::<Vec<_>>())
+    );
     // 4 + 4 + 2 + 2 train prompts, one answer each.
     assert_eq!(count_lines(&out.join("train-answers.jsonl")), 12);
     let split: serde_json::Value =

@@ -47,6 +47,18 @@ pub enum Direction {
     Induce,
 }
 
+impl Direction {
+    /// The sets whose train prompts the vectors learn from: removing learns from the topic
+    /// (and its contrast); inducing has no refusals on its topic to learn from, so it learns
+    /// refusal from every set.
+    pub fn fit_roles(self) -> &'static [&'static str] {
+        match self {
+            Direction::Remove => &["target", "contrast"],
+            Direction::Induce => &["target", "contrast", "safety", "benign"],
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TuneConfig {

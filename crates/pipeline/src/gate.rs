@@ -5,12 +5,13 @@
 //! others are left alone, so requests off the topic (harmful or benign) keep their behaviour.
 
 use crate::answers::Format;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
 use refusal_steer_engine::{prefill, Action, Intervention, Model, Padding, Positions, Rows};
 use refusal_steer_steer::{fit, k_fold_auc, Class, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
+use std::path::Path;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gate {
@@ -89,6 +90,31 @@ impl Gate {
             threshold,
             heldout_auc,
         })
+    }
+
+    /// Reads a gate that `run` saved (recommended-gate.json) and checks that it fits `model`.
+    pub fn load(path: &Path, model: &Model) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the topic gate {}", path.display()))?;
+        let gate: Gate = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a topic gate (the recommended-gate.json that `run` writes)",
+                path.display()
+            )
+        })?;
+        let (n_layers, d) = (model.config.n_layers, model.config.d_model);
+        if gate.point > n_layers || gate.direction.len() != d {
+            bail!(
+                "{}: the gate reads point {} with {} dimensions, but this model has points 0..={n_layers} of {d} dimensions: use the gate of a run on this model",
+                path.display(),
+                gate.point,
+                gate.direction.len()
+            );
+        }
+        if !gate.threshold.is_finite() || gate.direction.iter().any(|x| !x.is_finite()) {
+            bail!("{}: the gate holds a NaN or infinite value", path.display());
+        }
+        Ok(gate)
     }
 
     /// Which prompts pass the gate (one unsteered prefill per batch).

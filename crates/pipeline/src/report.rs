@@ -2,6 +2,7 @@
 
 use crate::evaluate::SetRate;
 use crate::run::{RunReport, Tuned};
+use crate::steering::{format_points, SteerMode};
 use anyhow::Result;
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Answer;
@@ -90,9 +91,14 @@ fn tuning_section(tuned: &[Tuned]) -> String {
     for t in tuned {
         let _ = writeln!(
             md,
-            "- **{}**: points {:?}; chosen strength {}",
+            "- **{}**: points {} ({}); chosen strength {}",
             t.method,
-            t.points,
+            format_points(&t.points),
+            match t.mode {
+                SteerMode::Add => "strength added",
+                SteerMode::Ablate => "direction ablated",
+                SteerMode::AblateAdd => "direction ablated, then strength added",
+            },
             t.strength
                 .map_or("none kept every limit (not exported)".into(), |s| format!(
                     "{s:+.3}"
@@ -140,17 +146,10 @@ pub fn write(
         report.judge, report.direction
     );
     let _ = writeln!(md, "## Test split\n\n{}", table(report));
+    let _ = writeln!(md, "{}", recommendation(report, out));
     let _ = writeln!(
         md,
-        "Recommended: {}\n",
-        report.recommended.as_deref().map_or(
-            "none (no method kept every limit on validation)".to_string(),
-            |m| format!("`{m}` (recommended.safetensors)")
-        )
-    );
-    let _ = writeln!(
-        md,
-        "`md+gated` and `wrmd+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, held-out AUC {:.3}, threshold at the midpoint of the two means.\n",
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, held-out AUC {:.3}, threshold at the midpoint of the two means. `wrmd-ablation+gated` projects the WRMD direction out of the residual stream at every point (directional ablation, strength 0) and adds the strength on top only if ablation alone is not enough.\n",
         report.gate_point, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
@@ -179,6 +178,34 @@ pub fn write(
     );
     std::fs::write(out.join("report.md"), md)?;
     plots(report, out, acts, scores)
+}
+
+/// The recommended method and the command that steers with it.
+fn recommendation(report: &RunReport, out: &Path) -> String {
+    let Some(t) = report
+        .recommended
+        .as_ref()
+        .and_then(|m| report.tuned.iter().find(|t| &t.method == m))
+    else {
+        return "Recommended: none (no method kept every limit on validation).\n".into();
+    };
+    let mode = serde_json::to_value(t.mode)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    let gate = if out.join("recommended-gate.json").exists() {
+        format!(" --gate {}", out.join("recommended-gate.json").display())
+    } else {
+        String::new()
+    };
+    format!(
+        "Recommended: `{}`. To chat with it:\n\n```\nrefusal-steer chat --model {} --steer {} --layers {} --mode {mode} --alpha={} --alpha-profile norm-scaled{gate}\n```\n",
+        t.method,
+        report.model,
+        out.join("recommended.safetensors").display(),
+        format_points(&t.points),
+        t.strength.unwrap_or(0.0),
+    )
 }
 
 /// The first answers per set, unsteered and with the recommended method.

@@ -32,12 +32,79 @@ pub struct Splits {
     pub capability: Split<Choice>,
 }
 
-/// The methods compared, by name.
-pub const METHODS: [&str; 5] = ["md", "wrmd", "wrmd+protected", "md+gated", "wrmd+gated"];
+/// One way of steering that `run` compares.
+#[derive(Debug, Clone, Copy)]
+pub struct MethodSpec {
+    /// Its name in the report; folders use it with '+' written '-'.
+    pub name: &'static str,
+    /// The fitted vector file it steers with (one of [`FITTED`]).
+    pub vectors: &'static str,
+    /// `Add`: strengths along the vector at the points chosen by held-out AUC.
+    /// `AblateAdd`: the vector's direction projected out at every point (directional
+    /// ablation, strength 0), then strengths added at those points if ablation is not enough.
+    pub mode: SteerMode,
+    /// Only prompts the topic gate lets through are steered.
+    pub gated: bool,
+}
+
+/// The vector files `run` fits.
+pub const FITTED: [&str; 3] = ["md", "wrmd", "wrmd+protected"];
+
+/// The methods compared. Ablation only removes refusals, so induce runs skip it.
+pub const METHODS: [MethodSpec; 6] = [
+    MethodSpec {
+        name: "md",
+        vectors: "md",
+        mode: SteerMode::Add,
+        gated: false,
+    },
+    MethodSpec {
+        name: "wrmd",
+        vectors: "wrmd",
+        mode: SteerMode::Add,
+        gated: false,
+    },
+    MethodSpec {
+        name: "wrmd+protected",
+        vectors: "wrmd+protected",
+        mode: SteerMode::Add,
+        gated: false,
+    },
+    MethodSpec {
+        name: "md+gated",
+        vectors: "md",
+        mode: SteerMode::Add,
+        gated: true,
+    },
+    MethodSpec {
+        name: "wrmd+gated",
+        vectors: "wrmd",
+        mode: SteerMode::Add,
+        gated: true,
+    },
+    MethodSpec {
+        name: "wrmd-ablation+gated",
+        vectors: "wrmd",
+        mode: SteerMode::AblateAdd,
+        gated: true,
+    },
+];
+
+impl MethodSpec {
+    pub fn by_name(name: &str) -> Option<&'static MethodSpec> {
+        METHODS.iter().find(|m| m.name == name)
+    }
+
+    /// Whether the method can move the target in `direction`.
+    fn applies_to(&self, direction: Direction) -> bool {
+        self.mode == SteerMode::Add || direction == Direction::Remove
+    }
+}
 
 /// How `run` steers, the same in tuning and in the test: per-point strengths (norm-scaled)
-/// added at every position of the chosen points.
+/// at the chosen points, at every position, in the method's mode.
 fn run_steering<'a>(
+    method: &MethodSpec,
     vectors: &'a SteeringVectors,
     points: &'a [usize],
     alphas: &'a [f64],
@@ -46,14 +113,9 @@ fn run_steering<'a>(
         vectors,
         points,
         alphas,
-        mode: SteerMode::Add,
+        mode: method.mode,
         positions: Positions::All,
     }
-}
-
-/// The vector file a method steers with (a gated method steers its base method's vectors).
-fn vector_name(method: &str) -> &str {
-    method.strip_suffix("+gated").unwrap_or(method)
 }
 
 /// One strength tried on validation prompts.
@@ -72,6 +134,8 @@ pub struct Trial {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tuned {
     pub method: String,
+    #[serde(default)]
+    pub mode: SteerMode,
     pub points: Vec<usize>,
     pub trials: Vec<Trial>,
     /// The chosen signed strength; None when no strength kept every limit.
@@ -321,7 +385,10 @@ impl Runner<'_> {
             .ids
             .iter()
             .zip(&acts.header.sets)
-            .filter(|(_, set)| matches!(set.as_deref(), Some("target" | "contrast")))
+            .filter(|(_, set)| {
+                set.as_deref()
+                    .is_some_and(|s| self.config.direction.fit_roles().contains(&s))
+            })
             .filter_map(|(id, _)| confidence.get(id).map(|&c| (id.clone(), c)))
             .collect();
         let analysis_dir = self.out.join("analysis");
@@ -379,15 +446,21 @@ impl Runner<'_> {
             100.0 * validation_baseline["benign"].rate
         ));
         let mut tuned = Vec::new();
-        for method in METHODS {
+        for method in METHODS
+            .iter()
+            .filter(|m| m.applies_to(self.config.direction))
+        {
             let t = tuner.tune(
                 method,
-                &vectors[vector_name(method)],
-                method.ends_with("+gated").then_some(&gate),
+                &vectors[method.vectors],
+                method.gated.then_some(&gate),
                 &validation_baseline,
                 &validation,
                 &mut judges,
-                &self.out.join("validation").join(method.replace('+', "-")),
+                &self
+                    .out
+                    .join("validation")
+                    .join(method.name.replace('+', "-")),
                 &mut *self.log,
             )?;
             tuned.push(t);
@@ -406,24 +479,25 @@ impl Runner<'_> {
                 .chain(tuned.iter().map(|t| (t.method.clone(), Some(t))))
                 .collect();
         for (name, t) in conditions {
+            let method = MethodSpec::by_name(&name);
             let alphas;
-            let steering = match t.and_then(|t| t.strength.map(|s| (t, s))) {
-                Some((t, s)) => {
-                    let v = &vectors[vector_name(&t.method)];
+            let steering = match (method, t.and_then(|t| t.strength.map(|s| (t, s)))) {
+                (Some(method), Some((t, s))) => {
+                    let v = &vectors[method.vectors];
                     alphas = point_alphas(v, s, &AlphaProfile::NormScaled)?;
-                    Some(run_steering(v, &t.points, &alphas))
+                    Some(run_steering(method, v, &t.points, &alphas))
                 }
-                None if t.is_some() => {
+                _ if t.is_some() => {
                     (self.log)(&format!(
                         "{name}: no strength kept every limit; not evaluated"
                     ));
                     continue;
                 }
-                None => None,
+                _ => None,
             };
             let condition = Condition {
                 steering: steering.as_ref(),
-                gate: name.ends_with("+gated").then_some(&gate),
+                gate: method.filter(|m| m.gated).map(|_| &gate),
             };
             let mut rates = BTreeMap::new();
             for role in eval_roles {
@@ -480,13 +554,17 @@ impl Runner<'_> {
             })
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(m, _)| m);
-        if let Some(m) = &recommended {
-            vectors[vector_name(m)].save(&self.out.join("recommended.safetensors"))?;
-            if m.ends_with("+gated") {
-                write_atomic(
-                    &self.out.join("recommended-gate.json"),
-                    &serde_json::to_string(&gate)?,
-                )?;
+        if let Some(t) = recommended
+            .as_ref()
+            .and_then(|m| tuned.iter().find(|t| &t.method == m))
+        {
+            let method = MethodSpec::by_name(&t.method).expect("tuned methods are known");
+            vectors[method.vectors].save(&self.out.join("recommended.safetensors"))?;
+            let gate_file = self.out.join("recommended-gate.json");
+            if method.gated {
+                write_atomic(&gate_file, &serde_json::to_string(&gate)?)?;
+            } else if gate_file.exists() {
+                std::fs::remove_file(&gate_file)?;
             }
         }
         let report = RunReport {
@@ -571,12 +649,7 @@ impl Runner<'_> {
     )> {
         let h = &acts.header;
         let set_of = |i: usize| h.sets[i].as_deref().unwrap_or("");
-        // Which prompts train the vector: remove uses the topic (and its contrast); induce
-        // has no refusals on its topic to learn from, so it learns refusal from every set.
-        let fit_roles: &[&str] = match self.config.direction {
-            Direction::Remove => &["target", "contrast"],
-            Direction::Induce => &["target", "contrast", "safety", "benign"],
-        };
+        let fit_roles = self.config.direction.fit_roles();
         let c: Vec<Option<f64>> = (0..h.ids.len())
             .map(|i| {
                 fit_roles
@@ -645,7 +718,7 @@ impl Runner<'_> {
         )
         .context("fitting the protected (harmful vs benign) direction")?;
         let mut out = BTreeMap::new();
-        for name in METHODS.into_iter().filter(|m| vector_name(m) == *m) {
+        for name in FITTED {
             let path = self
                 .out
                 .join(format!("vectors/{}.safetensors", name.replace('+', "-")));
@@ -740,7 +813,7 @@ impl Tuner<'_> {
     #[allow(clippy::too_many_arguments)]
     fn tune(
         &self,
-        method: &str,
+        method: &MethodSpec,
         vectors: &SteeringVectors,
         gate: Option<&Gate>,
         baseline: &BTreeMap<String, SetRate>,
@@ -750,7 +823,11 @@ impl Tuner<'_> {
         log: &mut dyn FnMut(&str),
     ) -> Result<Tuned> {
         let t = &self.config.tune;
-        let points = self.points(vectors)?;
+        let points = match method.mode {
+            SteerMode::AblateAdd => (1..vectors.n_points).collect(),
+            _ => self.points(vectors)?,
+        };
+        let name = method.name;
         if let Some(gate) = gate {
             let passing: Vec<String> = ["target", "safety", "benign"]
                 .iter()
@@ -765,17 +842,21 @@ impl Tuner<'_> {
                     ))
                 })
                 .collect::<Result<_>>()?;
-            log(&format!("{method}: the gate passes {}", passing.join(", ")));
+            log(&format!("{name}: the gate passes {}", passing.join(", ")));
         }
         let sign = match self.config.direction {
             Direction::Remove => -1.0,
             Direction::Induce => 1.0,
         };
+        // Ablation first tries itself alone (strength 0), then with strengths added.
+        let ablation_alone = (method.mode == SteerMode::AblateAdd).then_some(0.0);
         let mut trials = Vec::new();
-        for &magnitude in &t.strengths {
-            let strength = sign * magnitude;
+        for strength in ablation_alone
+            .into_iter()
+            .chain(t.strengths.iter().map(|m| sign * m))
+        {
             let alphas = point_alphas(vectors, strength, &AlphaProfile::NormScaled)?;
-            let steering = run_steering(vectors, &points, &alphas);
+            let steering = run_steering(method, vectors, &points, &alphas);
             let condition = Condition {
                 steering: Some(&steering),
                 gate,
@@ -789,7 +870,7 @@ impl Tuner<'_> {
             )?;
             if kl > t.max_kl {
                 log(&format!(
-                    "{method} {strength:+.3}: benign KL {kl:.3} > {}; stop",
+                    "{name} {strength:+.3}: benign KL {kl:.3} > {}; stop",
                     t.max_kl
                 ));
                 trials.push(Trial {
@@ -822,11 +903,15 @@ impl Tuner<'_> {
                 _ => String::new(),
             };
             log(&format!(
-                "{method} {strength:+.3}: target {:.0}%  safety {:.0}%  benign {:.0}%  KL {kl:.3}{}",
+                "{name} {strength:+.3}: target {:.0}%  safety {:.0}%  benign {:.0}%  KL {kl:.3}{}",
                 100.0 * rates["target"].rate,
                 100.0 * rates["safety"].rate,
                 100.0 * rates["benign"].rate,
-                if note.is_empty() { String::new() } else { format!("  ({note})") }
+                if note.is_empty() {
+                    String::new()
+                } else {
+                    format!("  ({note})")
+                }
             ));
             trials.push(Trial {
                 strength,
@@ -850,7 +935,8 @@ impl Tuner<'_> {
             })
             .map(|x| x.strength);
         Ok(Tuned {
-            method: method.to_string(),
+            method: name.to_string(),
+            mode: method.mode,
             points,
             trials,
             strength,

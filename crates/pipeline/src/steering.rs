@@ -148,6 +148,25 @@ pub fn parse_points(spec: &str, max: usize) -> Result<Vec<usize>> {
     Ok(points)
 }
 
+/// The shortest `--layers` text for `points` (sorted, distinct): runs become ranges.
+pub fn format_points(points: &[usize]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < points.len() {
+        let mut j = i;
+        while j + 1 < points.len() && points[j + 1] == points[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i {
+            format!("{}-{}", points[i], points[j])
+        } else {
+            points[i].to_string()
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +177,10 @@ mod tests {
         assert_eq!(parse_points("all", 3).unwrap(), vec![1, 2, 3]);
         assert_eq!(parse_points("2-4, 1,3", 10).unwrap(), vec![1, 2, 3, 4]);
         assert!(parse_points("4-2", 10).is_err());
+        for points in [vec![5], vec![1, 2, 3, 7, 9, 10], vec![0, 2, 4]] {
+            assert_eq!(parse_points(&format_points(&points), 10).unwrap(), points);
+        }
+        assert_eq!(format_points(&[18, 19, 21, 22, 23]), "18-19,21-23");
         assert!(parse_points("12", 10)
             .unwrap_err()
             .to_string()
