@@ -5,7 +5,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::record_id;
-use refusal_steer_pipeline::fitting::{classes, fit_points, mean_difference, FitOptions};
+use refusal_steer_pipeline::fitting::{
+    classes, fit_points, mean_difference, principal_directions_per_point, FitOptions,
+};
 use refusal_steer_steer::{Class, Method, Ridge};
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -44,6 +46,10 @@ pub struct FitArgs {
     /// e.g. harmful:harmless).
     #[arg(long, value_name = "SET[:CONTRAST]")]
     protect: Option<String>,
+    /// Also protect the top K principal directions of the protected prompts measured from
+    /// the other side's mean (the behaviour's subspace beyond its mean difference).
+    #[arg(long, default_value_t = 0, requires = "protect", value_name = "K")]
+    protect_pcs: usize,
     #[arg(long)]
     out: PathBuf,
 }
@@ -143,7 +149,13 @@ pub fn run(args: FitArgs) -> Result<()> {
                     (pick(Class::Refusal), pick(Class::Compliance))
                 }
             };
-            vec![mean_difference(&acts, &a, &b).with_context(|| format!("protecting {spec}"))?]
+            let mut directions =
+                vec![mean_difference(&acts, &a, &b).with_context(|| format!("protecting {spec}"))?];
+            directions.extend(
+                principal_directions_per_point(&acts, &a, &b, args.protect_pcs)
+                    .with_context(|| format!("protecting {spec}"))?,
+            );
+            directions
         }
     };
     let classes = classes(&c, args.threshold);
@@ -172,7 +184,13 @@ pub fn run(args: FitArgs) -> Result<()> {
         &mut |m| eprintln!("{m}"),
     )?;
     if let Some(spec) = &args.protect {
-        vectors.metadata.insert("protected".into(), spec.clone());
+        let pcs = match args.protect_pcs {
+            0 => String::new(),
+            k => format!(" and its top {k} principal directions"),
+        };
+        vectors
+            .metadata
+            .insert("protected".into(), format!("{spec}{pcs}"));
     }
     vectors.save(&args.out)?;
     println!(

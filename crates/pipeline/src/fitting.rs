@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use refusal_steer_data::activations::Activations;
-use refusal_steer_steer::protect::{cosine, project_out_span};
+use refusal_steer_steer::protect::{cosine, principal_directions, project_out_span};
 use refusal_steer_steer::{
     fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors,
 };
@@ -58,6 +58,33 @@ pub fn mean_difference(acts: &Activations, a: &[usize], b: &[usize]) -> Result<V
     };
     let (ma, mb) = (mean(a), mean(b));
     Ok(ma.iter().zip(&mb).map(|(x, y)| (x - y) as f32).collect())
+}
+
+/// Per point, the top `k` principal directions of rows `a` measured from the mean of rows `b`
+/// ([`principal_directions`]): `k` directions, each `[n_points * d]` like [`mean_difference`];
+/// a point with fewer directions gets zeros there, which protect nothing.
+pub fn principal_directions_per_point(
+    acts: &Activations,
+    a: &[usize],
+    b: &[usize],
+    k: usize,
+) -> Result<Vec<Vec<f32>>> {
+    anyhow::ensure!(
+        !a.is_empty() && !b.is_empty(),
+        "protected principal directions need prompts on both sides ({} and {} found)",
+        a.len(),
+        b.len()
+    );
+    let (p, d) = (acts.header.n_points, acts.header.d);
+    let mut out = vec![vec![0f32; p * d]; k];
+    for point in 0..p {
+        let found = principal_directions(&acts.at_point(point), d, a, b, k)
+            .map_err(|e| anyhow::anyhow!("point {point}: {e}"))?;
+        for (o, direction) in out.iter_mut().zip(found) {
+            o[point * d..(point + 1) * d].copy_from_slice(&direction);
+        }
+    }
+    Ok(out)
 }
 
 /// Fits every point. The span of the `protect` directions (each `[n_points * d]`, e.g. from
@@ -267,6 +294,25 @@ pub(crate) mod tests {
 
     fn unit(d: usize, at: usize) -> Vec<f32> {
         (0..d).map(|j| if j == at { 1.0 } else { 0.0 }).collect()
+    }
+
+    #[test]
+    fn principal_directions_follow_the_protected_offset_and_are_zero_where_rows_agree() {
+        let (n, d) = (40, 16);
+        let dir = unit(d, 5);
+        let acts = planted(n, d, &dir, 6.0, 2);
+        let (a, b): (Vec<usize>, Vec<usize>) = (0..n).partition(|&i| i < n / 2);
+        let found = principal_directions_per_point(&acts, &a, &b, 3).unwrap();
+        assert_eq!(found.len(), 3);
+        let at = |v: &[f32], point: usize| v[point * d..(point + 1) * d].to_vec();
+        // Point 2: the shift dominates the offsets, so it is the first direction.
+        assert!(cosine(&at(&found[0], 2), &dir).abs() > 0.95);
+        for direction in &found {
+            assert!((norm(&at(direction, 2)) - 1.0).abs() < 1e-5);
+            // Point 0 is the same for every row: no spread, nothing to protect.
+            assert!(at(direction, 0).iter().all(|&x| x == 0.0));
+        }
+        assert!(principal_directions_per_point(&acts, &a, &[], 1).is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! behaviour must not move (e.g. the harmful-request refusal direction), so steering the target
 //! topic leaves that behaviour alone.
 
+use faer::Mat;
+
 /// `vector` minus its projection on the span of `directions` (orthonormalised here by
 /// Gram-Schmidt; zero or dependent directions add nothing). Computed in f64.
 pub fn project_out_span(vector: &[f32], directions: &[&[f32]]) -> Vec<f32> {
@@ -26,6 +28,51 @@ pub fn project_out_span(vector: &[f32], directions: &[&[f32]]) -> Vec<f32> {
         v.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
     }
     v.into_iter().map(|x| x as f32).collect()
+}
+
+/// The top `k` principal directions of rows `a` of `x` (`[n, d]`, row-major) measured from the
+/// mean of rows `b`: the leading right singular vectors of the matrix of `x_i - mean_b`, unit
+/// length, largest first. The protected behaviour's subspace beyond its mean difference (the
+/// first direction is close to the mean difference when that dominates). Fewer than `k` when
+/// the offsets have lower rank.
+pub fn principal_directions(
+    x: &[f32],
+    d: usize,
+    a: &[usize],
+    b: &[usize],
+    k: usize,
+) -> Result<Vec<Vec<f32>>, String> {
+    if a.is_empty() || b.is_empty() {
+        return Err(format!(
+            "principal directions need rows on both sides ({} and {} found)",
+            a.len(),
+            b.len()
+        ));
+    }
+    let row = |i: usize| &x[i * d..(i + 1) * d];
+    let mut mean_b = vec![0f64; d];
+    for &i in b {
+        for (m, &v) in mean_b.iter_mut().zip(row(i)) {
+            *m += f64::from(v) / b.len() as f64;
+        }
+    }
+    let offsets = Mat::from_fn(a.len(), d, |r, j| f64::from(row(a[r])[j]) - mean_b[j]);
+    let svd = offsets
+        .thin_svd()
+        .map_err(|e| format!("the SVD of the protected offsets did not converge ({e:?})"))?;
+    let singular = svd.S().column_vector();
+    // numpy's matrix_rank tolerance, taken relative to the rows themselves rather than to the
+    // offsets: offsets that are rounding noise of the rows (rows that all agree) are no direction.
+    let scale = a
+        .iter()
+        .map(|&i| row(i).iter().map(|&v| f64::from(v).powi(2)).sum::<f64>())
+        .sum::<f64>()
+        .sqrt();
+    let tolerance = scale * a.len().max(d) as f64 * f64::EPSILON;
+    Ok((0..k.min(singular.nrows()))
+        .take_while(|&j| singular[j] > tolerance)
+        .map(|j| svd.V().col(j).iter().map(|&v| v as f32).collect())
+        .collect())
 }
 
 /// Cosine similarity (0 when either vector is zero).
@@ -65,6 +112,26 @@ mod tests {
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
         assert!((dot(&out, &free) - dot(&v, &free)).abs() < 1e-5);
         assert!((out[3] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn principal_directions_span_the_offsets_largest_first() {
+        // Rows a = mean_b + 3 e0 * s_i + 1 e1 * t_i with s, t of equal spread: e0 first, then
+        // e1, and no third direction (rank 2).
+        let d = 4;
+        let mut x = Vec::new();
+        for (s, t) in [(1.0, 1.0), (-1.0, 1.0), (1.0, -1.0), (-1.0, -1.0)] {
+            x.extend([10.0 + 3.0 * s, 5.0 + t, 0.0, 2.0]);
+        }
+        x.extend([10.0, 5.0, 0.0, 2.0]);
+        x.extend([10.0, 5.0, 0.0, 2.0]);
+        let found = principal_directions(&x, d, &[0, 1, 2, 3], &[4, 5], 3).unwrap();
+        assert_eq!(found.len(), 2);
+        assert!((found[0][0].abs() - 1.0).abs() < 1e-6, "{:?}", found[0]);
+        assert!((found[1][1].abs() - 1.0).abs() < 1e-6, "{:?}", found[1]);
+        let out = project_out_span(&[1.0, 1.0, 1.0, 1.0], &[&found[0], &found[1]]);
+        assert!(out[0].abs() < 1e-6 && out[1].abs() < 1e-6 && (out[2] - 1.0).abs() < 1e-6);
+        assert!(principal_directions(&x, d, &[], &[4], 1).is_err());
     }
 
     #[test]
