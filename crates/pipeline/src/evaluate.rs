@@ -259,7 +259,8 @@ pub fn mean_kl(
                 .map(|(&lp, &lq)| f64::from(lp.exp()) * f64::from(lp - lq))
                 .sum::<f64>()
         })
-        .sum();
+        // fold from +0: an empty float sum is -0, which would print as "-0.000".
+        .fold(0.0, |a, b| a + b);
     Ok(total / prompts.len().max(1) as f64)
 }
 

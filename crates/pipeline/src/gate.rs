@@ -1,7 +1,7 @@
 //! Conditional steering (beyond the paper, after CAST, Lee et al. 2024): steer a prompt only
 //! when its activation says it is on the target topic. A topic direction is fitted at one
-//! point (mean difference of on-topic minus off-topic train prompts, the point with the best
-//! held-out AUC); a prompt whose last-token projection on it passes the threshold is steered,
+//! point (mean difference of on-topic minus off-topic train prompts, at the point where this
+//! rule is most often right on held-out train prompts); a prompt whose last-token projection on it passes the threshold is steered,
 //! others are left alone, so requests off the topic (harmful or benign) keep their behaviour.
 
 use crate::answers::Format;
@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
 use refusal_steer_engine::{prefill, Action, Intervention, Model, Padding, Positions, Rows};
-use refusal_steer_steer::{fit, k_fold_auc, Class, Method, Ridge, Samples};
+use refusal_steer_steer::{fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -22,6 +22,10 @@ pub struct Gate {
     pub threshold: f64,
     /// Held-out AUC of the direction at `point` on the train prompts.
     pub heldout_auc: f64,
+    /// Held-out balanced accuracy of the gate's own rule (direction and midpoint threshold)
+    /// at `point` on the train prompts: what chooses the point.
+    #[serde(default)]
+    pub heldout_accuracy: f64,
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -58,16 +62,20 @@ impl Gate {
         }
         let folds = folds.min(on).min(off).max(2);
         let d = acts.header.d;
-        let mut best: Option<(usize, f64)> = None;
+        // The point where the gate's own decision (midpoint threshold) is most often right on
+        // held-out prompts; AUC breaks ties. AUC alone only ranks, and with few prompts many
+        // points rank perfectly while their midpoints still cut through one class.
+        let mut best: Option<(usize, HeldOut)> = None;
         for point in 1..acts.header.n_points {
             let x = acts.at_point(point);
             let samples = Samples::new(&x, d, &classes, &weights)?;
-            let auc = k_fold_auc(&samples, Method::Md, Ridge::Relative(1.0), folds, seed)?;
-            if best.is_none_or(|(_, b)| auc > b) {
-                best = Some((point, auc));
+            let h = k_fold_heldout(&samples, Method::Md, Ridge::Relative(1.0), folds, seed)?;
+            let better = |b: &HeldOut| (h.midpoint_accuracy, h.auc) > (b.midpoint_accuracy, b.auc);
+            if best.as_ref().is_none_or(|(_, b)| better(b)) {
+                best = Some((point, h));
             }
         }
-        let (point, heldout_auc) = best.expect("a model has at least one block");
+        let (point, heldout) = best.expect("a model has at least one block");
         let x = acts.at_point(point);
         let samples = Samples::new(&x, d, &classes, &weights)?;
         let v = fit(&samples, Method::Md, Ridge::Relative(1.0))?.vector;
@@ -88,7 +96,8 @@ impl Gate {
             point,
             direction,
             threshold,
-            heldout_auc,
+            heldout_auc: heldout.auc,
+            heldout_accuracy: heldout.midpoint_accuracy,
         })
     }
 

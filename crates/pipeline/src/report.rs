@@ -149,8 +149,8 @@ pub fn write(
     let _ = writeln!(md, "{}", recommendation(report, out));
     let _ = writeln!(
         md,
-        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, held-out AUC {:.3}, threshold at the midpoint of the two means. `wrmd-ablation+gated` projects the WRMD direction out of the residual stream at every point (directional ablation, strength 0) and adds the strength on top only if ablation alone is not enough.\n",
-        report.gate_point, report.gate_heldout_auc
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, threshold at the midpoint of the two means (held-out balanced accuracy {:.3}, AUC {:.3}). `wrmd-ablation+gated` projects the WRMD direction out of the residual stream at every point (directional ablation, strength 0) and adds the strength on top only if ablation alone is not enough.\n",
+        report.gate_point, report.gate_heldout_accuracy, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
     for (role, (r, a, n)) in &report.train_classes {

@@ -164,6 +164,8 @@ pub struct RunReport {
     /// The topic gate of the gated method: its point and held-out AUC.
     pub gate_point: usize,
     pub gate_heldout_auc: f64,
+    #[serde(default)]
+    pub gate_heldout_accuracy: f64,
     pub validation_baseline: BTreeMap<String, SetRate>,
     pub tuned: Vec<Tuned>,
     pub test: Vec<Evaluation>,
@@ -372,7 +374,8 @@ impl Runner<'_> {
 
         // 4. Vectors.
         (self.log)("stage 4/6: fitting vectors");
-        self.discard_stale_steering(&scores)?;
+        let gate = self.gate(&acts)?;
+        self.discard_stale_steering(&scores, &gate)?;
         let (vectors, train_classes) = self.fit(&acts, &confidence)?;
         let heldout_auc = vectors
             .iter()
@@ -407,10 +410,9 @@ impl Runner<'_> {
                 Err(e) => (self.log)(&format!("no per-point analysis: {e}")),
             }
         }
-        let gate = self.gate(&acts)?;
         (self.log)(&format!(
-            "topic gate at point {} (held-out AUC {:.3})",
-            gate.point, gate.heldout_auc
+            "topic gate at point {} (held-out balanced accuracy {:.3}, AUC {:.3})",
+            gate.point, gate.heldout_accuracy, gate.heldout_auc
         ));
         lap(&mut timings, "fit")?;
 
@@ -575,6 +577,7 @@ impl Runner<'_> {
             heldout_auc,
             gate_point: gate.point,
             gate_heldout_auc: gate.heldout_auc,
+            gate_heldout_accuracy: gate.heldout_accuracy,
             validation_baseline,
             tuned,
             test,
@@ -589,11 +592,13 @@ impl Runner<'_> {
         Ok(report)
     }
 
-    /// Vectors, and every steered answer made with them, follow from the train scores and the
-    /// fit and tuning settings. When a resumed run finds these changed (another judge, another
-    /// kappa or ladder), it removes what they produced instead of mixing old and new.
-    fn discard_stale_steering(&mut self, scores: &[serde_json::Value]) -> Result<()> {
+    /// Vectors, and every steered answer made with them, follow from the train scores, the
+    /// fit and tuning settings and the topic gate. When a resumed run finds these changed
+    /// (another judge, another kappa or ladder, a gate chosen another way), it removes what
+    /// they produced instead of mixing old and new.
+    fn discard_stale_steering(&mut self, scores: &[serde_json::Value], gate: &Gate) -> Result<()> {
         let inputs = serde_json::json!({
+            "gate": gate,
             "scores": scores,
             "kappa": self.config.kappa,
             "seed": self.config.seed,

@@ -26,5 +26,7 @@ pub use control_vector::{
     export_control_vector, import_control_vector, ControlVector, ControlVectorError,
 };
 pub use fit::{fit, Class, FitError, FitReport, FittedVector, Method, Ridge, Samples};
-pub use separability::{auc, k_fold_auc, pearson, projections, SeparabilityError};
+pub use separability::{
+    auc, k_fold_auc, k_fold_heldout, pearson, projections, HeldOut, SeparabilityError,
+};
 pub use vectors::{SteeringVectors, VectorFileError};

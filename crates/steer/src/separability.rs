@@ -168,6 +168,16 @@ fn check_finite(what: &'static str, values: &[f64]) -> Result<(), SeparabilityEr
     }
 }
 
+/// Held-out separability over `k` folds (means over folds).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeldOut {
+    /// AUC of the projection on the vector.
+    pub auc: f64,
+    /// Balanced accuracy of the midpoint rule: a row is called refusal when its projection
+    /// exceeds the midpoint of the two training classes' mean projections.
+    pub midpoint_accuracy: f64,
+}
+
 /// Mean held-out AUC over `k` folds: fit on `k - 1` folds, score the held-out one. Folds are
 /// stratified by class and assigned by a shuffle seeded with `seed`, so the same inputs always
 /// give the same number. Unused rows take no part.
@@ -178,6 +188,17 @@ pub fn k_fold_auc(
     k: usize,
     seed: u64,
 ) -> Result<f64, SeparabilityError> {
+    k_fold_heldout(samples, method, ridge, k, seed).map(|h| h.auc)
+}
+
+/// [`k_fold_auc`] and, on the same folds, the held-out accuracy of the midpoint rule.
+pub fn k_fold_heldout(
+    samples: &Samples<'_>,
+    method: Method,
+    ridge: Ridge,
+    k: usize,
+    seed: u64,
+) -> Result<HeldOut, SeparabilityError> {
     if k < 2 {
         return Err(SeparabilityError::BadK { k });
     }
@@ -203,7 +224,7 @@ pub fn k_fold_auc(
             .filter(|&i| classes[i] == class && keep(fold_of[i]))
             .collect()
     };
-    let mut total = 0.0;
+    let (mut auc_total, mut accuracy_total) = (0.0, 0.0);
     for fold in 0..k {
         let train = |f: usize| f != fold;
         let fitted = fit_rows(
@@ -214,16 +235,30 @@ pub fn k_fold_auc(
             ridge,
         )
         .map_err(|source| SeparabilityError::Fit { fold, source })?;
-        // AUC does not depend on the vector's (positive) scale, so no normalisation is needed.
-        let held_out = |class| -> Vec<f64> {
-            rows_where(class, &|f| f == fold)
+        let projected = |class, keep: &dyn Fn(usize) -> bool| -> Vec<f64> {
+            rows_where(class, keep)
                 .into_iter()
                 .map(|i| project(samples.row(i), &fitted.vector))
                 .collect()
         };
-        total += auc_of(&held_out(Class::Refusal), &held_out(Class::Compliance));
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+        let midpoint = (mean(&projected(Class::Refusal, &train))
+            + mean(&projected(Class::Compliance, &train)))
+            / 2.0;
+        let (refused, answered) = (
+            projected(Class::Refusal, &|f| f == fold),
+            projected(Class::Compliance, &|f| f == fold),
+        );
+        auc_total += auc_of(&refused, &answered);
+        let share = |v: &[f64], above: bool| {
+            v.iter().filter(|&&x| (x > midpoint) == above).count() as f64 / v.len() as f64
+        };
+        accuracy_total += (share(&refused, true) + share(&answered, false)) / 2.0;
     }
-    Ok(total / k as f64)
+    Ok(HeldOut {
+        auc: auc_total / k as f64,
+        midpoint_accuracy: accuracy_total / k as f64,
+    })
 }
 
 #[cfg(test)]
@@ -327,6 +362,22 @@ mod tests {
             let auc = k_fold_auc(&samples, method, Ridge::Relative(0.1), 5, 7).unwrap();
             assert!((auc - 0.5).abs() < 0.07, "{method}: held-out AUC {auc}");
         }
+    }
+
+    #[test]
+    fn the_midpoint_rule_is_right_on_separable_data_and_at_chance_on_noise() {
+        let data = isotropic_classes(32, 100, 21);
+        let samples = Samples::new(&data.x, data.d, &data.classes, &data.weights).unwrap();
+        let h = k_fold_heldout(&samples, Method::Md, Ridge::Relative(0.1), 5, 7).unwrap();
+        assert!(h.midpoint_accuracy > 0.95, "{h:?}");
+        assert_eq!(
+            h.auc,
+            k_fold_auc(&samples, Method::Md, Ridge::Relative(0.1), 5, 7).unwrap()
+        );
+        let data = noise_classes(16, 200, 22);
+        let samples = Samples::new(&data.x, data.d, &data.classes, &data.weights).unwrap();
+        let h = k_fold_heldout(&samples, Method::Md, Ridge::Relative(0.1), 5, 7).unwrap();
+        assert!((h.midpoint_accuracy - 0.5).abs() < 0.07, "{h:?}");
     }
 
     #[test]
