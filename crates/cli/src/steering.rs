@@ -33,6 +33,10 @@ pub struct SteerArgs {
     mode: ModeArg,
     #[arg(long, value_enum, default_value_t = PositionsArg::All)]
     positions: PositionsArg,
+    /// With --mode ablate or ablate-add: more vector files whose directions are projected out
+    /// together with each --steer file's (the span of all of them is removed at each point).
+    #[arg(long, requires = "steer")]
+    ablate: Vec<PathBuf>,
     /// A topic gate (recommended-gate.json from `run`): only prompts it lets through are
     /// steered; the others are answered unsteered.
     #[arg(long, requires = "steer")]
@@ -101,6 +105,15 @@ impl SteerArgs {
             PositionsArg::Prompt => Positions::Prompt,
             PositionsArg::Generated => Positions::Generated,
         };
+        if !self.ablate.is_empty() && mode == SteerMode::Add {
+            anyhow::bail!("--ablate needs --mode ablate or ablate-add");
+        }
+        let ablate = self
+            .ablate
+            .iter()
+            .map(|path| SteeringVectors::load(path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ablate_with: Vec<&SteeringVectors> = ablate.iter().collect();
         let mut alphas_per_file = Vec::new();
         for path in &self.steer {
             let vectors = SteeringVectors::load(path)?;
@@ -112,6 +125,7 @@ impl SteerArgs {
                 alphas: &alphas,
                 mode,
                 positions: positions.clone(),
+                ablate_with: &ablate_with,
             };
             add_steering(model, &mut hooks, &steering)
                 .with_context(|| format!("{} does not fit this model", path.display()))?;
@@ -125,6 +139,7 @@ impl SteerArgs {
             "point_alphas": alphas_per_file,
             "mode": format!("{:?}", self.mode).to_lowercase(),
             "positions": format!("{:?}", self.positions).to_lowercase(),
+            "ablate": self.ablate.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "gate": self.gate.as_ref().map(|p| p.display().to_string()),
         });
         Ok((hooks, Some(description)))

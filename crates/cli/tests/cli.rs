@@ -348,6 +348,34 @@ fn capture_fit_and_steer_chain_through_files() {
         assert_eq!(gated[&id]["steering"].is_null(), i % 2 == 1, "prompt {i}");
     }
 
+    // --ablate adds directions to an ablation; adding them is not an ablation.
+    let ablate = |mode: &str| {
+        refusal_steer(&[
+            "generate",
+            "--model",
+            &p("tiny.gguf"),
+            "--prompt",
+            "the theer an",
+            "--max-tokens",
+            "3",
+            "--steer",
+            &p("v.safetensors"),
+            "--ablate",
+            &p("v.safetensors"),
+            "--mode",
+            mode,
+        ])
+    };
+    let ablated = ablate("ablate");
+    assert!(
+        ablated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ablated.stderr)
+    );
+    let refused = ablate("add");
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--ablate needs --mode ablate"));
+
     // A gate from another model is refused with the reason.
     let mut wrong = gate.clone();
     wrong.direction.push(0.0);

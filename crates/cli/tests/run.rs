@@ -151,7 +151,7 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
     assert_eq!(tuned.len(), 6);
     // Ablation tries itself alone first, at every point past the embeddings.
     let ablation = &tuned[5];
-    assert_eq!(ablation["method"], "wrmd-ablation+gated");
+    assert_eq!(ablation["method"], "ablation+gated");
     assert_eq!(ablation["mode"], "ablate-add");
     assert_eq!(ablation["trials"][0]["strength"], 0.0);
     let n_points = report["heldout_auc"]["wrmd"].as_array().unwrap().len();

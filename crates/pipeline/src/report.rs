@@ -97,7 +97,7 @@ fn tuning_section(tuned: &[Tuned]) -> String {
             match t.mode {
                 SteerMode::Add => "strength added",
                 SteerMode::Ablate => "direction ablated",
-                SteerMode::AblateAdd => "direction ablated, then strength added",
+                SteerMode::AblateAdd => "directions ablated, then strength added",
             },
             t.strength
                 .map_or("none kept every limit (not exported)".into(), |s| format!(
@@ -149,7 +149,7 @@ pub fn write(
     let _ = writeln!(md, "{}", recommendation(report, out));
     let _ = writeln!(
         md,
-        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, threshold at the midpoint of the two means (held-out balanced accuracy {:.3}, AUC {:.3}). `wrmd-ablation+gated` projects the WRMD direction out of the residual stream at every point (directional ablation, strength 0) and adds the strength on top only if ablation alone is not enough.\n",
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, threshold at the midpoint of the two means (held-out balanced accuracy {:.3}, AUC {:.3}). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
         report.gate_point, report.gate_heldout_accuracy, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
@@ -193,13 +193,20 @@ fn recommendation(report: &RunReport, out: &Path) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default();
-    let gate = if out.join("recommended-gate.json").exists() {
-        format!(" --gate {}", out.join("recommended-gate.json").display())
-    } else {
-        String::new()
+    let flag = |flag: &str, file: &str| {
+        let path = out.join(file);
+        if path.exists() {
+            format!(" --{flag} {}", path.display())
+        } else {
+            String::new()
+        }
     };
+    let (ablate, gate) = (
+        flag("ablate", "recommended-ablate.safetensors"),
+        flag("gate", "recommended-gate.json"),
+    );
     format!(
-        "Recommended: `{}`. To chat with it:\n\n```\nrefusal-steer chat --model {} --steer {} --layers {} --mode {mode} --alpha={} --alpha-profile norm-scaled{gate}\n```\n",
+        "Recommended: `{}`. To chat with it:\n\n```\nrefusal-steer chat --model {} --steer {} --layers {} --mode {mode} --alpha={} --alpha-profile norm-scaled{ablate}{gate}\n```\n",
         t.method,
         report.model,
         out.join("recommended.safetensors").display(),

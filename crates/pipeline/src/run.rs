@@ -40,9 +40,12 @@ pub struct MethodSpec {
     /// The fitted vector file it steers with (one of [`FITTED`]).
     pub vectors: &'static str,
     /// `Add`: strengths along the vector at the points chosen by held-out AUC.
-    /// `AblateAdd`: the vector's direction projected out at every point (directional
-    /// ablation, strength 0), then strengths added at those points if ablation is not enough.
+    /// `AblateAdd`: the span of the vector's and `ablate_with`'s directions projected out at
+    /// every point (directional ablation, strength 0), then strengths added along the vector
+    /// if ablation alone is not enough.
     pub mode: SteerMode,
+    /// Another fitted vector file whose directions are ablated with the vector's.
+    pub ablate_with: Option<&'static str>,
     /// Only prompts the topic gate lets through are steered.
     pub gated: bool,
 }
@@ -52,47 +55,43 @@ pub const FITTED: [&str; 3] = ["md", "wrmd", "wrmd+protected"];
 
 /// The methods compared. Ablation only removes refusals, so induce runs skip it.
 pub const METHODS: [MethodSpec; 6] = [
+    MethodSpec::add("md", "md", false),
+    MethodSpec::add("wrmd", "wrmd", false),
+    MethodSpec::add("wrmd+protected", "wrmd+protected", false),
+    MethodSpec::add("md+gated", "md", true),
+    MethodSpec::add("wrmd+gated", "wrmd", true),
+    // Refusal spreads over more than one direction: ablating MD and WRMD together left 2 of
+    // 24 held-out target prompts refused where MD alone left 5 and WRMD alone 7.
     MethodSpec {
-        name: "md",
-        vectors: "md",
-        mode: SteerMode::Add,
-        gated: false,
-    },
-    MethodSpec {
-        name: "wrmd",
-        vectors: "wrmd",
-        mode: SteerMode::Add,
-        gated: false,
-    },
-    MethodSpec {
-        name: "wrmd+protected",
-        vectors: "wrmd+protected",
-        mode: SteerMode::Add,
-        gated: false,
-    },
-    MethodSpec {
-        name: "md+gated",
-        vectors: "md",
-        mode: SteerMode::Add,
-        gated: true,
-    },
-    MethodSpec {
-        name: "wrmd+gated",
-        vectors: "wrmd",
-        mode: SteerMode::Add,
-        gated: true,
-    },
-    MethodSpec {
-        name: "wrmd-ablation+gated",
+        name: "ablation+gated",
         vectors: "wrmd",
         mode: SteerMode::AblateAdd,
+        ablate_with: Some("md"),
         gated: true,
     },
 ];
 
 impl MethodSpec {
+    const fn add(name: &'static str, vectors: &'static str, gated: bool) -> Self {
+        MethodSpec {
+            name,
+            vectors,
+            mode: SteerMode::Add,
+            ablate_with: None,
+            gated,
+        }
+    }
+
     pub fn by_name(name: &str) -> Option<&'static MethodSpec> {
         METHODS.iter().find(|m| m.name == name)
+    }
+
+    /// The fitted vectors ablated with the method's own.
+    fn ablate_with<'a>(
+        &self,
+        fitted: &'a BTreeMap<String, SteeringVectors>,
+    ) -> Vec<&'a SteeringVectors> {
+        self.ablate_with.iter().map(|name| &fitted[*name]).collect()
     }
 
     /// Whether the method can move the target in `direction`.
@@ -106,6 +105,7 @@ impl MethodSpec {
 fn run_steering<'a>(
     method: &MethodSpec,
     vectors: &'a SteeringVectors,
+    ablate_with: &'a [&'a SteeringVectors],
     points: &'a [usize],
     alphas: &'a [f64],
 ) -> Steering<'a> {
@@ -115,6 +115,7 @@ fn run_steering<'a>(
         alphas,
         mode: method.mode,
         positions: Positions::All,
+        ablate_with,
     }
 }
 
@@ -454,7 +455,7 @@ impl Runner<'_> {
         {
             let t = tuner.tune(
                 method,
-                &vectors[method.vectors],
+                &vectors,
                 method.gated.then_some(&gate),
                 &validation_baseline,
                 &validation,
@@ -482,12 +483,13 @@ impl Runner<'_> {
                 .collect();
         for (name, t) in conditions {
             let method = MethodSpec::by_name(&name);
-            let alphas;
+            let (alphas, ablate_with);
             let steering = match (method, t.and_then(|t| t.strength.map(|s| (t, s)))) {
                 (Some(method), Some((t, s))) => {
                     let v = &vectors[method.vectors];
                     alphas = point_alphas(v, s, &AlphaProfile::NormScaled)?;
-                    Some(run_steering(method, v, &t.points, &alphas))
+                    ablate_with = method.ablate_with(&vectors);
+                    Some(run_steering(method, v, &ablate_with, &t.points, &alphas))
                 }
                 _ if t.is_some() => {
                     (self.log)(&format!(
@@ -562,6 +564,13 @@ impl Runner<'_> {
         {
             let method = MethodSpec::by_name(&t.method).expect("tuned methods are known");
             vectors[method.vectors].save(&self.out.join("recommended.safetensors"))?;
+            // Ablated beside it (generate/chat --ablate); one file holds one vector per point.
+            let ablate_file = self.out.join("recommended-ablate.safetensors");
+            match method.ablate_with {
+                Some(name) => vectors[name].save(&ablate_file)?,
+                None if ablate_file.exists() => std::fs::remove_file(&ablate_file)?,
+                None => {}
+            }
             let gate_file = self.out.join("recommended-gate.json");
             if method.gated {
                 write_atomic(&gate_file, &serde_json::to_string(&gate)?)?;
@@ -819,7 +828,7 @@ impl Tuner<'_> {
     fn tune(
         &self,
         method: &MethodSpec,
-        vectors: &SteeringVectors,
+        fitted: &BTreeMap<String, SteeringVectors>,
         gate: Option<&Gate>,
         baseline: &BTreeMap<String, SetRate>,
         validation: &dyn Fn(&str) -> Vec<Prompt>,
@@ -828,6 +837,8 @@ impl Tuner<'_> {
         log: &mut dyn FnMut(&str),
     ) -> Result<Tuned> {
         let t = &self.config.tune;
+        let vectors = &fitted[method.vectors];
+        let ablate_with = method.ablate_with(fitted);
         let points = match method.mode {
             SteerMode::AblateAdd => (1..vectors.n_points).collect(),
             _ => self.points(vectors)?,
@@ -861,7 +872,7 @@ impl Tuner<'_> {
             .chain(t.strengths.iter().map(|m| sign * m))
         {
             let alphas = point_alphas(vectors, strength, &AlphaProfile::NormScaled)?;
-            let steering = run_steering(method, vectors, &points, &alphas);
+            let steering = run_steering(method, vectors, &ablate_with, &points, &alphas);
             let condition = Condition {
                 steering: Some(&steering),
                 gate,

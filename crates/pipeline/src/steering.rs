@@ -6,6 +6,7 @@
 use crate::fitting::metadata_list;
 use anyhow::{bail, Result};
 use refusal_steer_engine::{Action, Hooks, Intervention, Model, Positions, Rows};
+use refusal_steer_steer::protect::orthonormal_basis;
 use refusal_steer_steer::SteeringVectors;
 use serde::{Deserialize, Serialize};
 
@@ -80,6 +81,9 @@ pub struct Steering<'a> {
     pub alphas: &'a [f64],
     pub mode: SteerMode,
     pub positions: Positions,
+    /// In the ablation modes, more vector files whose directions are projected out together
+    /// with this one's: the span of all of them is removed at each steered point.
+    pub ablate_with: &'a [&'a SteeringVectors],
 }
 
 /// Adds the interventions of `steering` to `hooks` for every row of a batch.
@@ -101,13 +105,20 @@ pub fn add_steering(model: &Model, hooks: &mut Hooks, steering: &Steering) -> Re
                 positions: steering.positions.clone(),
             })
         };
-        if matches!(steering.mode, SteerMode::Ablate | SteerMode::AblateAdd)
-            && v.iter().any(|&x| x != 0.0)
-        {
-            add(Action::ProjectOut {
-                direction: v.clone(),
-                scale: 1.0,
-            })?;
+        if matches!(steering.mode, SteerMode::Ablate | SteerMode::AblateAdd) {
+            let mut directions = vec![v.as_slice()];
+            for other in steering.ablate_with {
+                other.check_dims(model.config.n_layers + 1, model.config.d_model)?;
+                directions.push(other.point(p).expect("dimensions checked"));
+            }
+            // Projecting out an orthonormal basis one direction at a time removes exactly
+            // the span; the raw directions one after another would not when they overlap.
+            for basis in orthonormal_basis(&directions) {
+                add(Action::ProjectOut {
+                    direction: basis.iter().map(|&x| x as f32).collect(),
+                    scale: 1.0,
+                })?;
+            }
         }
         if matches!(steering.mode, SteerMode::Add | SteerMode::AblateAdd) {
             add(Action::Add {
@@ -220,6 +231,57 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("one per point"));
+    }
+
+    #[test]
+    fn ablating_with_another_file_removes_the_span_of_both_directions() {
+        use refusal_steer_engine::{prefill, tiny, Padding};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny::write(&path).unwrap();
+        let model = Model::load(&path).unwrap();
+        let (points, d) = (tiny::N_LAYERS + 1, tiny::D_MODEL);
+        // Two overlapping directions per point (cosine 0.5 at every point).
+        let a: Vec<f32> = (0..points * d).map(|i| f32::from(i % d == 0)).collect();
+        let b: Vec<f32> = (0..points * d)
+            .map(|i| f32::from(i % d == 0) + f32::from(i % d == 1) * 3f32.sqrt())
+            .collect();
+        let a = SteeringVectors::new(a, points, d, BTreeMap::new()).unwrap();
+        let b = SteeringVectors::new(b, points, d, BTreeMap::new()).unwrap();
+        let mut hooks = model.new_hooks();
+        add_steering(
+            &model,
+            &mut hooks,
+            &Steering {
+                vectors: &a,
+                points: &[2],
+                alphas: &[0.0; 4],
+                mode: SteerMode::Ablate,
+                positions: Positions::All,
+                ablate_with: &[&b],
+            },
+        )
+        .unwrap();
+        hooks
+            .add(Intervention {
+                point: 2,
+                action: Action::Capture,
+                rows: Rows::All,
+                positions: Positions::All,
+            })
+            .unwrap();
+        prefill(&model, &[&[1, 2, 3, 4]], Padding::Left, 0, &mut hooks).unwrap();
+        let captured = hooks.take_captured();
+        assert_eq!(captured.len(), 4);
+        for c in captured {
+            // Both coordinates spanned by the two directions are gone.
+            assert!(
+                c.values[0].abs() < 1e-5 && c.values[1].abs() < 1e-5,
+                "{:?}",
+                &c.values[..4]
+            );
+            assert!(c.values[2..].iter().any(|&x| x.abs() > 1e-3));
+        }
     }
 
     #[test]

@@ -4,9 +4,9 @@
 
 use faer::Mat;
 
-/// `vector` minus its projection on the span of `directions` (orthonormalised here by
-/// Gram-Schmidt; zero or dependent directions add nothing). Computed in f64.
-pub fn project_out_span(vector: &[f32], directions: &[&[f32]]) -> Vec<f32> {
+/// An orthonormal basis (Gram-Schmidt, in f64) of the span of `directions`; zero or
+/// (numerically) dependent directions add nothing.
+pub fn orthonormal_basis(directions: &[&[f32]]) -> Vec<Vec<f64>> {
     let mut basis: Vec<Vec<f64>> = Vec::new();
     for dir in directions {
         let mut u: Vec<f64> = dir.iter().map(|&x| f64::from(x)).collect();
@@ -22,8 +22,13 @@ pub fn project_out_span(vector: &[f32], directions: &[&[f32]]) -> Vec<f32> {
             basis.push(u);
         }
     }
+    basis
+}
+
+/// `vector` minus its projection on the span of `directions`. Computed in f64.
+pub fn project_out_span(vector: &[f32], directions: &[&[f32]]) -> Vec<f32> {
     let mut v: Vec<f64> = vector.iter().map(|&x| f64::from(x)).collect();
-    for b in &basis {
+    for b in &orthonormal_basis(directions) {
         let dot: f64 = v.iter().zip(b).map(|(x, y)| x * y).sum();
         v.iter_mut().zip(b).for_each(|(x, y)| *x -= dot * y);
     }
