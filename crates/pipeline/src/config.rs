@@ -71,7 +71,8 @@ pub struct TuneConfig {
     pub max_safety_drop: f64,
     /// Benign refusal may rise at most this much above its baseline.
     pub max_benign_rise: f64,
-    /// Mean next-token KL (nats) on benign prompts, steered vs not, may not exceed this.
+    /// Mean next-token KL (nats), steered vs not, on the benign prompts the unsteered model
+    /// answers, may not exceed this.
     pub max_kl: f64,
     /// Points whose held-out AUC is within this of the best are steered.
     pub auc_margin: f64,

@@ -51,7 +51,11 @@ pub fn table(report: &RunReport) -> String {
         .iter()
         .map(|e| e.kl.map_or("-".into(), |k| format!("{k:.3}")))
         .collect();
-    let _ = writeln!(md, "| benign next-token KL (nats) | {} |", kl.join(" | "));
+    let _ = writeln!(
+        md,
+        "| next-token KL on answered benign prompts (nats) | {} |",
+        kl.join(" | ")
+    );
     let degenerate: Vec<String> = report
         .test
         .iter()

@@ -17,7 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{GenerateOptions, Model, Padding, Positions, Sampling};
-use refusal_steer_judge::{aggregate, Judge, Thresholds, VerdictCache};
+use refusal_steer_judge::{aggregate, Assessment, Judge, Thresholds, VerdictCache};
 use refusal_steer_steer::analysis::{analyze, write_report, AnalysisOptions};
 use refusal_steer_steer::{Method, Ridge, SteeringVectors};
 use serde::{Deserialize, Serialize};
@@ -150,7 +150,7 @@ pub struct Evaluation {
     pub strength: Option<f64>,
     pub points: Vec<usize>,
     pub rates: BTreeMap<String, SetRate>,
-    /// Mean next-token KL to the unsteered model on benign test prompts.
+    /// Mean next-token KL to the unsteered model on the benign test prompts it answers.
     pub kl: Option<f64>,
     pub capability_accuracy: f64,
 }
@@ -434,13 +434,19 @@ impl Runner<'_> {
         let validation = |role: &str| splits.prompts[role].validation.clone();
         let eval_roles = ["target", "safety", "benign"];
         let mut validation_baseline = BTreeMap::new();
+        let mut kl_prompts = Vec::new();
         for role in eval_roles {
+            let prompts = validation(role);
             let answers = tuner.answers(
-                &validation(role),
+                &prompts,
                 &Condition::default(),
                 &self.out.join(format!("validation/baseline/{role}.jsonl")),
             )?;
-            validation_baseline.insert(role.to_string(), rate(&judges.assess(&answers)?));
+            let assessed = judges.assess(&answers)?;
+            if role == "benign" {
+                kl_prompts = answered(&prompts, &assessed);
+            }
+            validation_baseline.insert(role.to_string(), rate(&assessed));
         }
         (self.log)(&format!(
             "baseline: target {:.0}%  safety {:.0}%  benign {:.0}%",
@@ -459,6 +465,7 @@ impl Runner<'_> {
                 method.gated.then_some(&gate),
                 &validation_baseline,
                 &validation,
+                &kl_prompts,
                 &mut judges,
                 &self
                     .out
@@ -477,6 +484,7 @@ impl Runner<'_> {
         // 6. Test.
         (self.log)("stage 6/6: evaluating on the test prompts");
         let mut test = Vec::new();
+        let mut test_kl_prompts = Vec::new();
         let conditions: Vec<(String, Option<&Tuned>)> =
             std::iter::once(("baseline".to_string(), None))
                 .chain(tuned.iter().map(|t| (t.method.clone(), Some(t))))
@@ -505,19 +513,24 @@ impl Runner<'_> {
             };
             let mut rates = BTreeMap::new();
             for role in eval_roles {
+                let prompts = &splits.prompts[role].test;
                 let answers = tuner.answers(
-                    &splits.prompts[role].test,
+                    prompts,
                     &condition,
                     &self
                         .out
                         .join(format!("test/{}/{role}.jsonl", name.replace('+', "-"))),
                 )?;
-                rates.insert(role.to_string(), rate(&judges.assess(&answers)?));
+                let assessed = judges.assess(&answers)?;
+                if role == "benign" && steering.is_none() {
+                    test_kl_prompts = answered(prompts, &assessed);
+                }
+                rates.insert(role.to_string(), rate(&assessed));
             }
             let kl = match &steering {
                 Some(_) => Some(mean_kl(
                     self.model,
-                    &splits.prompts["benign"].test,
+                    &test_kl_prompts,
                     &tuner.format,
                     self.config.batch,
                     &condition,
@@ -832,6 +845,7 @@ impl Tuner<'_> {
         gate: Option<&Gate>,
         baseline: &BTreeMap<String, SetRate>,
         validation: &dyn Fn(&str) -> Vec<Prompt>,
+        kl_prompts: &[Prompt],
         judges: &mut Judges,
         dir: &Path,
         log: &mut dyn FnMut(&str),
@@ -879,14 +893,14 @@ impl Tuner<'_> {
             };
             let kl = mean_kl(
                 self.model,
-                &validation("benign"),
+                kl_prompts,
                 &self.format,
                 self.config.batch,
                 &condition,
             )?;
             if kl > t.max_kl {
                 log(&format!(
-                    "{name} {strength:+.3}: benign KL {kl:.3} > {}; stop",
+                    "{name} {strength:+.3}: KL {kl:.3} on answered benign prompts > {}; stop",
                     t.max_kl
                 ));
                 trials.push(Trial {
@@ -958,6 +972,19 @@ impl Tuner<'_> {
             strength,
         })
     }
+}
+
+/// The prompts whose unsteered answer the run's judge did not call a refusal. The KL limit is
+/// measured on the benign ones: there the next token should not move, while on a benign
+/// prompt the model refuses, the first token moving away from the refusal is the intended
+/// effect of removing refusals, not damage.
+fn answered(prompts: &[Prompt], assessed: &[(Assessment, Assessment)]) -> Vec<Prompt> {
+    prompts
+        .iter()
+        .zip(assessed)
+        .filter(|(_, (judge, _))| judge.verdict.label <= 0)
+        .map(|(p, _)| p.clone())
+        .collect()
 }
 
 /// Where the run folder goes by default.
