@@ -60,8 +60,10 @@ pub const METHODS: [MethodSpec; 6] = [
     MethodSpec::add("wrmd+protected", "wrmd+protected", false),
     MethodSpec::add("md+gated", "md", true),
     MethodSpec::add("wrmd+gated", "wrmd", true),
-    // Refusal spreads over more than one direction: ablating MD and WRMD together left 2 of
-    // 24 held-out target prompts refused where MD alone left 5 and WRMD alone 7.
+    // Refusal spreads over more than one direction, so both are ablated. On 24 target prompts
+    // outside the default split (scripts/ablation_heldout/compare.sh) MD, WRMD and their span
+    // left 5, 7 and 5 refused (most of them degenerate loops); on validation WRMD alone left
+    // 2 of 8, the span 1 of 8.
     MethodSpec {
         name: "ablation+gated",
         vectors: "wrmd",
