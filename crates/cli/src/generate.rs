@@ -8,6 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::{read_prompts, Prompt};
 use refusal_steer_engine::{GenerateOptions, Padding, Sampling};
 use refusal_steer_pipeline::answers::{answer, answer_to_file, AnswerJob, Format};
+use refusal_steer_pipeline::evaluate::selected;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
@@ -133,12 +134,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut printed: HashMap<String, Vec<String>> = HashMap::new();
     let mut in_file = 0;
     for group in [true, false] {
-        let members: Vec<Prompt> = prompts
-            .iter()
-            .zip(&steered)
-            .filter(|(_, &s)| s == group)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let members = selected(&prompts, &steered, group);
         if members.is_empty() {
             continue;
         }

@@ -123,6 +123,16 @@ pub fn hooks_for(model: &Model, steering: Option<&Steering>) -> Result<Hooks> {
     Ok(hooks)
 }
 
+/// The prompts whose entry in `steered` equals `group`, in order.
+pub fn selected(prompts: &[Prompt], steered: &[bool], group: bool) -> Vec<Prompt> {
+    prompts
+        .iter()
+        .zip(steered)
+        .filter(|(_, &s)| s == group)
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
 /// Greedy answers to `prompts` in `path` (resumable), in prompt order.
 #[allow(clippy::too_many_arguments)]
 pub fn answers_for(
@@ -141,12 +151,7 @@ pub fn answers_for(
     let mut all = Vec::new();
     // Steered and unsteered prompts run as two groups into the same file.
     for group in [true, false] {
-        let members: Vec<Prompt> = prompts
-            .iter()
-            .zip(&steered)
-            .filter(|(_, &s)| s == group)
-            .map(|(p, _)| p.clone())
-            .collect();
+        let members = selected(prompts, &steered, group);
         if members.is_empty() {
             continue;
         }
