@@ -327,7 +327,7 @@ def render_chat(template: str, user: str, bos: str, eos: str) -> str:
 
 
 class Runner:
-    def __init__(self, model_path: Path, threads: int, n_ctx: int, n_batch: int):
+    def __init__(self, model_path: Path, threads: int, n_ctx: int, n_batch: int, flash_attn: bool):
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = 0
         mparams.use_mmap = True
@@ -339,6 +339,7 @@ class Runner:
         self.threads = threads
         self.n_ctx = n_ctx
         self.n_batch = n_batch
+        self.flash_attn = flash_attn
 
     def ctx_params(self):
         c = L.llama_context_default_params()
@@ -348,7 +349,8 @@ class Runner:
         c.n_seq_max = 1
         c.n_threads = self.threads
         c.n_threads_batch = self.threads
-        c.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED: plain softmax attention
+        # LLAMA_FLASH_ATTN_TYPE_DISABLED (0, the fixtures: plain softmax attention) or ENABLED (1)
+        c.flash_attn_type = 1 if self.flash_attn else 0
         c.no_perf = True
         return c
 
@@ -447,6 +449,9 @@ def main():
     ap.add_argument("--n-batch", type=int, default=1024)
     ap.add_argument("--families", default=",".join(MODELS))
     ap.add_argument("--skip-logits", action="store_true")
+    # The fixtures use plain attention; --flash-attn makes a second llama.cpp reference for
+    # compare_greedy.py (how often llama.cpp agrees with itself across its two attention paths).
+    ap.add_argument("--flash-attn", action="store_true")
     args = ap.parse_args()
 
     assert len(TOKENIZE_STRINGS) == len(set(TOKENIZE_STRINGS)), "duplicate tokenize strings"
@@ -468,7 +473,7 @@ def main():
         "n_ctx": args.n_ctx,
         "n_batch": args.n_batch,
         "n_ubatch": args.n_batch,
-        "flash_attn_type": "disabled",
+        "flash_attn_type": "enabled" if args.flash_attn else "disabled",
         "n_gpu_layers": 0,
         "top_k": TOP_K,
         "max_new_tokens": MAX_NEW,
@@ -485,7 +490,7 @@ def main():
             print(f"[skip] {family}: {path} missing", file=sys.stderr)
             continue
         print(f"[{family}] {path}", file=sys.stderr)
-        r = Runner(path, args.threads, args.n_ctx, args.n_batch)
+        r = Runner(path, args.threads, args.n_ctx, args.n_batch, args.flash_attn)
         vocab = r.vocab
         mmeta = {
             "file": fname,
