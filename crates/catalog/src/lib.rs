@@ -315,6 +315,23 @@ pub fn fetch(entry: &ModelEntry, progress: &mut dyn FnMut(&str)) -> Result<PathB
 }
 
 /// sha256 of a file, as lower-case hex.
+/// The sha256 of a model file: the catalogue's for a file in the model cache under its
+/// catalogue name and size (only verified files enter the cache), otherwise hashed.
+pub fn model_sha256(path: &Path) -> io::Result<String> {
+    let bytes = fs::metadata(path)?.len();
+    let cached = CATALOGUE.iter().find(|entry| {
+        entry.bytes == bytes && same_file(&cached_path(entry), path).unwrap_or(false)
+    });
+    match cached {
+        Some(entry) => Ok(entry.sha256.to_string()),
+        None => sha256_file(path),
+    }
+}
+
+fn same_file(a: &Path, b: &Path) -> io::Result<bool> {
+    Ok(a.exists() && fs::canonicalize(a)? == fs::canonicalize(b)?)
+}
+
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut hasher = Sha256::new();
@@ -475,6 +492,24 @@ fn python() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_model_takes_the_catalogue_checksum_and_other_files_are_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::env::set_var(CACHE_ENV, dir.path());
+        let entry = &CATALOGUE[0];
+        let cached = cached_path(entry);
+        fs::create_dir_all(cached.parent().unwrap()).unwrap();
+        // A sparse file of the right size: hashing it would not give the catalogue's sum.
+        File::create(&cached).unwrap().set_len(entry.bytes).unwrap();
+        assert_eq!(model_sha256(&cached).unwrap(), entry.sha256);
+        let elsewhere = dir.path().join(entry.file_name);
+        fs::write(&elsewhere, b"abc").unwrap();
+        assert_eq!(
+            model_sha256(&elsewhere).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
 
     #[test]
     fn catalogue_names_are_unique_and_checksums_well_formed() {

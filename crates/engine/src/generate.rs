@@ -145,29 +145,18 @@ pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> (u32, f3
 }
 
 /// Runs the prompts through the model as one padded batch, leaving room in the cache for
-/// `room` more tokens per row; returns the cache and each row's last-token logits.
+/// `room` more tokens per row; returns the cache and the `logits` asked for.
 pub fn prefill(
     model: &Model,
     prompts: &[&[u32]],
     padding: Padding,
     room: usize,
     hooks: &mut Hooks,
+    logits: Logits,
 ) -> Result<(KvCache, Tensor)> {
-    if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
-        return Err(EngineError::Batch(format!(
-            "prompt {r} is empty: there is nothing to run"
-        )));
-    }
+    check_prompts(model, prompts, room)?;
     let batch = prompts.len();
     let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
-    let context = model.config.context_length;
-    if longest + room > context {
-        return Err(EngineError::ContextLength {
-            prompt: longest,
-            new_tokens: room,
-            context,
-        });
-    }
     let mut tokens = vec![0u32; batch * longest];
     let mut valid = vec![false; batch * longest];
     for (row, prompt) in prompts.iter().enumerate() {
@@ -182,8 +171,99 @@ pub fn prefill(
     }
     let mut cache = model.new_cache(batch, longest + room);
     let chunk = cache.begin(valid, longest, true)?;
-    let logits = model.forward(&tokens, &chunk, &mut cache, hooks, Logits::Last)?;
+    let logits = model.forward(&tokens, &chunk, &mut cache, hooks, logits)?;
     Ok((cache, logits))
+}
+
+/// No prompt is empty, and the longest leaves `room` in the context.
+fn check_prompts(model: &Model, prompts: &[&[u32]], room: usize) -> Result<()> {
+    if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(EngineError::Batch(format!(
+            "prompt {r} is empty: there is nothing to run"
+        )));
+    }
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let context = model.config.context_length;
+    if longest + room > context {
+        return Err(EngineError::ContextLength {
+            prompt: longest,
+            new_tokens: room,
+            context,
+        });
+    }
+    Ok(())
+}
+
+/// The tokens every prompt of a job opens with (a chat template's system turn and user
+/// header), run once: each batch copies their keys and values instead of computing them.
+/// Hooks do not see these tokens, so it serves passes whose hooks leave prompt openings
+/// alone: capturing at the last prompt token, unhooked scoring.
+pub struct SharedPrefix {
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
+impl SharedPrefix {
+    /// The opening `a` and `b` share (two prompts formatted from different texts), run
+    /// once; `None` when they share nothing.
+    pub fn common(model: &Model, a: &[u32], b: &[u32]) -> Result<Option<Self>> {
+        let tokens = a[..common_len(a, b)].to_vec();
+        if tokens.is_empty() {
+            return Ok(None);
+        }
+        let (cache, _) = prefill(
+            model,
+            &[&tokens],
+            Padding::Left,
+            0,
+            &mut model.new_hooks(),
+            Logits::Last,
+        )?;
+        Ok(Some(Self { tokens, cache }))
+    }
+
+    /// What [`prefill`] (left padding) returns for `prompts`, the opening they all share
+    /// with this prefix copied in rather than recomputed; every row keeps at least its last
+    /// token to run. Prompts that do not open with it simply share less (or nothing).
+    pub fn prefill(
+        &self,
+        model: &Model,
+        prompts: &[&[u32]],
+        room: usize,
+        hooks: &mut Hooks,
+        logits: Logits,
+    ) -> Result<(KvCache, Tensor)> {
+        check_prompts(model, prompts, room)?;
+        let shared = prompts
+            .iter()
+            .map(|p| common_len(p, &self.tokens).min(p.len() - 1))
+            .min()
+            .unwrap_or(0);
+        if shared == 0 {
+            return prefill(model, prompts, Padding::Left, room, hooks, logits);
+        }
+        let batch = prompts.len();
+        let longest = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+        let mut cache = KvCache::from_prefix(&self.cache, shared, batch, shared + longest + room)?;
+        // Left padding between the shared opening and each row's own tokens: padding slots
+        // are never attended to and positions count real tokens only.
+        let mut tokens = vec![0u32; batch * longest];
+        let mut valid = vec![false; batch * longest];
+        for (row, prompt) in prompts.iter().enumerate() {
+            let own = &prompt[shared..];
+            let offset = row * longest + longest - own.len();
+            tokens[offset..offset + own.len()].copy_from_slice(own);
+            valid[offset..offset + own.len()].fill(true);
+        }
+        let chunk = cache.begin(valid, longest, true)?;
+        let logits = model.forward(&tokens, &chunk, &mut cache, hooks, logits)?;
+        Ok((cache, logits))
+    }
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_len(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Generates a continuation for each request in one batch. `on_token(row, token)` sees every
@@ -206,6 +286,7 @@ pub fn generate(
         options.padding,
         options.max_new_tokens,
         hooks,
+        Logits::Last,
     )?;
 
     let mut rngs: Vec<StdRng> = requests

@@ -162,6 +162,11 @@ impl Hooks {
         !self.by_point[point].is_empty()
     }
 
+    /// The last point with an intervention, if any.
+    pub(crate) fn last_active(&self) -> Option<usize> {
+        self.by_point.iter().rposition(|p| !p.is_empty())
+    }
+
     /// Applies the interventions at `point` to `h` (`[batch, chunk.len, d]`), in the order added.
     pub(crate) fn apply(&mut self, point: usize, mut h: Tensor, chunk: &Chunk) -> Result<Tensor> {
         for active in &self.by_point[point] {

@@ -176,6 +176,13 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         if self.layers[layer].is_none() {
+            if chunk.start > 0 {
+                return Err(EngineError::Batch(format!(
+                    "layer {layer} has no keys and values for the {} earlier slots: the pass \
+                     that ran them stopped early (Logits::None) and cannot be continued",
+                    chunk.start
+                )));
+            }
             let (b, h, _, d) = k.dims4()?;
             let zeros = || Tensor::zeros((b, h, self.capacity, d), k.dtype(), &Device::Cpu);
             self.layers[layer] = Some((zeros()?, zeros()?));

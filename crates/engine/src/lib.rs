@@ -18,6 +18,7 @@ pub mod tiny;
 
 pub use generate::{
     generate, prefill, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling,
+    SharedPrefix,
 };
 pub use hooks::{Action, Captured, Hooks, Intervention, Positions, Rows};
 pub use model::{Architecture, Config, Logits, Model};

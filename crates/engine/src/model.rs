@@ -8,7 +8,7 @@ use crate::layers::{RmsNorm, Rope, StepContext};
 use crate::quant::Matrix;
 use crate::{gemma3, llama, EngineError, Result};
 use candle_core::quantized::QMatMul;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use refusal_steer_tokenizer::{ChatTemplate, Tokenizer};
 use std::path::{Path, PathBuf};
 
@@ -114,6 +114,10 @@ pub enum Logits {
     Last,
     /// Every slot: `[batch, len, vocab]`.
     All,
+    /// None, for passes that only read hooks: the pass stops after the last point with a
+    /// hook and returns an empty `[batch, 0]`. Layers after that point get no keys and
+    /// values, so the cache cannot be continued.
+    None,
 }
 
 pub struct Model {
@@ -232,7 +236,11 @@ impl Model {
                 .collect::<Result<_>>()?,
             cache,
         };
-        for (layer, block) in d.blocks.iter().enumerate() {
+        let n_blocks = match logits {
+            Logits::None => hooks.last_active().unwrap_or(0),
+            Logits::Last | Logits::All => d.blocks.len(),
+        };
+        for (layer, block) in d.blocks.iter().enumerate().take(n_blocks) {
             x = block.forward(&x, layer, &mut ctx, &d.ropes)?;
             if hooks.is_active(layer + 1) {
                 x = hooks.apply(layer + 1, x, chunk)?;
@@ -240,6 +248,7 @@ impl Model {
         }
         ctx.cache.commit(chunk);
         let x = match logits {
+            Logits::None => return Ok(Tensor::zeros((b, 0), DType::F32, &Device::Cpu)?),
             Logits::All => x,
             Logits::Last => {
                 let last: Vec<u32> = (0..b)

@@ -2,8 +2,8 @@
 //! exactly what they are told to and nothing else, and that batching changes nothing.
 
 use refusal_steer_engine::{
-    generate, tiny, Action, GenerateOptions, Intervention, Logits, Model, Padding, Positions,
-    Request, Rows, Sampling,
+    generate, prefill, tiny, Action, GenerateOptions, Intervention, Logits, Model, Padding,
+    Positions, Request, Rows, Sampling, SharedPrefix,
 };
 
 fn model() -> (tempfile::TempDir, Model) {
@@ -350,4 +350,120 @@ fn truncated_and_foreign_files_are_errors_not_panics() {
     assert!(err.contains("not a usable GGUF model"), "{err}");
     std::fs::write(&path, b"definitely not gguf").unwrap();
     assert!(Model::load(&path).is_err());
+}
+
+/// Captures at the last prompt token of every row at `points`, through `run`.
+fn captured_at(
+    model: &Model,
+    points: &[usize],
+    run: impl FnOnce(&mut refusal_steer_engine::Hooks),
+) -> Vec<(usize, usize, Vec<f32>)> {
+    let mut hooks = model.new_hooks();
+    for &point in points {
+        hooks
+            .add(Intervention {
+                point,
+                action: Action::Capture,
+                rows: Rows::All,
+                positions: Positions::LastPrompt,
+            })
+            .unwrap();
+    }
+    run(&mut hooks);
+    let mut out: Vec<_> = hooks
+        .take_captured()
+        .into_iter()
+        .map(|c| (c.point, c.row, c.values))
+        .collect();
+    out.sort_by_key(|(point, row, _)| (*point, *row));
+    out
+}
+
+fn encoded(model: &Model, prompts: &[&str]) -> Vec<Vec<u32>> {
+    prompts
+        .iter()
+        .map(|p| model.tokenizer.encode(p, false, true))
+        .collect()
+}
+
+#[test]
+fn a_pass_without_logits_stops_after_the_last_hook_and_cannot_be_continued() {
+    let (_d, model) = model();
+    let tokens = encoded(&model, &PROMPTS);
+    let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+    let full = captured_at(&model, &[1], |hooks| {
+        prefill(&model, &refs, Padding::Left, 0, hooks, Logits::Last).unwrap();
+    });
+    let mut cache = None;
+    let early = captured_at(&model, &[1], |hooks| {
+        let (c, logits) = prefill(&model, &refs, Padding::Left, 1, hooks, Logits::None).unwrap();
+        assert_eq!(logits.dims(), &[PROMPTS.len(), 0]);
+        cache = Some(c);
+    });
+    assert_eq!(early, full);
+    assert_eq!(early.len(), PROMPTS.len());
+    // The blocks after point 1 never ran: continuing is refused, not silently wrong.
+    let mut cache = cache.unwrap();
+    let chunk = cache.begin(vec![true; PROMPTS.len()], 1, false).unwrap();
+    let err = model
+        .forward(
+            &vec![1; PROMPTS.len()],
+            &chunk,
+            &mut cache,
+            &mut model.new_hooks(),
+            Logits::Last,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("stopped early"), "{err}");
+}
+
+#[test]
+fn a_shared_prefix_run_once_gives_what_running_prompts_whole_gives() {
+    let (_d, model) = model();
+    let opening = "in an hour";
+    let prompts = ["in an hour the cat sat", "in an hour there", "in an hour a"];
+    let tokens = encoded(&model, &prompts);
+    let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+    let (a, b) = (encoded(&model, &[opening])[0].clone(), tokens[0].clone());
+    let prefix = SharedPrefix::common(&model, &a, &b).unwrap().unwrap();
+    let points: Vec<usize> = (0..=model.config.n_layers).collect();
+    let mut logits = (None, None);
+    let whole = captured_at(&model, &points, |hooks| {
+        logits.0 = Some(
+            prefill(&model, &refs, Padding::Left, 0, hooks, Logits::Last)
+                .unwrap()
+                .1,
+        );
+    });
+    let shared = captured_at(&model, &points, |hooks| {
+        logits.1 = Some(
+            prefix
+                .prefill(&model, &refs, 0, hooks, Logits::Last)
+                .unwrap()
+                .1,
+        );
+    });
+    assert_eq!(whole.len(), shared.len());
+    for ((point, row, w), (_, _, s)) in whole.iter().zip(&shared) {
+        for (x, y) in w.iter().zip(s) {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+                "point {point} row {row}: {x} vs {y}"
+            );
+        }
+    }
+    let (w, s): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (
+        logits.0.unwrap().to_vec2().unwrap(),
+        logits.1.unwrap().to_vec2().unwrap(),
+    );
+    for (w, s) in w.iter().flatten().zip(s.iter().flatten()) {
+        assert!((w - s).abs() <= 1e-4 * (1.0 + w.abs()), "{w} vs {s}");
+    }
+    // A prompt that is all opening still runs its last token itself.
+    let short = [a.as_slice()];
+    let (_, l) = prefix
+        .prefill(&model, &short, 0, &mut model.new_hooks(), Logits::Last)
+        .unwrap();
+    assert_eq!(l.dims(), &[1, model.config.vocab_size]);
 }

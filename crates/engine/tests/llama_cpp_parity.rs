@@ -52,8 +52,9 @@ fn check(model_name: &str, family: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join(format!("../../fixtures/llama.cpp/logits-{family}.json"));
     let fixture: Fixture = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("../../fixtures/llama.cpp/flash-attn/greedy-{family}.json"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
+        "../../fixtures/llama.cpp/flash-attn/greedy-{family}.json"
+    ));
     let flash_attn: FlashAttn =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let model = Model::load(

@@ -15,7 +15,7 @@
 use crate::sampled::sampled_verdict;
 use crate::{Judge, JudgeError, Result, Scoring, Verdict};
 use refusal_steer_engine::kv_cache::KvCache;
-use refusal_steer_engine::{prefill, EngineError, Logits, Model, Padding};
+use refusal_steer_engine::{prefill, EngineError, Logits, Model, Padding, SharedPrefix};
 use refusal_steer_tokenizer::Message;
 use sha2::{Digest, Sha256};
 
@@ -146,12 +146,6 @@ pub struct LocalJudge {
     shared_prefix: Option<SharedPrefix>,
 }
 
-/// Tokens every prompt starts with, and their keys and values (one row).
-struct SharedPrefix {
-    tokens: Vec<u32>,
-    cache: KvCache,
-}
-
 impl LocalJudge {
     pub fn new(
         model: Model,
@@ -210,18 +204,7 @@ impl LocalJudge {
         // the common tokens are taken, not the text).
         let a = self.prompt_tokens("?", "")?;
         let b = self.prompt_tokens("x", "")?;
-        let tokens = a[..common_len(&a, &b)].to_vec();
-        if tokens.is_empty() {
-            return Ok(());
-        }
-        let (cache, _) = prefill(
-            &self.model,
-            &[&tokens],
-            Padding::Left,
-            0,
-            &mut self.model.new_hooks(),
-        )?;
-        self.shared_prefix = Some(SharedPrefix { tokens, cache });
+        self.shared_prefix = SharedPrefix::common(&self.model, &a, &b)?;
         Ok(())
     }
 
@@ -323,45 +306,17 @@ impl LocalJudge {
         room: usize,
         hooks: &mut refusal_steer_engine::Hooks,
     ) -> Result<(KvCache, candle_core::Tensor)> {
-        // Every row keeps at least one token to run, for its logits.
-        let shared = self.shared_prefix.as_ref().map_or(0, |prefix| {
-            prompts
-                .iter()
-                .map(|p| common_len(p, &prefix.tokens).min(p.len().saturating_sub(1)))
-                .min()
-                .unwrap_or(0)
-        });
-        let Some(prefix) = self.shared_prefix.as_ref().filter(|_| shared > 0) else {
-            return Ok(prefill(&self.model, prompts, Padding::Left, room, hooks)?);
-        };
-        let longest = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
-        let context = self.model.config.context_length;
-        if shared + longest + room > context {
-            return Err(EngineError::ContextLength {
-                prompt: shared + longest,
-                new_tokens: room,
-                context,
-            }
-            .into());
-        }
-        let batch = prompts.len();
-        let mut cache =
-            KvCache::from_prefix(&prefix.cache, shared, batch, shared + longest + room)?;
-        // Left padding between the shared opening and each row's own tokens: padding slots
-        // are never attended to and positions count real tokens only.
-        let mut tokens = vec![0u32; batch * longest];
-        let mut valid = vec![false; batch * longest];
-        for (row, prompt) in prompts.iter().enumerate() {
-            let own = &prompt[shared..];
-            let offset = row * longest + longest - own.len();
-            tokens[offset..offset + own.len()].copy_from_slice(own);
-            valid[offset..offset + own.len()].fill(true);
-        }
-        let chunk = cache.begin(valid, longest, true)?;
-        let logits = self
-            .model
-            .forward(&tokens, &chunk, &mut cache, hooks, Logits::Last)?;
-        Ok((cache, logits))
+        Ok(match &self.shared_prefix {
+            Some(prefix) => prefix.prefill(&self.model, prompts, room, hooks, Logits::Last)?,
+            None => prefill(
+                &self.model,
+                prompts,
+                Padding::Left,
+                room,
+                hooks,
+                Logits::Last,
+            )?,
+        })
     }
 
     fn score_batch(&self, prompts: &[&[u32]]) -> Result<Vec<[f64; 2]>> {
@@ -500,11 +455,6 @@ pub(crate) fn llm_judge_id(
         Scoring::VerdictProb => {}
     }
     id
-}
-
-/// How many leading tokens `a` and `b` share.
-fn common_len(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The first most likely token, as greedy generation picks it.

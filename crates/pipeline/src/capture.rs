@@ -6,7 +6,9 @@ use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::activations::{ActivationsHeader, ActivationsWriter};
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{prefill, Action, Intervention, Model, Padding, Positions, Rows};
+use refusal_steer_engine::{
+    prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows, SharedPrefix,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -66,7 +68,7 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
             .collect(),
         (_, None) => HashMap::new(),
     };
-    let sha = refusal_steer_catalog::sha256_file(&model.path)
+    let sha = refusal_steer_catalog::model_sha256(&model.path)
         .with_context(|| format!("hashing {}", model.path.display()))?;
     let header = ActivationsHeader {
         n_points,
@@ -88,10 +90,22 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
     let start = writer.rows_done();
     progress.set_length(prompts.len() as u64);
     progress.set_position(start as u64);
-    for batch in prompts[start..].chunks(batch) {
-        // Per row: the tokens, and the first position that counts toward the mean.
-        let mut rows = Vec::with_capacity(batch.len());
-        for p in batch {
+    // At the last prompt token the chat template's opening is the same for every prompt:
+    // run it once. (The means need its positions captured, so they run prompts whole.)
+    let prefix = match position {
+        CapturePosition::LastPrompt => SharedPrefix::common(
+            model,
+            &format.encode(model, "?")?,
+            &format.encode(model, "x")?,
+        )?,
+        CapturePosition::MeanPrompt | CapturePosition::MeanAnswer => None,
+    };
+    // Batches are cut from windows of prompts sorted by length, so rows of a batch need
+    // little padding; rows are written in the prompts' order at the end of each window.
+    for window in prompts[start..].chunks(batch * WINDOW_BATCHES) {
+        // Per prompt: the tokens, and the first position that counts toward the mean.
+        let mut rows = Vec::with_capacity(window.len());
+        for p in window {
             let prompt = format.encode(model, &p.prompt)?;
             if position == CapturePosition::MeanAnswer {
                 let Some(answer) = answer_of.get(p.id.as_str()) else {
@@ -107,43 +121,140 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
                 rows.push((prompt, 0));
             }
         }
-        let positions = match position {
-            CapturePosition::LastPrompt => Positions::LastPrompt,
-            CapturePosition::MeanPrompt | CapturePosition::MeanAnswer => Positions::Prompt,
-        };
-        let mut hooks = model.new_hooks();
-        for point in 0..n_points {
-            hooks.add(Intervention {
-                point,
-                action: Action::Capture,
-                rows: Rows::All,
-                positions: positions.clone(),
-            })?;
-        }
-        let refs: Vec<&[u32]> = rows.iter().map(|(t, _)| t.as_slice()).collect();
-        prefill(model, &refs, Padding::Left, 0, &mut hooks)?;
-        // Sum what was captured per (row, point); the mean divides by the count.
-        let mut sums = vec![vec![0f64; n_points * d]; batch.len()];
-        let mut counts = vec![vec![0usize; n_points]; batch.len()];
-        for c in hooks.take_captured() {
-            if c.position < rows[c.row].1 {
-                continue;
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].0.len());
+        let mut means: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
+        for members in order.chunks(batch) {
+            let batch_rows: Vec<&(Vec<u32>, u32)> = members.iter().map(|&i| &rows[i]).collect();
+            for (i, mean) in members.iter().zip(capture_batch(
+                model,
+                &batch_rows,
+                position,
+                prefix.as_ref(),
+            )?) {
+                means[*i] = mean;
             }
-            let sum = &mut sums[c.row][c.point * d..(c.point + 1) * d];
-            for (s, v) in sum.iter_mut().zip(&c.values) {
-                *s += *v as f64;
-            }
-            counts[c.row][c.point] += 1;
+            progress.inc(members.len() as u64);
         }
-        for (row, sum) in sums.iter().enumerate() {
-            let mean: Vec<f32> = sum
-                .iter()
-                .enumerate()
-                .map(|(i, s)| (*s / counts[row][i / d].max(1) as f64) as f32)
-                .collect();
-            writer.push_row(&mean)?;
-            progress.inc(1);
+        for mean in &means {
+            writer.push_row(mean)?;
         }
     }
     Ok(())
+}
+
+/// Batches per window of length-sorted prompts: enough to find rows of similar length,
+/// few enough that a stop loses little.
+const WINDOW_BATCHES: usize = 8;
+
+/// One prefill over `rows` (tokens, first position counted), capturing every point; returns
+/// each row's `[points * d]` mean.
+fn capture_batch(
+    model: &Model,
+    rows: &[&(Vec<u32>, u32)],
+    position: CapturePosition,
+    prefix: Option<&SharedPrefix>,
+) -> Result<Vec<Vec<f32>>> {
+    let (n_points, d) = (model.config.n_layers + 1, model.config.d_model);
+    let positions = match position {
+        CapturePosition::LastPrompt => Positions::LastPrompt,
+        CapturePosition::MeanPrompt | CapturePosition::MeanAnswer => Positions::Prompt,
+    };
+    let mut hooks = model.new_hooks();
+    for point in 0..n_points {
+        hooks.add(Intervention {
+            point,
+            action: Action::Capture,
+            rows: Rows::All,
+            positions: positions.clone(),
+        })?;
+    }
+    let tokens: Vec<&[u32]> = rows.iter().map(|(t, _)| t.as_slice()).collect();
+    match prefix {
+        Some(prefix) => prefix.prefill(model, &tokens, 0, &mut hooks, Logits::None)?,
+        None => prefill(model, &tokens, Padding::Left, 0, &mut hooks, Logits::None)?,
+    };
+    // Sum what was captured per (row, point); the mean divides by the count.
+    let mut sums = vec![vec![0f64; n_points * d]; rows.len()];
+    let mut counts = vec![vec![0usize; n_points]; rows.len()];
+    for c in hooks.take_captured() {
+        if c.position < rows[c.row].1 {
+            continue;
+        }
+        let sum = &mut sums[c.row][c.point * d..(c.point + 1) * d];
+        for (s, v) in sum.iter_mut().zip(&c.values) {
+            *s += *v as f64;
+        }
+        counts[c.row][c.point] += 1;
+    }
+    Ok(sums
+        .iter()
+        .zip(&counts)
+        .map(|(sum, count)| {
+            sum.iter()
+                .enumerate()
+                .map(|(i, s)| (*s / count[i / d].max(1) as f64) as f32)
+                .collect()
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refusal_steer_data::activations::Activations;
+    use refusal_steer_engine::tiny;
+
+    #[test]
+    fn rows_stay_in_prompt_order_whatever_the_batching() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny::write(&path).unwrap();
+        let model = Model::load(&path).unwrap();
+        // Lengths out of order, so the length sort moves rows between batches.
+        let texts = [
+            "the cat sat on the mat in an hour",
+            "a",
+            "in an hour there",
+            "the cat",
+            "there sat a cat on a mat",
+            "an hour",
+            "the",
+        ];
+        let prompts: Vec<Prompt> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Prompt {
+                id: i.to_string(),
+                prompt: t.to_string(),
+                set: None,
+            })
+            .collect();
+        let format = Format {
+            system: None,
+            raw: true,
+        };
+        let run = |batch: usize| {
+            let out = dir.path().join(format!("acts-{batch}.safetensors"));
+            let job = CaptureJob {
+                prompts: &prompts,
+                format: &format,
+                position: CapturePosition::LastPrompt,
+                answers: None,
+                batch,
+            };
+            capture(&model, &job, &out, &ProgressBar::hidden()).unwrap();
+            Activations::load(&out).unwrap()
+        };
+        let (alone, batched) = (run(1), run(3));
+        assert_eq!(batched.header.ids, alone.header.ids);
+        for (a, b) in alone.data.iter().zip(&batched.data) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        // Each row is its own prompt's: the prompts differ, so their last points do.
+        let last = alone.at_point(tiny::N_LAYERS);
+        let d = tiny::D_MODEL;
+        assert_ne!(last[..d], last[d..2 * d]);
+    }
 }

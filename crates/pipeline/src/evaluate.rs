@@ -9,7 +9,7 @@ use crate::steering::{add_steering, Steering};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{prefill, GenerateOptions, Hooks, Model, Padding};
+use refusal_steer_engine::{prefill, GenerateOptions, Hooks, Logits, Model, Padding};
 use refusal_steer_judge::{assess, Assessment, Judge, VerdictCache};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -202,7 +202,7 @@ fn next_token_logprobs(
     for chunk in tokens.chunks(batch.max(1)) {
         let mut hooks = hooks_for(model, steering)?;
         let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
-        let (_, logits) = prefill(model, &refs, Padding::Left, 0, &mut hooks)?;
+        let (_, logits) = prefill(model, &refs, Padding::Left, 0, &mut hooks, Logits::Last)?;
         for row in logits.to_vec2::<f32>()? {
             let max = row.iter().copied().fold(f32::MIN, f32::max);
             let log_z = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();

@@ -8,7 +8,9 @@ use crate::answers::Format;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
-use refusal_steer_engine::{prefill, Action, Intervention, Model, Padding, Positions, Rows};
+use refusal_steer_engine::{
+    prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows, SharedPrefix,
+};
 use refusal_steer_steer::{fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -126,7 +128,8 @@ impl Gate {
         Ok(gate)
     }
 
-    /// Which prompts pass the gate (one unsteered prefill per batch).
+    /// Which prompts pass the gate (one unsteered prefill per batch, through the gate's point
+    /// only, the chat template's opening run once).
     pub fn select(
         &self,
         model: &Model,
@@ -134,6 +137,11 @@ impl Gate {
         prompts: &[String],
         batch: usize,
     ) -> Result<Vec<bool>> {
+        let prefix = SharedPrefix::common(
+            model,
+            &format.encode(model, "?")?,
+            &format.encode(model, "x")?,
+        )?;
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
             let tokens: Vec<Vec<u32>> = chunk
@@ -148,7 +156,10 @@ impl Gate {
                 positions: Positions::LastPrompt,
             })?;
             let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
-            prefill(model, &refs, Padding::Left, 0, &mut hooks)?;
+            match &prefix {
+                Some(prefix) => prefix.prefill(model, &refs, 0, &mut hooks, Logits::None)?,
+                None => prefill(model, &refs, Padding::Left, 0, &mut hooks, Logits::None)?,
+            };
             let mut pass = vec![false; chunk.len()];
             for c in hooks.take_captured() {
                 pass[c.row] = dot(&c.values, &self.direction) > self.threshold;

@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn ablating_with_another_file_removes_the_span_of_both_directions() {
-        use refusal_steer_engine::{prefill, tiny, Padding};
+        use refusal_steer_engine::{prefill, tiny, Logits, Padding};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         tiny::write(&path).unwrap();
@@ -270,7 +270,15 @@ mod tests {
                 positions: Positions::All,
             })
             .unwrap();
-        prefill(&model, &[&[1, 2, 3, 4]], Padding::Left, 0, &mut hooks).unwrap();
+        prefill(
+            &model,
+            &[&[1, 2, 3, 4]],
+            Padding::Left,
+            0,
+            &mut hooks,
+            Logits::Last,
+        )
+        .unwrap();
         let captured = hooks.take_captured();
         assert_eq!(captured.len(), 4);
         for c in captured {
