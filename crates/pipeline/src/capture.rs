@@ -126,13 +126,9 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
         let mut means: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
         for members in order.chunks(batch) {
             let batch_rows: Vec<&(Vec<u32>, u32)> = members.iter().map(|&i| &rows[i]).collect();
-            for (i, mean) in members.iter().zip(capture_batch(
-                model,
-                &batch_rows,
-                position,
-                prefix.as_ref(),
-            )?) {
-                means[*i] = mean;
+            let batch_means = capture_batch(model, &batch_rows, position, prefix.as_ref())?;
+            for (&i, mean) in members.iter().zip(batch_means) {
+                means[i] = mean;
             }
             progress.inc(members.len() as u64);
         }
