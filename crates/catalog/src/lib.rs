@@ -314,7 +314,6 @@ pub fn fetch(entry: &ModelEntry, progress: &mut dyn FnMut(&str)) -> Result<PathB
     })
 }
 
-/// sha256 of a file, as lower-case hex.
 /// The sha256 of a model file: the catalogue's for a file in the model cache under its
 /// catalogue name and size (only verified files enter the cache), otherwise hashed.
 pub fn model_sha256(path: &Path) -> io::Result<String> {
@@ -332,6 +331,7 @@ fn same_file(a: &Path, b: &Path) -> io::Result<bool> {
     Ok(a.exists() && fs::canonicalize(a)? == fs::canonicalize(b)?)
 }
 
+/// sha256 of a file, as lower-case hex.
 pub fn sha256_file(path: &Path) -> io::Result<String> {
     let mut reader = BufReader::with_capacity(1 << 20, File::open(path)?);
     let mut hasher = Sha256::new();
