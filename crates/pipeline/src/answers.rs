@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, JsonlAppender, Prompt};
-use refusal_steer_engine::{generate, GenerateOptions, Hooks, Model, Request};
+use refusal_steer_engine::{generate, GenerateOptions, Hooks, Model, Request, SharedPrefix};
 use std::collections::HashSet;
 use std::path::Path;
 
@@ -25,6 +25,13 @@ impl Format {
             model.template.prompt(self.system.as_deref(), prompt)?
         };
         Ok(encode_with_bos(model, &text))
+    }
+
+    /// The opening every prompt formatted this way shares (the chat template's system turn
+    /// and user header), run once for passes that reuse it.
+    pub fn shared_prefix(&self, model: &Model) -> Result<Option<SharedPrefix>> {
+        let (a, b) = (self.encode(model, "?")?, self.encode(model, "x")?);
+        Ok(SharedPrefix::common(model, &a, &b)?)
     }
 
     /// How prompts were formatted, for the metadata of derived files.

@@ -93,11 +93,7 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
     // At the last prompt token the chat template's opening is the same for every prompt:
     // run it once. (The means need its positions captured, so they run prompts whole.)
     let prefix = match position {
-        CapturePosition::LastPrompt => SharedPrefix::common(
-            model,
-            &format.encode(model, "?")?,
-            &format.encode(model, "x")?,
-        )?,
+        CapturePosition::LastPrompt => format.shared_prefix(model)?,
         CapturePosition::MeanPrompt | CapturePosition::MeanAnswer => None,
     };
     // Batches are cut from windows of prompts sorted by length, so rows of a batch need

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
 use refusal_steer_engine::{
-    prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows, SharedPrefix,
+    prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows,
 };
 use refusal_steer_steer::{fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
@@ -137,11 +137,7 @@ impl Gate {
         prompts: &[String],
         batch: usize,
     ) -> Result<Vec<bool>> {
-        let prefix = SharedPrefix::common(
-            model,
-            &format.encode(model, "?")?,
-            &format.encode(model, "x")?,
-        )?;
+        let prefix = format.shared_prefix(model)?;
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
             let tokens: Vec<Vec<u32>> = chunk
