@@ -1,11 +1,12 @@
 """How well the topic gate's rule tells a topic from look-alike prompts, on held-out prompts.
 
-The rule is the pipeline's (crates/pipeline/src/gate.rs): the mean difference of on-topic minus
+The rules are the pipeline's (crates/pipeline/src/gate.rs): a direction from on-topic minus
 off-topic train activations at one point, threshold at the midpoint of the two groups' mean
-projections, the point chosen by 5-fold held-out balanced accuracy on the train prompts. Train
-prompts: 30 on the topic and a fifth of every other group (the other candidate topic is left
-out); every other prompt is held out. Ridge LDA on standardised activations at the same point
-is printed beside it, as the strongest other linear rule tried.
+projections, the point chosen by 5-fold held-out balanced accuracy on the train prompts. The
+direction is the mean difference (`gate = "md"`, the default) or the ridge mean difference
+whitened by the off-topic prompts' covariance (`gate = "rmd"`, lambda = kappa * trace / d with
+the config's kappa = 1). Train prompts: 30 on the topic and a fifth of every other group (the
+other candidate topic is left out); every other prompt is held out.
 
     refusal-steer capture --prompts P.jsonl --out A.safetensors     # P from prompts.py
     python3 scripts/gate_topics/gate_topics.py A.safetensors P.jsonl math health
@@ -25,8 +26,12 @@ def load_activations(path):
         return np.frombuffer(f.read(end - start), dtype="<f4").reshape(t["shape"]).astype(np.float64)
 
 
-def midpoint_rule(x, on):
+def midpoint_rule(x, on, kappa=None):
     v = x[on].mean(0) - x[~on].mean(0)
+    if kappa is not None:
+        off = x[~on] - x[~on].mean(0)
+        cov = off.T @ off / len(off)
+        v = np.linalg.solve(cov + kappa * np.trace(cov) / len(cov) * np.eye(len(cov)), v)
     v /= np.linalg.norm(v)
     return v, ((x[on] @ v).mean() + (x[~on] @ v).mean()) / 2
 
@@ -35,13 +40,13 @@ def balanced_accuracy(pred, on):
     return (pred[on].mean() + (~pred[~on]).mean()) / 2
 
 
-def heldout_accuracy(x, on, rng, folds=5):
+def heldout_accuracy(x, on, kappa, rng, folds=5):
     idx = rng.permutation(len(x))
     pred = np.zeros(len(x), bool)
     for fold in np.array_split(idx, folds):
         keep = np.ones(len(x), bool)
         keep[fold] = False
-        v, t = midpoint_rule(x[keep], on[keep])
+        v, t = midpoint_rule(x[keep], on[keep], kappa)
         pred[fold] = x[fold] @ v > t
     return balanced_accuracy(pred, on)
 
@@ -62,23 +67,18 @@ def main():
             elif g not in candidates:
                 train[idx[: max(4, len(idx) // 5)]] = True
         on = groups == topic
-        scores = [heldout_accuracy(a[train, p], on[train], np.random.default_rng(p))
-                  for p in range(1, a.shape[1])]
-        point = 1 + int(np.argmax(scores))
-        x = a[:, point]
-        v, t = midpoint_rule(x[train], on[train])
-        mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
-        z = (x - mu) / sd
-        z1, z0 = z[train & on], z[train & ~on]
-        within = np.cov(np.vstack([z1 - z1.mean(0), z0 - z0.mean(0)]).T)
-        w = np.linalg.solve(within + np.eye(len(within)), z1.mean(0) - z0.mean(0))
-        rules = {"gate (midpoint)": x @ v > t,
-                 "ridge LDA": z @ w > ((z1 @ w).mean() + (z0 @ w).mean()) / 2}
+        rules = {}
+        for name, kappa in [("md", None), ("rmd", 1.0)]:
+            scores = [heldout_accuracy(a[train, p], on[train], kappa, np.random.default_rng(p))
+                      for p in range(1, a.shape[1])]
+            point = 1 + int(np.argmax(scores))
+            v, t = midpoint_rule(a[train, point], on[train], kappa)
+            rules[f"{name} (point {point}, held-out accuracy {scores[point - 1]:.3f})"] = a[:, point] @ v > t
         held = ~train
         names = sorted(set(groups) - {topic}, key=lambda g: (g in candidates, g))
-        print(f"\ntopic {topic}: point {point} (held-out balanced accuracy on train {scores[point - 1]:.3f}); "
-              f"train {int((train & on).sum())} on, {int((train & ~on).sum())} off; held-out prompts let through:")
-        print("| rule | " + " | ".join([topic] + names) + " |")
+        print(f"\ntopic {topic}: train {int((train & on).sum())} on, {int((train & ~on).sum())} off; "
+              "held-out prompts let through:")
+        print("| gate | " + " | ".join([topic] + names) + " |")
         print("|---" * (len(names) + 2) + "|")
         for name, passed in rules.items():
             cells = [f"{int(passed[held & (groups == g)].sum())}/{int((held & (groups == g)).sum())}"

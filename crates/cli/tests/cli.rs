@@ -300,7 +300,15 @@ fn capture_fit_and_steer_chain_through_files() {
         refusal_steer_data::activations::Activations::load(Path::new(&p("acts.safetensors")))
             .unwrap();
     let on_topic: Vec<Option<bool>> = (0..12).map(|i| Some(i % 2 == 0)).collect();
-    let gate = refusal_steer_pipeline::gate::Gate::fit(&acts, &on_topic, 3, 0).unwrap();
+    let gate = refusal_steer_pipeline::gate::Gate::fit(
+        &acts,
+        &on_topic,
+        refusal_steer_pipeline::gate::GateMethod::Md,
+        refusal_steer_steer::Ridge::Relative(1.0),
+        3,
+        0,
+    )
+    .unwrap();
     std::fs::write(p("gate.json"), serde_json::to_string(&gate).unwrap()).unwrap();
     let gated = refusal_steer(&[
         "generate",

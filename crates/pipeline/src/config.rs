@@ -1,6 +1,7 @@
 //! The run configuration (TOML): subject model, judge, prompt sets by role with their splits,
 //! and the tuning limits. `configs/default.toml` is the built-in default.
 
+use crate::gate::GateMethod;
 use crate::sets::{Source, SourceKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -78,6 +79,10 @@ pub struct TuneConfig {
     pub auc_margin: f64,
     /// Points before this fraction of the depth are never steered (they carry token identity).
     pub min_depth: f64,
+    /// How the topic gate's direction is fitted: `md` (default) or `rmd` (ridge `kappa`;
+    /// fewer look-alike off-topic prompts let through, fewer on-topic ones too).
+    #[serde(default, skip_serializing_if = "GateMethod::is_md")]
+    pub gate: GateMethod,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,8 +1,9 @@
 //! Conditional steering (beyond the paper, after CAST, Lee et al. 2024): steer a prompt only
 //! when its activation says it is on the target topic. A topic direction is fitted at one
-//! point (mean difference of on-topic minus off-topic train prompts, at the point where this
-//! rule is most often right on held-out train prompts); a prompt whose last-token projection on it passes the threshold is steered,
-//! others are left alone, so requests off the topic (harmful or benign) keep their behaviour.
+//! point (on-topic minus off-topic train prompts, at the point where this rule is most often
+//! right on held-out train prompts); a prompt whose last-token projection on it passes the
+//! threshold is steered, others are left alone, so requests off the topic (harmful or benign)
+//! keep their behaviour.
 
 use crate::answers::Format;
 use anyhow::{bail, Context, Result};
@@ -15,8 +16,41 @@ use refusal_steer_steer::{fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Sa
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// How the topic direction is fitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateMethod {
+    /// Mean difference: lets more on-topic prompts through.
+    #[default]
+    Md,
+    /// Ridge mean difference, whitened by the off-topic prompts' covariance: discounts the
+    /// axes along which off-topic prompts vary anyway, so fewer look-alike questions on
+    /// neighbouring subjects get through, at some cost in on-topic prompts
+    /// (scripts/gate_topics: math questions on Qwen2.5-Coder-1.5B let 9 of 148 held-out
+    /// physics/chemistry/economics questions through instead of 39, and 38 of 55 math
+    /// questions instead of 45).
+    Rmd,
+}
+
+impl GateMethod {
+    /// Left out of saved gates and configs, so files from before the choice stay as they were.
+    pub fn is_md(&self) -> bool {
+        *self == GateMethod::Md
+    }
+
+    fn method(self) -> Method {
+        match self {
+            GateMethod::Md => Method::Md,
+            GateMethod::Rmd => Method::Rmd,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Gate {
+    /// How `direction` was fitted.
+    #[serde(default, skip_serializing_if = "GateMethod::is_md")]
+    pub method: GateMethod,
     pub point: usize,
     /// Unit topic direction at `point`.
     pub direction: Vec<f32>,
@@ -39,10 +73,12 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 
 impl Gate {
     /// Fits the gate on train activations: `on_topic[i]` says whether row i is on the topic
-    /// (None: left out).
+    /// (None: left out). `ridge` is used by [`GateMethod::Rmd`].
     pub fn fit(
         acts: &Activations,
         on_topic: &[Option<bool>],
+        method: GateMethod,
+        ridge: Ridge,
         folds: usize,
         seed: u64,
     ) -> Result<Self> {
@@ -71,7 +107,7 @@ impl Gate {
         for point in 1..acts.header.n_points {
             let x = acts.at_point(point);
             let samples = Samples::new(&x, d, &classes, &weights)?;
-            let h = k_fold_heldout(&samples, Method::Md, Ridge::Relative(1.0), folds, seed)?;
+            let h = k_fold_heldout(&samples, method.method(), ridge, folds, seed)?;
             let better = |b: &HeldOut| (h.midpoint_accuracy, h.auc) > (b.midpoint_accuracy, b.auc);
             if best.as_ref().is_none_or(|(_, b)| better(b)) {
                 best = Some((point, h));
@@ -80,7 +116,7 @@ impl Gate {
         let (point, heldout) = best.expect("a model has at least one block");
         let x = acts.at_point(point);
         let samples = Samples::new(&x, d, &classes, &weights)?;
-        let v = fit(&samples, Method::Md, Ridge::Relative(1.0))?.vector;
+        let v = fit(&samples, method.method(), ridge)?.vector;
         let norm = dot(&v, &v).sqrt().max(f64::MIN_POSITIVE);
         let direction: Vec<f32> = v.iter().map(|&x| (f64::from(x) / norm) as f32).collect();
         // The midpoint between the two groups' mean projections.
@@ -95,6 +131,7 @@ impl Gate {
         };
         let threshold = (mean_of(Class::Refusal) + mean_of(Class::Compliance)) / 2.0;
         Ok(Self {
+            method,
             point,
             direction,
             threshold,
@@ -189,7 +226,7 @@ mod tests {
         let topic: Vec<f32> = (0..d).map(|j| if j == 5 { 1.0 } else { 0.0 }).collect();
         let acts = planted(30, d, &topic, 5.0, 3);
         let on_topic: Vec<Option<bool>> = (0..30).map(|i| Some(i < 15)).collect();
-        let gate = Gate::fit(&acts, &on_topic, 5, 0).unwrap();
+        let gate = Gate::fit(&acts, &on_topic, GateMethod::Md, Ridge::Relative(1.0), 5, 0).unwrap();
         assert_eq!(gate.point, 2);
         assert!(gate.heldout_auc > 0.99);
         assert!(gate.direction[5] > 0.9);
@@ -202,7 +239,76 @@ mod tests {
                 "row {i}"
             );
         }
-        let err = Gate::fit(&acts, &[Some(true); 30], 5, 0).unwrap_err();
+        let err = Gate::fit(
+            &acts,
+            &[Some(true); 30],
+            GateMethod::Md,
+            Ridge::Relative(1.0),
+            5,
+            0,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("on and off the topic"), "{err}");
+    }
+
+    /// On-topic rows differ a little along a quiet axis and more along one where off-topic rows
+    /// spread widely (look-alike questions on neighbouring subjects): the mean difference
+    /// follows the loud axis and lets wide off-topic rows through; RMD discounts it.
+    #[test]
+    fn the_ridge_gate_keeps_out_off_topic_rows_that_spread_along_the_topic() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let (d, n) = (6, 200);
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut data = Vec::new();
+        for i in 0..n {
+            let on = i % 2 == 0;
+            for point in 0..2 {
+                for j in 0..d {
+                    let noise: f32 = rng.gen_range(-0.1..0.1);
+                    let x = match (point, j, on) {
+                        (0, _, _) => 0.0,
+                        (_, 0, true) => 1.0 + noise,
+                        (_, 1, true) => 5.0 + noise,
+                        (_, 1, false) => rng.gen_range(-15.0..15.0),
+                        _ => noise,
+                    };
+                    data.push(x);
+                }
+            }
+        }
+        let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let acts = Activations {
+            header: refusal_steer_data::activations::ActivationsHeader {
+                n_points: 2,
+                d,
+                ids,
+                sets: vec![None; n],
+                metadata: Default::default(),
+            },
+            data,
+        };
+        // Fitted on the first half, judged on the second.
+        let on_topic: Vec<Option<bool>> =
+            (0..n).map(|i| (i < n / 2).then_some(i % 2 == 0)).collect();
+        let off_passed = |method| {
+            let gate = Gate::fit(&acts, &on_topic, method, Ridge::Relative(0.01), 5, 0).unwrap();
+            assert_eq!(gate.method, method);
+            let x = acts.at_point(1);
+            let passed = |on: bool| {
+                (n / 2..n)
+                    .filter(|&i| (i % 2 == 0) == on)
+                    .filter(|&i| dot(&x[i * d..(i + 1) * d], &gate.direction) > gate.threshold)
+                    .count()
+            };
+            assert_eq!(
+                passed(true),
+                n / 4,
+                "{method:?} lets every on-topic row through"
+            );
+            passed(false)
+        };
+        let (md, rmd) = (off_passed(GateMethod::Md), off_passed(GateMethod::Rmd));
+        assert!(md >= 10, "MD lets {md} of 50 off-topic rows through");
+        assert_eq!(rmd, 0, "RMD lets {rmd} of 50 off-topic rows through");
     }
 }

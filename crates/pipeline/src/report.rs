@@ -1,6 +1,7 @@
 //! The run's report: `report.md` (tables a researcher can paste), and SVG plots.
 
 use crate::evaluate::SetRate;
+use crate::gate::GateMethod;
 use crate::run::{RunReport, Tuned};
 use crate::steering::{format_points, SteerMode};
 use anyhow::Result;
@@ -11,9 +12,15 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::Path;
 
+/// A refusal rate with its interval, the marker list's rate, and how many of the refusals are
+/// degenerate answers (loops the judge counts as refusals), so a reader can tell the two apart.
 fn cell(r: &SetRate) -> String {
+    let degenerate = match r.degenerate {
+        0 => String::new(),
+        d => format!("; {d} degenerate"),
+    };
     format!(
-        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%)",
+        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{degenerate})",
         100.0 * r.rate,
         100.0 * r.ci.0,
         100.0 * r.ci.1,
@@ -151,9 +158,13 @@ pub fn write(
     );
     let _ = writeln!(md, "## Test split\n\n{}", table(report));
     let _ = writeln!(md, "{}", recommendation(report, out));
+    let gate_direction = match report.gate_method {
+        GateMethod::Md => "mean difference",
+        GateMethod::Rmd => "ridge mean difference (whitened by the off-topic prompts' covariance)",
+    };
     let _ = writeln!(
         md,
-        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, threshold at the midpoint of the two means (held-out balanced accuracy {:.3}, AUC {:.3}). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the {gate_direction} of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, threshold at the midpoint of the two means (held-out balanced accuracy {:.3}, AUC {:.3}). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
         report.gate_point, report.gate_heldout_accuracy, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
@@ -420,6 +431,24 @@ fn top_two_components(x: &[f32], d: usize) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cell_says_how_many_refusals_are_degenerate_answers() {
+        let rate = |refusals: usize, degenerate: usize| SetRate {
+            n: 10,
+            refusals,
+            rate: refusals as f64 / 10.0,
+            ci: crate::evaluate::wilson(refusals, 10),
+            pattern_refusals: refusals,
+            degenerate,
+            scores: Vec::new(),
+        };
+        assert_eq!(
+            cell(&rate(3, 2)),
+            "30% [11, 60] (patterns 30%; 2 degenerate)"
+        );
+        assert_eq!(cell(&rate(1, 0)), "10% [2, 40] (patterns 10%)");
+    }
 
     #[test]
     fn the_first_component_follows_the_spread() {

@@ -9,7 +9,7 @@ use crate::capture::{capture, CaptureJob, CapturePosition};
 use crate::config::{Direction, RunConfig};
 use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Condition, Judges, SetRate};
 use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
-use crate::gate::Gate;
+use crate::gate::{Gate, GateMethod};
 use crate::sets::{load_choices, load_prompts, split, Choice, Split};
 use crate::steering::{point_alphas, AlphaProfile, SteerMode, Steering};
 use anyhow::{bail, Context, Result};
@@ -164,7 +164,10 @@ pub struct RunReport {
     pub direction: Direction,
     pub train_classes: BTreeMap<String, (usize, usize, usize)>,
     pub heldout_auc: BTreeMap<String, Vec<f64>>,
-    /// The topic gate of the gated method: its point and held-out AUC.
+    /// The topic gate of the gated methods: how its direction was fitted, its point and
+    /// held-out AUC.
+    #[serde(default)]
+    pub gate_method: GateMethod,
     pub gate_point: usize,
     pub gate_heldout_auc: f64,
     #[serde(default)]
@@ -599,6 +602,7 @@ impl Runner<'_> {
             direction: self.config.direction,
             train_classes,
             heldout_auc,
+            gate_method: gate.method,
             gate_point: gate.point,
             gate_heldout_auc: gate.heldout_auc,
             gate_heldout_accuracy: gate.heldout_accuracy,
@@ -662,7 +666,15 @@ impl Runner<'_> {
                 _ => None,
             })
             .collect();
-        Gate::fit(acts, &on_topic, 5, self.config.seed).context("fitting the topic gate")
+        Gate::fit(
+            acts,
+            &on_topic,
+            self.config.tune.gate,
+            Ridge::Relative(self.config.kappa),
+            5,
+            self.config.seed,
+        )
+        .context("fitting the topic gate")
     }
 
     /// MD and WRMD on the target (and contrast) train prompts, and WRMD with the safety
