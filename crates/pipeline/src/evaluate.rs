@@ -3,6 +3,7 @@
 //! and multiple-choice accuracy by answer likelihood.
 
 use crate::answers::{answer_to_file, AnswerJob, Format};
+use crate::config::Direction;
 use crate::gate::Gate;
 use crate::sets::Choice;
 use crate::steering::{add_steering, Steering};
@@ -30,6 +31,31 @@ pub struct SetRate {
     /// degenerate answers).
     #[serde(default)]
     pub scores: Vec<f64>,
+}
+
+impl SetRate {
+    /// The share of answers that miss the aim of steering in `direction`: refusals when
+    /// removing them; answers that are not real refusals when inducing them. A degenerate
+    /// answer (a loop) is never a success: removing refusals, it already counts as one;
+    /// inducing them, counting it as one would reward breaking the model (the first induce run
+    /// with the RMD gate "refused" 20 of 20 test target prompts, every one of them a loop).
+    pub fn missed(&self, direction: Direction) -> f64 {
+        match direction {
+            Direction::Remove => self.rate,
+            Direction::Induce => {
+                let real = self.refusals.saturating_sub(self.degenerate);
+                1.0 - real as f64 / self.n.max(1) as f64
+            }
+        }
+    }
+
+    /// "83%", or "83% (2 degenerate)" when some of the refusals are degenerate answers.
+    pub fn percent(&self) -> String {
+        match self.degenerate {
+            0 => format!("{:.0}%", 100.0 * self.rate),
+            d => format!("{:.0}% ({d} degenerate)", 100.0 * self.rate),
+        }
+    }
 }
 
 /// Wilson score interval (95%) of `k` successes in `n`.
@@ -331,5 +357,26 @@ mod tests {
         assert!(lo.abs() < 1e-12);
         assert!((hi - 0.2425).abs() < 1e-3, "{hi}");
         assert_eq!(wilson(0, 0), (0.0, 1.0));
+    }
+
+    #[test]
+    fn degenerate_answers_never_count_toward_the_aim() {
+        let rate = |refusals: usize, degenerate: usize| SetRate {
+            n: 10,
+            refusals,
+            rate: refusals as f64 / 10.0,
+            ci: wilson(refusals, 10),
+            pattern_refusals: refusals,
+            degenerate,
+            scores: Vec::new(),
+        };
+        // Ten loops: every answer misses both aims.
+        assert_eq!(rate(10, 10).missed(Direction::Remove), 1.0);
+        assert_eq!(rate(10, 10).missed(Direction::Induce), 1.0);
+        // Eight refusals, two of them loops: six real refusals induced, eight left to remove.
+        assert!((rate(8, 2).missed(Direction::Induce) - 0.4).abs() < 1e-12);
+        assert!((rate(8, 2).missed(Direction::Remove) - 0.8).abs() < 1e-12);
+        assert_eq!(rate(8, 2).percent(), "80% (2 degenerate)");
+        assert_eq!(rate(8, 0).percent(), "80%");
     }
 }

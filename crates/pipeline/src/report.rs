@@ -118,12 +118,7 @@ fn tuning_section(tuned: &[Tuned]) -> String {
         for trial in &t.trials {
             let rates = ["target", "safety", "benign"]
                 .iter()
-                .filter_map(|r| {
-                    trial
-                        .rates
-                        .get(*r)
-                        .map(|x| format!("{r} {:.0}%", 100.0 * x.rate))
-                })
+                .filter_map(|r| trial.rates.get(*r).map(|x| format!("{r} {}", x.percent())))
                 .collect::<Vec<_>>()
                 .join(", ");
             let _ = writeln!(

@@ -831,13 +831,9 @@ impl Tuner<'_> {
         Ok(answers)
     }
 
-    /// What tuning minimises: the target refusal rate (remove) or non-refusal rate (induce).
+    /// What tuning minimises: the share of target answers that miss the run's aim.
     fn target_metric(&self, rates: &BTreeMap<String, SetRate>) -> f64 {
-        let r = rates["target"].rate;
-        match self.config.direction {
-            Direction::Remove => r,
-            Direction::Induce => 1.0 - r,
-        }
+        rates["target"].missed(self.config.direction)
     }
 
     /// Steered points: held-out AUC within the margin of the best, past the minimum depth.
@@ -947,10 +943,10 @@ impl Tuner<'_> {
                 _ => String::new(),
             };
             log(&format!(
-                "{name} {strength:+.3}: target {:.0}%  safety {:.0}%  benign {:.0}%  KL {kl:.3}{}",
-                100.0 * rates["target"].rate,
-                100.0 * rates["safety"].rate,
-                100.0 * rates["benign"].rate,
+                "{name} {strength:+.3}: target {}  safety {}  benign {}  KL {kl:.3}{}",
+                rates["target"].percent(),
+                rates["safety"].percent(),
+                rates["benign"].percent(),
                 if note.is_empty() {
                     String::new()
                 } else {
