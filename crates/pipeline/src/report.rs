@@ -2,7 +2,7 @@
 
 use crate::evaluate::SetRate;
 use crate::gate::GateMethod;
-use crate::run::{RunReport, Tuned};
+use crate::run::{test_answers, RunReport, Tuned};
 use crate::steering::{format_points, SteerMode};
 use anyhow::Result;
 use refusal_steer_data::activations::Activations;
@@ -230,8 +230,15 @@ fn examples(report: &RunReport, out: &Path) -> String {
     let Some(method) = &report.recommended else {
         return "No steered condition to compare.\n".into();
     };
+    let strength_of = |cond: &str| {
+        report
+            .test
+            .iter()
+            .find(|e| e.condition == cond)
+            .and_then(|e| e.strength)
+    };
     let read = |cond: &str, role: &str| -> Vec<Answer> {
-        std::fs::read_to_string(out.join(format!("test/{}/{role}.jsonl", cond.replace('+', "-"))))
+        std::fs::read_to_string(test_answers(out, cond, strength_of(cond), role))
             .unwrap_or_default()
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())

@@ -102,6 +102,17 @@ impl MethodSpec {
     }
 }
 
+/// Where a condition's test answers for one set are kept. A steered condition's folder is
+/// named by its strength, so a resumed run whose tuning chose another strength (after a change
+/// in how tuning decides) answers again instead of reusing answers made at the old one.
+pub fn test_answers(out: &Path, condition: &str, strength: Option<f64>, role: &str) -> PathBuf {
+    let folder = out.join("test").join(condition.replace('+', "-"));
+    match strength {
+        Some(s) => folder.join(format!("{s:+.3}/{role}.jsonl")),
+        None => folder.join(format!("{role}.jsonl")),
+    }
+}
+
 /// How `run` steers, the same in tuning and in the test: per-point strengths (norm-scaled)
 /// at the chosen points, at every position, in the method's mode.
 fn run_steering<'a>(
@@ -519,13 +530,8 @@ impl Runner<'_> {
             let mut rates = BTreeMap::new();
             for role in eval_roles {
                 let prompts = &splits.prompts[role].test;
-                let answers = tuner.answers(
-                    prompts,
-                    &condition,
-                    &self
-                        .out
-                        .join(format!("test/{}/{role}.jsonl", name.replace('+', "-"))),
-                )?;
+                let path = test_answers(self.out, &name, t.and_then(|t| t.strength), role);
+                let answers = tuner.answers(prompts, &condition, &path)?;
                 let assessed = judges.assess(&answers)?;
                 if role == "benign" && steering.is_none() {
                     test_kl_prompts = answered(prompts, &assessed);
