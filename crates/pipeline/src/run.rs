@@ -556,10 +556,10 @@ impl Runner<'_> {
                 &condition,
             )?;
             (self.log)(&format!(
-                "{name}: target {:.0}%  safety {:.0}%  benign {:.0}%  capability {:.0}%",
-                100.0 * rates["target"].rate,
-                100.0 * rates["safety"].rate,
-                100.0 * rates["benign"].rate,
+                "{name}: target {}  safety {}  benign {}  capability {:.0}%",
+                rates["target"].percent(),
+                rates["safety"].percent(),
+                rates["benign"].percent(),
                 100.0 * capability_accuracy
             ));
             test.push(Evaluation {
