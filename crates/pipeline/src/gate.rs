@@ -26,9 +26,9 @@ pub enum GateMethod {
     /// Ridge mean difference, whitened by the off-topic prompts' covariance: discounts the
     /// axes along which off-topic prompts vary anyway, so fewer look-alike questions on
     /// neighbouring subjects get through, at some cost in on-topic prompts
-    /// (scripts/gate_topics: math questions on Qwen2.5-Coder-1.5B let 9 of 148 held-out
-    /// physics/chemistry/economics questions through instead of 39, and 38 of 55 math
-    /// questions instead of 45).
+    /// (scripts/gate_topics: on Qwen2.5-Coder-1.5B, a math gate lets 9 of 148 held-out
+    /// physics/chemistry/economics questions through instead of 45, and 38 of 55 math
+    /// questions instead of 48).
     Rmd,
 }
 
