@@ -345,8 +345,21 @@ pub fn choice_accuracy(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Ten answers, `refusals` of them refusals, `degenerate` of those loops.
+    pub(crate) fn ten_answers(refusals: usize, degenerate: usize) -> SetRate {
+        SetRate {
+            n: 10,
+            refusals,
+            rate: refusals as f64 / 10.0,
+            ci: wilson(refusals, 10),
+            pattern_refusals: refusals,
+            degenerate,
+            scores: Vec::new(),
+        }
+    }
 
     #[test]
     fn wilson_intervals_match_known_values() {
@@ -361,22 +374,13 @@ mod tests {
 
     #[test]
     fn degenerate_answers_never_count_toward_the_aim() {
-        let rate = |refusals: usize, degenerate: usize| SetRate {
-            n: 10,
-            refusals,
-            rate: refusals as f64 / 10.0,
-            ci: wilson(refusals, 10),
-            pattern_refusals: refusals,
-            degenerate,
-            scores: Vec::new(),
-        };
         // Ten loops: every answer misses both aims.
-        assert_eq!(rate(10, 10).missed(Direction::Remove), 1.0);
-        assert_eq!(rate(10, 10).missed(Direction::Induce), 1.0);
+        assert_eq!(ten_answers(10, 10).missed(Direction::Remove), 1.0);
+        assert_eq!(ten_answers(10, 10).missed(Direction::Induce), 1.0);
         // Eight refusals, two of them loops: six real refusals induced, eight left to remove.
-        assert!((rate(8, 2).missed(Direction::Induce) - 0.4).abs() < 1e-12);
-        assert!((rate(8, 2).missed(Direction::Remove) - 0.8).abs() < 1e-12);
-        assert_eq!(rate(8, 2).percent(), "80% (2 degenerate)");
-        assert_eq!(rate(8, 0).percent(), "80%");
+        assert!((ten_answers(8, 2).missed(Direction::Induce) - 0.4).abs() < 1e-12);
+        assert!((ten_answers(8, 2).missed(Direction::Remove) - 0.8).abs() < 1e-12);
+        assert_eq!(ten_answers(8, 2).percent(), "80% (2 degenerate)");
+        assert_eq!(ten_answers(8, 0).percent(), "80%");
     }
 }

@@ -433,23 +433,15 @@ fn top_two_components(x: &[f32], d: usize) -> Vec<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::evaluate::tests::ten_answers;
 
     #[test]
     fn a_cell_says_how_many_refusals_are_degenerate_answers() {
-        let rate = |refusals: usize, degenerate: usize| SetRate {
-            n: 10,
-            refusals,
-            rate: refusals as f64 / 10.0,
-            ci: crate::evaluate::wilson(refusals, 10),
-            pattern_refusals: refusals,
-            degenerate,
-            scores: Vec::new(),
-        };
         assert_eq!(
-            cell(&rate(3, 2)),
+            cell(&ten_answers(3, 2)),
             "30% [11, 60] (patterns 30%; 2 degenerate)"
         );
-        assert_eq!(cell(&rate(1, 0)), "10% [2, 40] (patterns 10%)");
+        assert_eq!(cell(&ten_answers(1, 0)), "10% [2, 40] (patterns 10%)");
     }
 
     #[test]
