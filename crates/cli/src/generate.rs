@@ -71,6 +71,9 @@ pub struct DecodingArgs {
     /// 0 keeps all tokens.
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Above 1, makes tokens the answer already holds less likely (1 is off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -86,12 +89,19 @@ impl DecodingArgs {
                 self.temperature
             );
         }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            bail!(
+                "--repetition-penalty must be positive (1 is off), got {}",
+                self.repetition_penalty
+            );
+        }
         Ok(GenerateOptions {
             max_new_tokens: self.max_tokens,
             sampling: Sampling {
                 temperature: self.temperature,
                 top_p: self.top_p,
                 top_k: self.top_k,
+                repetition_penalty: self.repetition_penalty,
             },
             padding: Padding::Left,
         })

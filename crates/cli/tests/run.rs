@@ -213,6 +213,24 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
     let mixed = refusal_steer(&["run", "--config", other.to_str().unwrap(), "--out", out_s]);
     assert!(!mixed.status.success());
     assert!(String::from_utf8_lossy(&mixed.stderr).contains("use a new --out folder"));
+
+    // So is other decoding: the folder's answers were made without a repetition penalty.
+    std::fs::write(
+        &other,
+        CONFIG.replace("DATA", data.to_str().unwrap()).replace(
+            "max_tokens = 12",
+            "max_tokens = 12\nrepetition_penalty = 1.1",
+        ),
+    )
+    .unwrap();
+    let mixed = refusal_steer(&["run", "--config", other.to_str().unwrap(), "--out", out_s]);
+    let stderr = String::from_utf8_lossy(&mixed.stderr);
+    assert!(!mixed.status.success());
+    assert!(
+        stderr.contains("repetition_penalty 1, ")
+            && stderr.contains("repetition_penalty 1.1. Use a new --out folder"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -245,6 +263,10 @@ fn bad_run_configs_say_what_is_wrong() {
         "unknown field `unknown`",
     );
     check(good.replace("letters.txt", "missing.txt"), "missing.txt");
+    check(
+        good.replace("max_tokens = 12", "max_tokens = 12\nrepetition_penalty = 0"),
+        "repetition_penalty must be positive",
+    );
     check(
         good.replace(
             "train = 4\nvalidation = 2\ntest = 2",

@@ -19,6 +19,10 @@ pub struct Sampling {
     pub top_p: f32,
     /// Keep only the `top_k` most likely tokens (0: all).
     pub top_k: usize,
+    /// Divides a positive logit (multiplies a negative one) of every token the row has
+    /// already generated, so a repetition loop costs more each turn; 1 is off. Only the
+    /// answer's own tokens count: a question's words are often the right words to answer with.
+    pub repetition_penalty: f32,
 }
 
 impl Sampling {
@@ -26,6 +30,7 @@ impl Sampling {
         temperature: 0.0,
         top_p: 1.0,
         top_k: 0,
+        repetition_penalty: 1.0,
     };
 }
 
@@ -90,9 +95,35 @@ impl Generation {
     }
 }
 
-/// Picks the next token from `logits`; returns it with its log-probability.
-pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> (u32, f32) {
+/// Picks the next token from `logits`, given the tokens the row has generated so far;
+/// returns it with its log-probability under the unpenalised `logits`.
+pub fn sample(
+    logits: &[f32],
+    generated: &[u32],
+    sampling: &Sampling,
+    rng: &mut StdRng,
+) -> (u32, f32) {
     let logprobs = log_softmax(logits);
+    let penalised;
+    let logits = if sampling.repetition_penalty != 1.0 && !generated.is_empty() {
+        let mut l = logits.to_vec();
+        let mut seen = generated.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        for t in seen {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x = if *x > 0.0 {
+                    *x / sampling.repetition_penalty
+                } else {
+                    *x * sampling.repetition_penalty
+                };
+            }
+        }
+        penalised = l;
+        &penalised[..]
+    } else {
+        logits
+    };
     let argmax = || {
         let mut best = 0;
         for (i, &l) in logits.iter().enumerate() {
@@ -309,7 +340,12 @@ pub fn generate(
             if !active[row] {
                 continue;
             }
-            let (token, logprob) = sample(&rows[row], &options.sampling, &mut rngs[row]);
+            let (token, logprob) = sample(
+                &rows[row],
+                &out[row].tokens,
+                &options.sampling,
+                &mut rngs[row],
+            );
             if model.tokenizer.is_end_of_generation(token) {
                 out[row].finish = FinishReason::Stop;
                 out[row].stop_token = Some(token);
@@ -337,7 +373,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_first_maximum() {
         let mut rng = StdRng::seed_from_u64(0);
-        let (t, lp) = sample(&[1.0, 3.0, 3.0, -1.0], &Sampling::GREEDY, &mut rng);
+        let (t, lp) = sample(&[1.0, 3.0, 3.0, -1.0], &[], &Sampling::GREEDY, &mut rng);
         assert_eq!(t, 1);
         assert!(lp < 0.0);
     }
@@ -349,21 +385,23 @@ mod tests {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 1,
+            repetition_penalty: 1.0,
         };
         let mut rng = StdRng::seed_from_u64(1);
         assert_eq!(
-            sample(&logits, &s, &mut rng).0,
-            sample(&logits, &Sampling::GREEDY, &mut rng).0
+            sample(&logits, &[], &s, &mut rng).0,
+            sample(&logits, &[], &Sampling::GREEDY, &mut rng).0
         );
         let s = Sampling {
             temperature: 1.0,
             top_p: 0.9,
             top_k: 0,
+            repetition_penalty: 1.0,
         };
         let draw = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
             (0..20)
-                .map(|_| sample(&logits, &s, &mut rng).0)
+                .map(|_| sample(&logits, &[], &s, &mut rng).0)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
@@ -378,8 +416,30 @@ mod tests {
             temperature: 1.0,
             top_p: 0.5,
             top_k: 0,
+            repetition_penalty: 1.0,
         };
         let mut rng = StdRng::seed_from_u64(3);
-        assert!((0..100).all(|_| sample(&logits, &s, &mut rng).0 == 0));
+        assert!((0..100).all(|_| sample(&logits, &[], &s, &mut rng).0 == 0));
+    }
+
+    #[test]
+    fn the_repetition_penalty_turns_greedy_away_from_tokens_already_generated() {
+        let logits = [2.0, 1.9, -1.0, -1.05];
+        let s = Sampling {
+            repetition_penalty: 1.5,
+            ..Sampling::GREEDY
+        };
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(sample(&logits, &[], &s, &mut rng).0, 0);
+        let (token, logprob) = sample(&logits, &[0], &s, &mut rng);
+        assert_eq!(token, 1);
+        // The log-probability is the model's, not the penalised one.
+        assert!((logprob - log_softmax(&logits)[1]).abs() < 1e-6);
+        // A negative logit is pushed further down, not up towards zero.
+        assert_eq!(sample(&[-1.0, -1.05], &[0], &s, &mut rng).0, 1);
+        assert_eq!(
+            sample(&[-1.0, -1.05], &[0], &Sampling::GREEDY, &mut rng).0,
+            0
+        );
     }
 }

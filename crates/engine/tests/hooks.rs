@@ -226,6 +226,7 @@ fn batched_generation_equals_one_at_a_time() {
                 temperature: 0.8,
                 top_p: 0.95,
                 top_k: 40,
+                repetition_penalty: 1.1,
             },
         ] {
             let options = GenerateOptions {

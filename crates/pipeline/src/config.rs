@@ -30,6 +30,11 @@ pub struct RunConfig {
     pub temperature: f32,
     /// Answer length; long enough to catch refusals that come late.
     pub max_tokens: usize,
+    /// Above 1, tokens the answer already holds become less likely (1: off). Applied to every
+    /// answer alike, baseline included; it breaks the repetition loops a steered small model
+    /// can fall into.
+    #[serde(default = "no_penalty", skip_serializing_if = "is_no_penalty")]
+    pub repetition_penalty: f32,
     pub batch: usize,
     /// Ridge strength relative to each layer's scale (lambda = kappa * trace(Sigma) / d).
     pub kappa: f64,
@@ -39,6 +44,14 @@ pub struct RunConfig {
 
 fn default_judge_threshold() -> f64 {
     0.5
+}
+
+fn no_penalty() -> f32 {
+    1.0
+}
+
+fn is_no_penalty(p: &f32) -> bool {
+    *p == 1.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +167,12 @@ impl RunConfig {
                 self.samples
             );
         }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            bail!(
+                "repetition_penalty must be positive (1 is off, 1.1 a light penalty), got {}",
+                self.repetition_penalty
+            );
+        }
         let t = &self.tune;
         if t.strengths.is_empty() || t.strengths.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             bail!("tune.strengths must be a non-empty list of positive magnitudes (the sign comes from `direction`)");
@@ -202,6 +221,15 @@ impl RunConfig {
             }
         }
         Ok(())
+    }
+
+    /// What an answer depends on besides its prompt: a run folder's answers are reused only
+    /// under the same model and decoding.
+    pub fn answer_settings(&self) -> String {
+        format!(
+            "model {}, samples {}, temperature {}, max_tokens {}, repetition_penalty {}",
+            self.model, self.samples, self.temperature, self.max_tokens, self.repetition_penalty
+        )
     }
 
     /// The data directory: the config's, else $REFUSAL_STEER_DATA, else ../shared/data.

@@ -275,6 +275,7 @@ impl Runner<'_> {
                 temperature,
                 top_p: 1.0,
                 top_k: 0,
+                repetition_penalty: self.config.repetition_penalty,
             },
             padding: Padding::Left,
         }
@@ -298,6 +299,7 @@ impl Runner<'_> {
             write_atomic(&timings_path, &serde_json::to_string_pretty(timings)?)
         };
         let splits = make_splits(self.config, self.out)?;
+        self.check_answer_settings()?;
         write_atomic(
             &self.out.join("config.toml"),
             &toml::to_string(self.config)?,
@@ -624,6 +626,25 @@ impl Runner<'_> {
         )?;
         crate::report::write(&report, self.out, &acts, &confidence)?;
         Ok(report)
+    }
+
+    /// A resumed run reuses every answer in its folder, so the model and decoding must be the
+    /// ones those answers were made with (the folder's config.toml).
+    fn check_answer_settings(&self) -> Result<()> {
+        let path = self.out.join("config.toml");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
+        let old = RunConfig::parse(&text, &path)?;
+        if old.answer_settings() != self.config.answer_settings() {
+            bail!(
+                "{} holds answers made with {}; this run asks for {}. Use a new --out folder (or the same settings to resume)",
+                self.out.display(),
+                old.answer_settings(),
+                self.config.answer_settings()
+            );
+        }
+        Ok(())
     }
 
     /// Vectors, and every steered answer made with them, follow from the train scores, the
