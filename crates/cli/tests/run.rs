@@ -227,7 +227,7 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
     let stderr = String::from_utf8_lossy(&mixed.stderr);
     assert!(!mixed.status.success());
     assert!(
-        stderr.contains("repetition_penalty 1, ")
+        stderr.contains("repetition_penalty 1; this run asks for")
             && stderr.contains("repetition_penalty 1.1. Use a new --out folder"),
         "{stderr}"
     );
