@@ -197,7 +197,7 @@ fn recommendation(report: &RunReport, out: &Path) -> String {
         .as_ref()
         .and_then(|m| report.tuned.iter().find(|t| &t.method == m))
     else {
-        return "Recommended: none (no method kept every limit on validation).\n".into();
+        return "Recommended: none (no method kept every limit on validation and changed the target set's refusals there).\n".into();
     };
     let mode = serde_json::to_value(t.mode)
         .ok()

@@ -186,7 +186,8 @@ pub struct RunReport {
     pub validation_baseline: BTreeMap<String, SetRate>,
     pub tuned: Vec<Tuned>,
     pub test: Vec<Evaluation>,
-    /// The method recommended for export, if any kept every limit on validation.
+    /// The method recommended for export: of those that kept every limit on validation, the
+    /// one with the lowest target metric there, if lower than the baseline's.
     pub recommended: Option<String>,
     pub timings_s: BTreeMap<String, f64>,
 }
@@ -253,6 +254,27 @@ pub fn make_splits(config: &RunConfig, out: &Path) -> Result<Splits> {
         write_atomic(&path, &serde_json::to_string_pretty(&splits)?)?;
     }
     Ok(splits)
+}
+
+/// The feasible method with the lowest validation target metric, if it is lower than the
+/// unsteered model's: a strength too weak to change anything keeps every limit, but there is
+/// nothing in it to recommend.
+fn recommend(
+    tuned: &[Tuned],
+    validation_baseline: &BTreeMap<String, SetRate>,
+    target_metric: impl Fn(&BTreeMap<String, SetRate>) -> f64,
+) -> Option<String> {
+    let unsteered = target_metric(validation_baseline);
+    tuned
+        .iter()
+        .filter_map(|t| {
+            let s = t.strength?;
+            let trial = t.trials.iter().find(|x| x.strength == s)?;
+            Some((t.method.clone(), target_metric(&trial.rates)))
+        })
+        .filter(|(_, metric)| *metric < unsteered)
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(method, _)| method)
 }
 
 /// Writes through a temporary file, so a kill never leaves half a file behind.
@@ -574,16 +596,9 @@ impl Runner<'_> {
             });
         }
         lap(&mut timings, "test")?;
-        // The recommendation: the feasible method with the lowest validation target metric.
-        let recommended = tuned
-            .iter()
-            .filter_map(|t| {
-                let s = t.strength?;
-                let trial = t.trials.iter().find(|x| x.strength == s)?;
-                Some((t.method.clone(), tuner.target_metric(&trial.rates)))
-            })
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(m, _)| m);
+        let recommended = recommend(&tuned, &validation_baseline, |rates| {
+            tuner.target_metric(rates)
+        });
         if let Some(t) = recommended
             .as_ref()
             .and_then(|m| tuned.iter().find(|t| &t.method == m))
@@ -602,6 +617,18 @@ impl Runner<'_> {
                 write_atomic(&gate_file, &serde_json::to_string(&gate)?)?;
             } else if gate_file.exists() {
                 std::fs::remove_file(&gate_file)?;
+            }
+        } else {
+            // A resumed run whose recommendation went away leaves no old one behind.
+            for file in [
+                "recommended.safetensors",
+                "recommended-ablate.safetensors",
+                "recommended-gate.json",
+            ] {
+                let path = self.out.join(file);
+                if path.exists() {
+                    std::fs::remove_file(&path)?;
+                }
             }
         }
         let report = RunReport {
@@ -1027,4 +1054,43 @@ fn answered(prompts: &[Prompt], assessed: &[(Assessment, Assessment)]) -> Vec<Pr
 /// Where the run folder goes by default.
 pub fn default_out() -> PathBuf {
     PathBuf::from("runs/default")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::evaluate::tests::ten_answers;
+
+    fn tuned(method: &str, strength: Option<f64>, target_refusals: usize) -> Tuned {
+        Tuned {
+            method: method.into(),
+            mode: SteerMode::default(),
+            points: vec![1],
+            trials: vec![Trial {
+                strength: 0.02,
+                kl: 0.1,
+                rates: BTreeMap::from([("target".into(), ten_answers(target_refusals, 0))]),
+                feasible: strength.is_some(),
+                note: String::new(),
+            }],
+            strength,
+        }
+    }
+
+    #[test]
+    fn only_a_feasible_strength_that_moves_the_target_is_recommended() {
+        let baseline = BTreeMap::from([("target".to_string(), ten_answers(0, 0))]);
+        let induced = |rates: &BTreeMap<String, SetRate>| 1.0 - rates["target"].rate;
+        // Inducing: the only feasible strength leaves the target as it was.
+        let weak = [tuned("md+gated", Some(0.02), 0), tuned("md", None, 9)];
+        assert_eq!(recommend(&weak, &baseline, induced), None);
+        let moved = [
+            tuned("md+gated", Some(0.02), 0),
+            tuned("wrmd+gated", Some(0.02), 6),
+        ];
+        assert_eq!(
+            recommend(&moved, &baseline, induced).as_deref(),
+            Some("wrmd+gated")
+        );
+    }
 }
