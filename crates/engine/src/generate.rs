@@ -104,26 +104,8 @@ pub fn sample(
     rng: &mut StdRng,
 ) -> (u32, f32) {
     let logprobs = log_softmax(logits);
-    let penalised;
-    let logits = if sampling.repetition_penalty != 1.0 && !generated.is_empty() {
-        let mut l = logits.to_vec();
-        let mut seen = generated.to_vec();
-        seen.sort_unstable();
-        seen.dedup();
-        for t in seen {
-            if let Some(x) = l.get_mut(t as usize) {
-                *x = if *x > 0.0 {
-                    *x / sampling.repetition_penalty
-                } else {
-                    *x * sampling.repetition_penalty
-                };
-            }
-        }
-        penalised = l;
-        &penalised[..]
-    } else {
-        logits
-    };
+    let penalised = penalise_repeats(logits, generated, sampling.repetition_penalty);
+    let logits = penalised.as_deref().unwrap_or(logits);
     let argmax = || {
         let mut best = 0;
         for (i, &l) in logits.iter().enumerate() {
@@ -173,6 +155,23 @@ pub fn sample(
         pick
     };
     (chosen as u32, logprobs[chosen])
+}
+
+/// `logits` with every token of `generated` penalised once; None when nothing changes.
+fn penalise_repeats(logits: &[f32], generated: &[u32], penalty: f32) -> Option<Vec<f32>> {
+    if penalty == 1.0 || generated.is_empty() {
+        return None;
+    }
+    let mut penalised = logits.to_vec();
+    let mut seen = generated.to_vec();
+    seen.sort_unstable();
+    seen.dedup();
+    for t in seen {
+        if let Some(x) = penalised.get_mut(t as usize) {
+            *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+        }
+    }
+    Some(penalised)
 }
 
 /// Runs the prompts through the model as one padded batch, leaving room in the cache for
