@@ -1080,7 +1080,7 @@ mod tests {
     #[test]
     fn only_a_feasible_strength_that_moves_the_target_is_recommended() {
         let baseline = BTreeMap::from([("target".to_string(), ten_answers(0, 0))]);
-        let induced = |rates: &BTreeMap<String, SetRate>| 1.0 - rates["target"].rate;
+        let induced = |rates: &BTreeMap<String, SetRate>| rates["target"].missed(Direction::Induce);
         // Inducing: the only feasible strength leaves the target as it was.
         let weak = [tuned("md+gated", Some(0.02), 0), tuned("md", None, 9)];
         assert_eq!(recommend(&weak, &baseline, induced), None);
