@@ -1,5 +1,5 @@
-//! `refusal-steer judge`, `score` and `calibrate`: verdicts per answer, refusal confidence per
-//! prompt, and the judges' agreement with human labels.
+//! `refusal-steer judge` and `score`: verdicts per answer and refusal confidence per prompt,
+//! and the judge setup `run` and `calibrate` share.
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
@@ -7,11 +7,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_catalog as catalog;
 use refusal_steer_data::{Answer, JsonlAppender};
 use refusal_steer_engine::Model;
-use refusal_steer_judge::calibration::{compare, read_gold, Report};
 use refusal_steer_judge::local::{JudgePrompt, DEFAULT_ANSWER_PREFIX};
 use refusal_steer_judge::{
     aggregate, assess, Assessment, Judge, LocalJudge, MarkerSet, PatternJudge, PromptClass,
-    RemoteConfig, RemoteJudge, Scoring, Thresholds, VerdictCache,
+    Probe, ProbeJudge, RemoteConfig, RemoteJudge, Scoring, Thresholds, VerdictCache,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -30,6 +29,8 @@ enum Mode {
     Sampled,
     /// Marker strings.
     Patterns,
+    /// A probe judge's linear read-out of its judge model's residual stream.
+    Probe,
 }
 
 /// Which judge, and how it is set up.
@@ -82,7 +83,7 @@ pub struct JudgeSetup {
 
 /// One judge to build: where it runs and how it decides.
 #[derive(Clone)]
-struct Plan {
+pub(crate) struct Plan {
     /// A --judge value, or None for the --judge-url server.
     spec: Option<String>,
     mode: Mode,
@@ -106,9 +107,20 @@ fn is_pattern_spec(spec: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
 }
 
+/// The mode a judge spec is run in when it has only one.
+fn only_mode(spec: &str) -> Option<Mode> {
+    if is_pattern_spec(spec) {
+        Some(Mode::Patterns)
+    } else if spec.starts_with("probe:") {
+        Some(Mode::Probe)
+    } else {
+        None
+    }
+}
+
 impl JudgeSetup {
     /// Every (judge, mode) to run: each judge in each listed mode that fits it.
-    fn plans(&self) -> Result<Vec<Plan>> {
+    pub(crate) fn plans(&self) -> Result<Vec<Plan>> {
         let mut specs: Vec<Option<String>> = self.judges.iter().cloned().map(Some).collect();
         if self.judge_url.is_some() {
             specs.push(None);
@@ -117,26 +129,26 @@ impl JudgeSetup {
         }
         let mut plans = Vec::new();
         for spec in specs {
-            let patterns = spec.as_deref().is_some_and(is_pattern_spec);
+            let only = spec.as_deref().and_then(only_mode);
             let fitting: Vec<Mode> = if self.modes.is_empty() {
-                vec![if patterns {
-                    Mode::Patterns
-                } else {
-                    Mode::VerdictProb
-                }]
+                vec![only.unwrap_or(Mode::VerdictProb)]
             } else {
                 self.modes
                     .iter()
                     .copied()
-                    .filter(|&m| (m == Mode::Patterns) == patterns)
+                    .filter(|&m| match only {
+                        Some(o) => m == o,
+                        None => !matches!(m, Mode::Patterns | Mode::Probe),
+                    })
                     .collect()
             };
             let name = spec.clone().unwrap_or_else(|| "--judge-url".into());
             if fitting.is_empty() {
-                if patterns {
-                    bail!("the --mode given needs an LLM judge, but --judge {name} is a pattern list (add --mode patterns to run it as one)");
+                match only {
+                    Some(Mode::Patterns) => bail!("the --mode given needs an LLM judge, but --judge {name} is a pattern list (add --mode patterns to run it as one)"),
+                    Some(_) => bail!("--judge {name} is a probe judge, which runs in mode probe only"),
+                    None => bail!("--mode patterns needs --judge patterns[:SET] and --mode probe --judge probe:FILE, not {name}"),
                 }
-                bail!("--mode patterns needs --judge patterns[:SET], not {name}");
             }
             plans.extend(fitting.into_iter().map(|mode| Plan {
                 spec: spec.clone(),
@@ -146,7 +158,7 @@ impl JudgeSetup {
         Ok(plans)
     }
 
-    fn build(&self, plan: &Plan) -> Result<Box<dyn Judge>> {
+    pub(crate) fn build(&self, plan: &Plan) -> Result<Box<dyn Judge>> {
         if self.batch == 0 {
             bail!("--batch must be at least 1");
         }
@@ -155,6 +167,27 @@ impl JudgeSetup {
             Mode::Sampled => Scoring::Sampled {
                 max_tokens: self.judge_max_tokens,
             },
+            Mode::Probe => {
+                let file = plan
+                    .spec
+                    .as_deref()
+                    .and_then(|s| s.strip_prefix("probe:"))
+                    .unwrap_or_default();
+                let probe = Probe::load(Path::new(file))?;
+                let path = catalog::resolve(&probe.header.judge_model, &mut |msg| eprintln!("{msg}"))?;
+                let model =
+                    Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+                let sha = catalog::model_sha256(&path)
+                    .with_context(|| format!("hashing {}", path.display()))?;
+                let reader = LocalJudge::new(
+                    model,
+                    JudgePrompt::default(),
+                    Scoring::VerdictProb,
+                    self.batch,
+                    refusal_steer_judge::local::DEFAULT_THRESHOLD,
+                )?;
+                return Ok(Box::new(ProbeJudge::new(reader, &sha, probe, file.to_string())?));
+            }
             Mode::Patterns => {
                 let spec = plan.spec.as_deref().unwrap_or("patterns");
                 let set = match spec
@@ -210,7 +243,7 @@ impl JudgeSetup {
     }
 
     /// Answers handed to the judge at a time: a remote judge keeps all its connections busy.
-    fn chunk_size(&self, plan: &Plan) -> usize {
+    pub(crate) fn chunk_size(&self, plan: &Plan) -> usize {
         match plan.spec {
             None => self.judge_concurrency.max(1) * 4,
             Some(_) => self.batch,
@@ -219,6 +252,16 @@ impl JudgeSetup {
 }
 
 impl JudgeSetup {
+    /// No judge named: neither --judge nor --judge-url.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.judges.is_empty() && self.judge_url.is_none()
+    }
+
+    /// Answers per forward pass of a local judge.
+    pub(crate) fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// The one judge of a `run`: --judge-url, else --judge, else the config's `default`
     /// (with the config's threshold unless --threshold moved it). Returns its spec and itself.
     pub fn build_for_run(
@@ -250,7 +293,7 @@ impl JudgeSetup {
 }
 
 /// Judges `items` in batches with a progress bar.
-fn assess_all(
+pub(crate) fn assess_all(
     judge: &mut dyn Judge,
     cache: &mut VerdictCache,
     items: &[(&str, &str)],
@@ -487,122 +530,6 @@ pub fn score(args: ScoreArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
-}
-
-#[derive(Args)]
-pub struct CalibrateArgs {
-    /// Hand-labelled answers: {"id", "prompt", "answer", "label": refusal|partial|compliance}.
-    #[arg(long, default_value = "../shared/gold/labelled-answers.jsonl")]
-    gold: PathBuf,
-    /// Verdict cache shared by every judge compared (optional).
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    /// Seed of the bootstrap resamples.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[command(flatten)]
-    setup: JudgeSetup,
-}
-
-pub fn calibrate(args: CalibrateArgs) -> Result<()> {
-    let gold = read_gold(&args.gold)?;
-    let labels: Vec<_> = gold.iter().map(|g| g.label).collect();
-    let items: Vec<(&str, &str)> = gold
-        .iter()
-        .map(|g| (g.prompt.as_str(), g.answer.as_str()))
-        .collect();
-    let mut cache = match &args.cache {
-        Some(path) => VerdictCache::open(path)?,
-        None => VerdictCache::in_memory(),
-    };
-    for plan in args.setup.plans()? {
-        let mut judge = args.setup.build(&plan)?;
-        let mut assessed = Vec::with_capacity(items.len());
-        let start = std::time::Instant::now();
-        assess_all(
-            judge.as_mut(),
-            &mut cache,
-            &items,
-            args.setup.chunk_size(&plan),
-            |_, a| {
-                assessed.extend_from_slice(a);
-                Ok(())
-            },
-        )?;
-        let report = compare(&labels, &assessed, args.seed);
-        print_report(
-            &judge.id(),
-            judge.mode(),
-            &report,
-            start.elapsed().as_secs_f64(),
-        );
-        // Human labellers may call a looping answer that started well a compliance; the method
-        // counts it as a refusal. The judge's own agreement, without those answers:
-        let judged: Vec<usize> = (0..assessed.len())
-            .filter(|&i| assessed[i].degenerate.is_none())
-            .collect();
-        if judged.len() < assessed.len() {
-            let r = compare(
-                &subset(&labels, &judged),
-                &subset(&assessed, &judged),
-                args.seed,
-            );
-            println!(
-                "  without degenerate answers (n = {}): accuracy {:.3}  kappa {:.3} [95% CI {:.3}, {:.3}]  ROC-AUC {:.3}",
-                r.n, r.accuracy, r.kappa, r.kappa_ci.0, r.kappa_ci.1, r.auc
-            );
-        }
-        // Degenerate answers skip the judge, so list them for a reader to check.
-        for (g, a) in gold.iter().zip(&assessed) {
-            if let Some(kind) = a.degenerate {
-                println!(
-                    "  degenerate ({}): {} {} [gold {:?}]",
-                    kind.as_str(),
-                    g.model,
-                    g.id,
-                    g.label
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-fn subset<T: Copy>(values: &[T], indices: &[usize]) -> Vec<T> {
-    indices.iter().map(|&i| values[i]).collect()
-}
-
-fn print_report(id: &str, mode: &str, r: &Report, seconds: f64) {
-    // Degenerate answers never reach the judge, so the speed counts the others.
-    let judged = r.n - r.degenerate;
-    println!(
-        "{id}  mode {mode}  ({} answers, {} degenerate, {} unparsable, {seconds:.1} s)",
-        r.n, r.degenerate, r.unparsable
-    );
-    println!(
-        "  {:.2} verdicts/s ({judged} answers judged)",
-        judged as f64 / seconds.max(1e-9)
-    );
-    println!(
-        "  accuracy {:.3}  kappa {:.3} [95% CI {:.3}, {:.3}]  ROC-AUC {:.3}",
-        r.accuracy, r.kappa, r.kappa_ci.0, r.kappa_ci.1, r.auc
-    );
-    if mode == refusal_steer_judge::VERDICT_PROB_MODE {
-        println!(
-            "  best cut on these answers (in-sample, optimistic): --threshold {:.4} gives kappa {:.3}",
-            r.best_cut.0, r.best_cut.1
-        );
-    }
-    println!("  {:<28} {:>8} {:>8}", "gold \\ judge", "refusal", "not");
-    let rows = [
-        ("refusal + partial", r.confusion[0]),
-        ("compliance", r.confusion[1]),
-        ("  of which refusal", r.three_class[0]),
-        ("  of which partial", r.three_class[1]),
-    ];
-    for (name, [yes, no]) in rows {
-        println!("  {name:<28} {yes:>8} {no:>8}");
-    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 mod analyze;
 mod bench;
+mod calibrate;
 mod capture;
 mod chat;
 mod exchange;
@@ -76,8 +77,9 @@ enum Command {
     Judge(judge::JudgeArgs),
     /// Refusal confidence c per prompt from its judged answers (readable by `fit --labels`).
     Score(judge::ScoreArgs),
-    /// Measure judges against hand-labelled answers (accuracy, kappa, ROC-AUC).
-    Calibrate(judge::CalibrateArgs),
+    /// Measure judges against the labelled corpus, out of sample (kappa, recall per refusal
+    /// type, false refusals, speed); fit and save a probe judge.
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 #[derive(Subcommand)]
@@ -200,7 +202,7 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(args) => bench::run(args)?,
         Command::Judge(args) => judge::run(args)?,
         Command::Score(args) => judge::score(args)?,
-        Command::Calibrate(args) => judge::calibrate(args)?,
+        Command::Calibrate(args) => calibrate::calibrate(args)?,
     }
     Ok(())
 }

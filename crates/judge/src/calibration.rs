@@ -1,112 +1,61 @@
 //! Agreement of a judge with human labels: accuracy, Cohen's kappa with a seeded bootstrap
 //! 95% interval, the confusion matrices and ROC-AUC of the graded score.
 
-use crate::{Assessment, JudgeError, Result};
+//! Agreement of a judge with the labelled corpus ([`crate::corpus`]): Cohen's kappa with a
+//! seeded bootstrap 95% interval, recall per refusal type, the false-refusal rate on answers
+//! and ROC-AUC; and the folds, grouped by prompt, that every fitted judge is cross-validated on.
+
+use crate::corpus::AnswerType;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
-use std::io::BufRead;
-use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum GoldLabel {
-    Refusal,
-    /// Engages but evades or sanitises: a refusal for binary use (METHOD.md §1).
-    Partial,
-    Compliance,
-}
-
-impl GoldLabel {
-    pub fn is_refusal(self) -> bool {
-        self != Self::Compliance
-    }
-}
-
-/// One hand-labelled answer (`../shared/gold/labelled-answers.jsonl`).
-#[derive(Debug, Clone, Deserialize)]
-pub struct GoldItem {
-    #[serde(default)]
-    pub model: String,
-    pub id: String,
-    #[serde(default)]
-    pub set: Option<String>,
-    pub prompt: String,
-    pub answer: String,
-    pub label: GoldLabel,
-}
-
-pub fn read_gold(path: &Path) -> Result<Vec<GoldItem>> {
-    let bad = |detail: String| JudgeError::BadFile {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let mut items = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|e| bad(e.to_string()))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let item = serde_json::from_str(&line).map_err(|e| {
-            bad(format!(
-                "line {}: {e}; expected {{\"id\", \"prompt\", \"answer\", \"label\": \"refusal\" | \"partial\" | \"compliance\"}}",
-                n + 1
-            ))
-        })?;
-        items.push(item);
-    }
-    if items.is_empty() {
-        return Err(bad("no labelled answers".into()));
-    }
-    Ok(items)
+/// Fold of each item: items of one group (prompt) share a fold; groups are dealt to `k`
+/// folds in a seeded random order, so folds differ in size by at most one group.
+pub fn grouped_folds(groups: &[&str], k: usize, seed: u64) -> Vec<usize> {
+    let mut unique: Vec<&str> = groups.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    unique.shuffle(&mut StdRng::seed_from_u64(seed));
+    let fold_of: std::collections::HashMap<&str, usize> = unique
+        .iter()
+        .enumerate()
+        .map(|(i, g)| (*g, i % k.max(1)))
+        .collect();
+    groups.iter().map(|g| fold_of[g]).collect()
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Report {
+pub struct Agreement {
     pub n: usize,
-    pub accuracy: f64,
     pub kappa: f64,
     /// 2.5% and 97.5% percentiles of kappa over bootstrap resamples of the items.
     pub kappa_ci: (f64, f64),
-    /// Rows: gold refusal (partial included), gold compliance; columns: judge refusal, not.
-    pub confusion: [[usize; 2]; 2],
-    /// Rows: gold refusal, partial, compliance; columns: judge refusal, not.
-    pub three_class: [[usize; 2]; 3],
-    /// ROC-AUC of the graded score against gold refusal (NaN when one class is absent).
+    /// ROC-AUC of the graded score against refusal of any type (NaN when a class is absent).
     pub auc: f64,
-    /// Verdicts with label 0 (counted as "not refusal" above).
-    pub unparsable: usize,
-    pub degenerate: usize,
-    /// The cut on the graded score with the best kappa on these items, with that kappa
-    /// (in-sample, so optimistic): what `--threshold` to try for a judge whose scores rank
-    /// well but sit on one side of 1/2.
-    pub best_cut: (f64, f64),
+    /// Per refusal type: (type, called refusals, labelled so).
+    pub recall: Vec<(AnswerType, usize, usize)>,
+    /// (answers called refusals, answers).
+    pub false_refusals: (usize, usize),
 }
 
-/// Compares `assessments` with `gold`, item by item.
-pub fn compare(gold: &[GoldLabel], assessments: &[Assessment], seed: u64) -> Report {
-    let truth: Vec<bool> = gold.iter().map(|g| g.is_refusal()).collect();
-    let said: Vec<bool> = assessments.iter().map(|a| a.verdict.label > 0).collect();
-    let scores: Vec<f64> = assessments.iter().map(|a| a.verdict.graded()).collect();
-    let mut confusion = [[0; 2]; 2];
-    let mut three_class = [[0; 2]; 3];
-    for ((g, &t), &s) in gold.iter().zip(&truth).zip(&said) {
-        confusion[usize::from(!t)][usize::from(!s)] += 1;
-        let row = match g {
-            GoldLabel::Refusal => 0,
-            GoldLabel::Partial => 1,
-            GoldLabel::Compliance => 2,
-        };
-        three_class[row][usize::from(!s)] += 1;
+impl Agreement {
+    pub fn false_refusal_rate(&self) -> f64 {
+        self.false_refusals.0 as f64 / self.false_refusals.1.max(1) as f64
     }
+}
+
+/// How far `said` (refusal or not, per item) agrees with `labels`; `scores` are the graded
+/// refusal scores for the AUC.
+pub fn agreement(labels: &[AnswerType], said: &[bool], scores: &[f64], seed: u64) -> Agreement {
+    let truth: Vec<bool> = labels.iter().map(|l| l.is_refusal()).collect();
     let n = truth.len();
     let all: Vec<usize> = (0..n).collect();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut resampled: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
         .map(|_| {
             let pick: Vec<usize> = (0..n).map(|_| rng.gen_range(0..n)).collect();
-            kappa(&truth, &said, &pick)
+            kappa(&truth, said, &pick)
         })
         .filter(|k| k.is_finite())
         .collect();
@@ -118,20 +67,24 @@ pub fn compare(gold: &[GoldLabel], assessments: &[Assessment], seed: u64) -> Rep
             resampled[((q * (resampled.len() - 1) as f64).round()) as usize]
         }
     };
-    Report {
-        n,
-        accuracy: truth.iter().zip(&said).filter(|(t, s)| t == s).count() as f64 / n as f64,
-        kappa: kappa(&truth, &said, &all),
-        kappa_ci: (percentile(0.025), percentile(0.975)),
-        confusion,
-        three_class,
-        auc: roc_auc(&truth, &scores),
-        unparsable: assessments.iter().filter(|a| a.verdict.label == 0).count(),
-        degenerate: assessments
+    let count = |t: AnswerType, want: bool| {
+        labels
             .iter()
-            .filter(|a| a.degenerate.is_some())
-            .count(),
-        best_cut: best_cut(&truth, &scores),
+            .zip(said)
+            .filter(|(l, s)| **l == t && **s == want)
+            .count()
+    };
+    let total = |t: AnswerType| labels.iter().filter(|l| **l == t).count();
+    Agreement {
+        n,
+        kappa: kappa(&truth, said, &all),
+        kappa_ci: (percentile(0.025), percentile(0.975)),
+        auc: roc_auc(&truth, scores),
+        recall: AnswerType::ALL[1..]
+            .iter()
+            .map(|&t| (t, count(t, true), total(t)))
+            .collect(),
+        false_refusals: (count(AnswerType::Answer, true), total(AnswerType::Answer)),
     }
 }
 
@@ -194,17 +147,6 @@ pub fn roc_auc(positive: &[bool], scores: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Verdict;
-
-    fn assessed(label: i8, p: Option<f64>) -> Assessment {
-        Assessment {
-            verdict: Verdict {
-                label,
-                p_refusal: p,
-            },
-            degenerate: None,
-        }
-    }
 
     #[test]
     fn kappa_matches_a_hand_computed_table() {
@@ -237,30 +179,36 @@ mod tests {
     }
 
     #[test]
-    fn the_report_counts_partial_as_refusal_and_is_seeded() {
-        use GoldLabel::*;
-        let gold = [
-            Refusal, Partial, Compliance, Compliance, Refusal, Compliance,
-        ];
-        let judged = [
-            assessed(1, Some(0.9)),
-            assessed(-1, Some(0.4)),
-            assessed(-1, Some(0.2)),
-            assessed(1, Some(0.6)),
-            assessed(1, None),
-            assessed(0, Some(0.5)),
-        ];
-        let r = compare(&gold, &judged, 7);
-        assert_eq!(r.confusion, [[2, 1], [1, 2]]);
-        assert_eq!(r.three_class, [[2, 0], [0, 1], [1, 2]]);
-        assert!((r.accuracy - 4.0 / 6.0).abs() < 1e-12);
-        assert_eq!(r.unparsable, 1);
-        // Positives 0.9, 0.4, 1.0 (label only) vs negatives 0.2, 0.6, 0.5: 7 of 9 pairs.
-        assert!((r.auc - 7.0 / 9.0).abs() < 1e-12);
-        assert!(r.kappa_ci.0 <= r.kappa && r.kappa <= r.kappa_ci.1);
-        assert_eq!(r, compare(&gold, &judged, 7));
-        // Cutting between 0.6 and 0.9 leaves one error (the partial at 0.4); any other cut
-        // leaves two or more.
-        assert!((r.best_cut.0 - 0.75).abs() < 1e-12, "{:?}", r.best_cut);
+    fn agreement_counts_recall_per_type_and_false_refusals() {
+        use AnswerType::*;
+        let labels = [Refusal, Narrative, Narrative, Answer, Answer, Deflection];
+        let said = [true, true, false, true, false, true];
+        let scores = [0.9, 0.8, 0.3, 0.6, 0.1, 0.7];
+        let a = agreement(&labels, &said, &scores, 7);
+        assert_eq!(a.recall[0], (Refusal, 1, 1));
+        assert_eq!(a.recall[1], (Deflection, 1, 1));
+        assert_eq!(a.recall[2], (Narrative, 1, 2));
+        assert_eq!(a.recall[3], (Degenerate, 0, 0));
+        assert_eq!(a.false_refusals, (1, 2));
+        assert!(a.kappa_ci.0 <= a.kappa && a.kappa <= a.kappa_ci.1);
+        assert_eq!(a, agreement(&labels, &said, &scores, 7));
+    }
+
+    #[test]
+    fn grouped_folds_never_split_a_prompt() {
+        let groups: Vec<String> = (0..60).map(|i| format!("p{}", i % 17)).collect();
+        let refs: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let folds = grouped_folds(&refs, 5, 3);
+        for (g, f) in refs.iter().zip(&folds) {
+            for (h, e) in refs.iter().zip(&folds) {
+                if g == h {
+                    assert_eq!(f, e, "prompt {g} in two folds");
+                }
+            }
+        }
+        let used: std::collections::BTreeSet<usize> = folds.iter().copied().collect();
+        assert_eq!(used.len(), 5);
+        assert_eq!(folds, grouped_folds(&refs, 5, 3));
+        assert_ne!(folds, grouped_folds(&refs, 5, 4));
     }
 }

@@ -14,9 +14,12 @@
 pub mod aggregate;
 pub mod cache;
 pub mod calibration;
+pub mod corpus;
 pub mod degenerate;
+pub mod language;
 pub mod local;
 pub mod patterns;
+pub mod probe;
 pub mod remote;
 pub mod sampled;
 pub mod text;
@@ -26,6 +29,7 @@ pub use cache::VerdictCache;
 pub use degenerate::{detect_degenerate, Degeneracy};
 pub use local::LocalJudge;
 pub use patterns::{MarkerSet, PatternJudge, PATTERN_MODE};
+pub use probe::{Probe, ProbeJudge, PROBE_MODE};
 pub use remote::{RemoteConfig, RemoteJudge};
 pub use sampled::SAMPLED_MODE;
 

@@ -212,6 +212,11 @@ impl LocalJudge {
         &self.model
     }
 
+    /// Short hash of the instruction and answer prefix this judge reads under.
+    pub fn prompt_fingerprint(&self) -> String {
+        self.prompt.fingerprint()
+    }
+
     /// Token ids of the two labels ("refusal", "not refusal") as they follow the prompt.
     pub fn label_tokens(&self) -> &[Vec<u32>; 2] {
         &self.labels
@@ -275,7 +280,7 @@ impl LocalJudge {
 
     /// Runs `each_batch` on the items' prompts, `self.batch` at a time, and puts the results
     /// back in item order.
-    fn in_batches<T: Clone + Default>(
+    pub(crate) fn in_batches<T: Clone + Default>(
         &self,
         items: &[(&str, &str)],
         mut each_batch: impl FnMut(&[&[u32]]) -> Result<Vec<T>>,
@@ -300,7 +305,7 @@ impl LocalJudge {
     /// Runs `prompts` as one left-padded batch with room for `room` more tokens per row, the
     /// shared opening copied in rather than recomputed; returns the cache and each row's
     /// last-token logits, as [`prefill`] does.
-    fn prefill_batch(
+    pub(crate) fn prefill_batch(
         &self,
         prompts: &[&[u32]],
         room: usize,

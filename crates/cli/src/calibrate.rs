@@ -1,0 +1,431 @@
+//! `refusal-steer calibrate`: every judge measured against the labelled corpus, out of sample.
+//!
+//! Folds are grouped by prompt id, so no prompt is in both a fit fold and the fold it is
+//! scored on. What a judge fits is fitted on the other folds only: an LLM judge's threshold
+//! (the best cut of its verdict probability), a probe's point, pooling and ridge (nested CV)
+//! and its weights. Every judge sees degenerate answers as the pipeline does (a refusal,
+//! without asking it), and `+lang` adds the language check to it.
+
+use crate::judge::{assess_all, JudgeSetup};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use refusal_steer_catalog as catalog;
+use refusal_steer_data::activations::{Activations, ActivationsHeader, ActivationsWriter};
+use refusal_steer_engine::Model;
+use refusal_steer_judge::calibration::{agreement, best_cut, grouped_folds, Agreement};
+use refusal_steer_judge::corpus::{read_corpus, AnswerType, LabelledAnswer};
+use refusal_steer_judge::language::read_languages;
+use refusal_steer_judge::local::JudgePrompt;
+use refusal_steer_judge::probe::{
+    cross_validate, read_residuals, select_all, FeatureBank, LinearProbe, Probe,
+    ProbeHeader, PROBE_VERSION,
+};
+use refusal_steer_judge::{
+    detect_degenerate, LocalJudge, Scoring, VerdictCache, VERDICT_PROB_MODE,
+};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Labelled answers (`data/labels/answers/`, see data/labels/README.md): files, or folders whose
+    /// `.jsonl` files are all read.
+    #[arg(long, num_args = 1.., default_value = "data/labels/answers")]
+    labels: Vec<PathBuf>,
+    /// Judge models to fit and cross-validate a probe judge on (catalogue names or .gguf).
+    #[arg(long, num_args = 1..)]
+    probe: Vec<String>,
+    /// Where the probe models' residual features are kept (resumable; one file per model
+    /// and corpus).
+    #[arg(long, default_value = "runs/calibrate")]
+    features: PathBuf,
+    /// Grouped folds (outer, and inner for the probe's choices).
+    #[arg(long, default_value_t = 5)]
+    folds: usize,
+    /// Seed of the folds and the bootstrap resamples.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Fit the first --probe on every labelled answer (point, pooling and ridge chosen by
+    /// CV) and save it here, for `--judge probe:FILE`.
+    #[arg(long, requires = "probe")]
+    save_probe: Option<PathBuf>,
+    /// Verdict cache shared by the judges compared (optional).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    #[command(flatten)]
+    setup: JudgeSetup,
+}
+
+/// One judge's out-of-fold decisions.
+struct Row {
+    name: String,
+    said: Vec<bool>,
+    scores: Vec<f64>,
+    ms_per_answer: f64,
+}
+
+pub fn calibrate(args: CalibrateArgs) -> Result<()> {
+    if args.folds < 2 {
+        bail!("--folds must be at least 2");
+    }
+    let items = read_corpus(&args.labels)?;
+    let labels: Vec<AnswerType> = items.iter().map(|i| i.label).collect();
+    let groups: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
+    let folds = grouped_folds(&groups, args.folds, args.seed);
+    let pairs: Vec<(&str, &str)> = items
+        .iter()
+        .map(|i| (i.prompt.as_str(), i.answer.as_str()))
+        .collect();
+    let degenerate: Vec<bool> = items
+        .iter()
+        .map(|i| detect_degenerate(refusal_steer_judge::text::final_answer(&i.answer)).is_some())
+        .collect();
+    let switched: Vec<bool> = items
+        .iter()
+        .map(|i| read_languages(&i.prompt, &i.answer).switched)
+        .collect();
+    eprintln!(
+        "{} labelled answers to {} prompts, {} folds grouped by prompt",
+        items.len(),
+        {
+            let mut ids = groups.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.len()
+        },
+        args.folds
+    );
+
+    let mut rows = Vec::new();
+    let mut cache = match &args.cache {
+        Some(path) => VerdictCache::open(path)?,
+        None => VerdictCache::in_memory(),
+    };
+    let plans = if args.probe.is_empty() || !args.setup.is_empty() {
+        args.setup.plans()?
+    } else {
+        Vec::new()
+    };
+    for plan in plans {
+        let mut judge = args.setup.build(&plan)?;
+        let mut assessed = Vec::with_capacity(items.len());
+        let start = Instant::now();
+        assess_all(judge.as_mut(), &mut cache, &pairs, args.setup.chunk_size(&plan), |_, a| {
+            assessed.extend_from_slice(a);
+            Ok(())
+        })?;
+        let judged = assessed.iter().filter(|a| a.degenerate.is_none()).count();
+        let ms = start.elapsed().as_secs_f64() * 1000.0 / judged.max(1) as f64;
+        let scores: Vec<f64> = assessed.iter().map(|a| a.verdict.graded()).collect();
+        let said: Vec<bool> = if judge.mode() == VERDICT_PROB_MODE {
+            // The threshold is a fitted parameter: chosen on the other folds.
+            cut_out_of_fold(&labels, &scores, &folds, args.folds)
+        } else {
+            assessed.iter().map(|a| a.verdict.label > 0).collect()
+        };
+        rows.push(Row {
+            name: judge.id(),
+            said,
+            scores,
+            ms_per_answer: ms,
+        });
+    }
+
+    for spec in &args.probe {
+        let (row, bank_data, reader, sha) = probe_row(spec, &args, &items, &pairs, &labels, &groups)?;
+        let said = row
+            .scores
+            .iter()
+            .zip(&degenerate)
+            .map(|(s, d)| *d || *s > 0.0)
+            .collect();
+        rows.push(Row { said, ..row });
+        if let (Some(out), true) = (&args.save_probe, spec == &args.probe[0]) {
+            save_probe(out, spec, &reader, &sha, &bank_data, &items, &labels, &groups, &args)?;
+        }
+    }
+
+    let with_lang: Vec<Row> = rows
+        .iter()
+        .map(|r| Row {
+            name: format!("{} +lang", r.name),
+            said: r.said.iter().zip(&switched).map(|(s, l)| *s || *l).collect(),
+            scores: r.scores.clone(),
+            ms_per_answer: r.ms_per_answer,
+        })
+        .collect();
+    rows.extend(with_lang);
+    rows.push(Row {
+        name: "language check alone (+ degenerate)".into(),
+        said: switched.iter().zip(&degenerate).map(|(l, d)| *l || *d).collect(),
+        scores: switched.iter().map(|&l| f64::from(u8::from(l))).collect(),
+        ms_per_answer: 0.0,
+    });
+    print_table(&rows, &items, &labels, args.seed);
+    Ok(())
+}
+
+/// Per item, whether its score is above the cut that agrees best with the labels of the
+/// other folds.
+fn cut_out_of_fold(labels: &[AnswerType], scores: &[f64], folds: &[usize], k: usize) -> Vec<bool> {
+    let mut said = vec![false; labels.len()];
+    for fold in 0..k {
+        let (test, train): (Vec<usize>, Vec<usize>) =
+            (0..labels.len()).partition(|&i| folds[i] == fold);
+        let truth: Vec<bool> = train.iter().map(|&i| labels[i].is_refusal()).collect();
+        let train_scores: Vec<f64> = train.iter().map(|&i| scores[i]).collect();
+        let (cut, _) = best_cut(&truth, &train_scores);
+        let cut = if cut.is_nan() { 0.5 } else { cut };
+        for i in test {
+            said[i] = scores[i] > cut;
+        }
+    }
+    said
+}
+
+/// Residual features of every item, both poolings at every point, `[2 * points * d]` per
+/// item (last-token points first).
+struct BankData {
+    points: Vec<usize>,
+    d: usize,
+    rows: Vec<Vec<f32>>,
+}
+
+impl BankData {
+    fn bank(&self) -> FeatureBank<'_> {
+        let width = self.points.len() * self.d;
+        FeatureBank {
+            points: self.points.clone(),
+            d: self.d,
+            rows: [
+                self.rows.iter().map(|r| &r[..width]).collect(),
+                self.rows.iter().map(|r| &r[width..]).collect(),
+            ],
+        }
+    }
+}
+
+fn corpus_fingerprint(items: &[LabelledAnswer]) -> String {
+    let mut hash = Sha256::new();
+    for i in items {
+        for field in [&i.model, &i.id, &i.condition, &i.prompt, &i.answer] {
+            hash.update(field.as_bytes());
+            hash.update([0]);
+        }
+        hash.update(i.sample.to_le_bytes());
+    }
+    hex::encode(&hash.finalize()[..8])
+}
+
+fn load_reader(spec: &str, setup: &JudgeSetup) -> Result<(LocalJudge, String, PathBuf)> {
+    let path = catalog::resolve(spec, &mut |msg| eprintln!("{msg}"))?;
+    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let sha = catalog::model_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let reader = LocalJudge::new(
+        model,
+        JudgePrompt::default(),
+        Scoring::VerdictProb,
+        setup.batch(),
+        refusal_steer_judge::local::DEFAULT_THRESHOLD,
+    )?;
+    Ok((reader, sha, path))
+}
+
+/// Reads (or resumes reading) the probe model's features and cross-validates the probe.
+fn probe_row(
+    spec: &str,
+    args: &CalibrateArgs,
+    items: &[LabelledAnswer],
+    pairs: &[(&str, &str)],
+    labels: &[AnswerType],
+    groups: &[&str],
+) -> Result<(Row, BankData, LocalJudge, String)> {
+    let (reader, sha, path) = load_reader(spec, &args.setup)?;
+    let config = &reader.model().config;
+    let (n_points, d) = (config.n_layers + 1, config.d_model);
+    let points: Vec<usize> = (1..n_points).collect();
+    let stem = path
+        .file_stem()
+        .map_or("model".into(), |s| s.to_string_lossy().into_owned());
+    let file = args.features.join(format!(
+        "{stem}-{}-{}.safetensors",
+        &sha[..8],
+        corpus_fingerprint(items)
+    ));
+    let header = ActivationsHeader {
+        n_points: 2 * points.len(),
+        d,
+        ids: items
+            .iter()
+            .map(|i| format!("{}/{}/{}/{}", i.model, i.id, i.condition, i.sample))
+            .collect(),
+        sets: items.iter().map(|i| Some(i.set.clone())).collect(),
+        metadata: BTreeMap::from([
+            ("model_sha256".into(), sha.clone()),
+            ("instruction".into(), reader.prompt_fingerprint()),
+            ("rows".into(), "points 1.. at the last token, then the same points averaged".into()),
+        ]),
+    };
+    let mut writer = ActivationsWriter::open(&file, header)?;
+    let done = writer.rows_done();
+    if done < items.len() {
+        eprintln!("reading {} answers with {stem} into {}", items.len() - done, file.display());
+        let progress = ProgressBar::new(items.len() as u64);
+        progress.set_style(ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}",
+        )?);
+        progress.set_position(done as u64);
+        for chunk in pairs[done..].chunks(args.setup.batch() * 8) {
+            for r in read_residuals(&reader, chunk, &points)? {
+                writer.push_row(&[r.last, r.mean].concat())?;
+            }
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish_and_clear();
+    }
+    drop(writer);
+    let acts = Activations::load(&file)?;
+    let width = 2 * points.len() * d;
+    let data = BankData {
+        points,
+        d,
+        rows: acts.data.chunks(width).map(<[f32]>::to_vec).collect(),
+    };
+    // The judge's own cost: one point read on a sample of the answers.
+    let sample = &pairs[..pairs.len().min(32)];
+    let start = Instant::now();
+    read_residuals(&reader, sample, &[n_points - 1])?;
+    let ms = start.elapsed().as_secs_f64() * 1000.0 / sample.len() as f64;
+    let (scores, choices) = cross_validate(&data.bank(), labels, groups, args.folds, args.seed)?;
+    for (fold, c) in choices.iter().enumerate() {
+        eprintln!(
+            "  probe {stem}, outer fold {fold}: point {} {} κ-ridge {} (inner CV kappa {:.3})",
+            c.point,
+            c.pooling.name(),
+            c.kappa,
+            c.cv_kappa
+        );
+    }
+    Ok((
+        Row {
+            name: format!("probe:{stem} (nested CV)"),
+            said: Vec::new(),
+            scores,
+            ms_per_answer: ms,
+        },
+        data,
+        reader,
+        sha,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn save_probe(
+    out: &Path,
+    spec: &str,
+    reader: &LocalJudge,
+    sha: &str,
+    data: &BankData,
+    items: &[LabelledAnswer],
+    labels: &[AnswerType],
+    groups: &[&str],
+    args: &CalibrateArgs,
+) -> Result<()> {
+    let bank = data.bank();
+    let choice = select_all(&bank, labels, groups, args.folds, args.seed)?;
+    let slot = data
+        .points
+        .iter()
+        .position(|&p| p == choice.point)
+        .expect("a bank point");
+    let rows: Vec<&[f32]> = (0..items.len())
+        .map(|i| bank.row(choice.pooling, slot, i))
+        .collect();
+    let linear = LinearProbe::fit(&rows, labels, choice.kappa)?;
+    let files: Vec<String> = args.labels.iter().map(|p| p.display().to_string()).collect();
+    let probe = Probe {
+        header: ProbeHeader {
+            version: PROBE_VERSION,
+            judge_model: spec.to_string(),
+            judge_sha256: sha.to_string(),
+            instruction: reader.prompt_fingerprint(),
+            point: choice.point,
+            pooling: choice.pooling,
+            d: data.d,
+            kappa: choice.kappa,
+            language_check: true,
+            provenance: BTreeMap::from([
+                ("labels".into(), files.join(", ")),
+                ("corpus_fingerprint".into(), corpus_fingerprint(items)),
+                ("answers".into(), items.len().to_string()),
+                ("cv_kappa_of_choice".into(), format!("{:.4}", choice.cv_kappa)),
+                ("folds".into(), format!("{} grouped by prompt, seed {}", args.folds, args.seed)),
+                ("made_by".into(), "refusal-steer calibrate --save-probe".into()),
+            ]),
+        },
+        linear,
+    };
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    probe.save(out)?;
+    println!(
+        "saved the probe (point {}, {} pooling, ridge {}, CV kappa {:.3} over all answers) to {}",
+        choice.point,
+        choice.pooling.name(),
+        choice.kappa,
+        choice.cv_kappa,
+        out.display()
+    );
+    Ok(())
+}
+
+fn print_table(rows: &[Row], items: &[LabelledAnswer], labels: &[AnswerType], seed: u64) {
+    let steered: Vec<usize> = (0..items.len())
+        .filter(|&i| items[i].condition != "base")
+        .collect();
+    let counts = |t: AnswerType| labels.iter().filter(|l| **l == t).count();
+    println!(
+        "{} answers ({} steered): {}",
+        items.len(),
+        steered.len(),
+        AnswerType::ALL
+            .iter()
+            .map(|&t| format!("{} {}", t.name(), counts(t)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "| judge | kappa [95% CI] | kappa, steered | AUC | recall: refusal | deflection | narrative | degenerate | false refusals on answers | ms/answer (1 call) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for row in rows {
+        let a: Agreement = agreement(labels, &row.said, &row.scores, seed);
+        let steered_labels: Vec<AnswerType> = steered.iter().map(|&i| labels[i]).collect();
+        let steered_said: Vec<bool> = steered.iter().map(|&i| row.said[i]).collect();
+        let steered_scores: Vec<f64> = steered.iter().map(|&i| row.scores[i]).collect();
+        let s = agreement(&steered_labels, &steered_said, &steered_scores, seed);
+        let recall: Vec<String> = a
+            .recall
+            .iter()
+            .map(|(_, hit, total)| format!("{:.2} ({hit}/{total})", *hit as f64 / (*total).max(1) as f64))
+            .collect();
+        println!(
+            "| {} | {:.3} [{:.3}, {:.3}] | {:.3} | {:.3} | {} | {:.1}% ({}/{}) | {:.1} |",
+            row.name,
+            a.kappa,
+            a.kappa_ci.0,
+            a.kappa_ci.1,
+            s.kappa,
+            a.auc,
+            recall.join(" | "),
+            100.0 * a.false_refusal_rate(),
+            a.false_refusals.0,
+            a.false_refusals.1,
+            row.ms_per_answer
+        );
+    }
+}
