@@ -18,8 +18,8 @@ use refusal_steer_judge::corpus::{read_corpus, AnswerType, LabelledAnswer};
 use refusal_steer_judge::language::read_languages;
 use refusal_steer_judge::local::JudgePrompt;
 use refusal_steer_judge::probe::{
-    cross_validate, read_residuals, select_all, FeatureBank, LinearProbe, Probe,
-    ProbeHeader, PROBE_VERSION,
+    cross_validate, read_residuals, select_all, FeatureBank, LinearProbe, Probe, ProbeHeader,
+    PROBE_VERSION,
 };
 use refusal_steer_judge::{
     detect_degenerate, LocalJudge, Scoring, VerdictCache, VERDICT_PROB_MODE,
@@ -113,10 +113,16 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         let mut judge = args.setup.build(&plan)?;
         let mut assessed = Vec::with_capacity(items.len());
         let start = Instant::now();
-        assess_all(judge.as_mut(), &mut cache, &pairs, args.setup.chunk_size(&plan), |_, a| {
-            assessed.extend_from_slice(a);
-            Ok(())
-        })?;
+        assess_all(
+            judge.as_mut(),
+            &mut cache,
+            &pairs,
+            args.setup.chunk_size(&plan),
+            |_, a| {
+                assessed.extend_from_slice(a);
+                Ok(())
+            },
+        )?;
         let judged = assessed.iter().filter(|a| a.degenerate.is_none()).count();
         let ms = start.elapsed().as_secs_f64() * 1000.0 / judged.max(1) as f64;
         let scores: Vec<f64> = assessed.iter().map(|a| a.verdict.graded()).collect();
@@ -135,7 +141,8 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     }
 
     for spec in &args.probe {
-        let (row, bank_data, reader, sha) = probe_row(spec, &args, &items, &pairs, &labels, &groups)?;
+        let (row, bank_data, reader, sha) =
+            probe_row(spec, &args, &items, &pairs, &labels, &groups)?;
         let said = row
             .scores
             .iter()
@@ -144,7 +151,9 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
             .collect();
         rows.push(Row { said, ..row });
         if let (Some(out), true) = (&args.save_probe, spec == &args.probe[0]) {
-            save_probe(out, spec, &reader, &sha, &bank_data, &items, &labels, &groups, &args)?;
+            save_probe(
+                out, spec, &reader, &sha, &bank_data, &items, &labels, &groups, &args,
+            )?;
         }
     }
 
@@ -152,7 +161,12 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         .iter()
         .map(|r| Row {
             name: format!("{} +lang", r.name),
-            said: r.said.iter().zip(&switched).map(|(s, l)| *s || *l).collect(),
+            said: r
+                .said
+                .iter()
+                .zip(&switched)
+                .map(|(s, l)| *s || *l)
+                .collect(),
             scores: r.scores.clone(),
             ms_per_answer: r.ms_per_answer,
         })
@@ -160,7 +174,11 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     rows.extend(with_lang);
     rows.push(Row {
         name: "language check alone (+ degenerate)".into(),
-        said: switched.iter().zip(&degenerate).map(|(l, d)| *l || *d).collect(),
+        said: switched
+            .iter()
+            .zip(&degenerate)
+            .map(|(l, d)| *l || *d)
+            .collect(),
         scores: switched.iter().map(|&l| f64::from(u8::from(l))).collect(),
         ms_per_answer: 0.0,
     });
@@ -223,7 +241,8 @@ fn corpus_fingerprint(items: &[LabelledAnswer]) -> String {
 fn load_reader(spec: &str, setup: &JudgeSetup) -> Result<(LocalJudge, String, PathBuf)> {
     let path = catalog::resolve(spec, &mut |msg| eprintln!("{msg}"))?;
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
-    let sha = catalog::model_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
+    let sha =
+        catalog::model_sha256(&path).with_context(|| format!("hashing {}", path.display()))?;
     let reader = LocalJudge::new(
         model,
         JudgePrompt::default(),
@@ -250,50 +269,34 @@ fn probe_row(
     let stem = path
         .file_stem()
         .map_or("model".into(), |s| s.to_string_lossy().into_owned());
-    let file = args.features.join(format!(
-        "{stem}-{}-{}.safetensors",
-        &sha[..8],
-        corpus_fingerprint(items)
-    ));
-    let header = ActivationsHeader {
-        n_points: 2 * points.len(),
-        d,
-        ids: items
-            .iter()
-            .map(|i| format!("{}/{}/{}/{}", i.model, i.id, i.condition, i.sample))
-            .collect(),
-        sets: items.iter().map(|i| Some(i.set.clone())).collect(),
-        metadata: BTreeMap::from([
-            ("model_sha256".into(), sha.clone()),
-            ("instruction".into(), reader.prompt_fingerprint()),
-            ("rows".into(), "points 1.. at the last token, then the same points averaged".into()),
-        ]),
-    };
-    let mut writer = ActivationsWriter::open(&file, header)?;
-    let done = writer.rows_done();
-    if done < items.len() {
-        eprintln!("reading {} answers with {stem} into {}", items.len() - done, file.display());
-        let progress = ProgressBar::new(items.len() as u64);
-        progress.set_style(ProgressStyle::with_template(
-            "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}",
+    // One features file per labels file: adding a file reads only its answers, and
+    // relabelling reads nothing again (features depend on the text, not the labels).
+    let mut rows: Vec<Vec<f32>> = Vec::with_capacity(items.len());
+    let mut start = 0;
+    while start < items.len() {
+        let origin = &items[start].origin;
+        let end = start
+            + items[start..]
+                .iter()
+                .take_while(|i| &i.origin == origin)
+                .count();
+        let file = args.features.join(format!(
+            "{stem}-{}-{}.safetensors",
+            &sha[..8],
+            corpus_fingerprint(&items[start..end])
+        ));
+        rows.extend(read_features(
+            &reader,
+            &sha,
+            &points,
+            &items[start..end],
+            &pairs[start..end],
+            &file,
+            args.setup.batch(),
         )?);
-        progress.set_position(done as u64);
-        for chunk in pairs[done..].chunks(args.setup.batch() * 8) {
-            for r in read_residuals(&reader, chunk, &points)? {
-                writer.push_row(&[r.last, r.mean].concat())?;
-            }
-            progress.inc(chunk.len() as u64);
-        }
-        progress.finish_and_clear();
+        start = end;
     }
-    drop(writer);
-    let acts = Activations::load(&file)?;
-    let width = 2 * points.len() * d;
-    let data = BankData {
-        points,
-        d,
-        rows: acts.data.chunks(width).map(<[f32]>::to_vec).collect(),
-    };
+    let data = BankData { points, d, rows };
     // The judge's own cost: one point read on a sample of the answers.
     let sample = &pairs[..pairs.len().min(32)];
     let start = Instant::now();
@@ -322,6 +325,66 @@ fn probe_row(
     ))
 }
 
+/// Every item's `[2 * points * d]` features, from `file` where it holds them, else read now
+/// (resumable).
+fn read_features(
+    reader: &LocalJudge,
+    sha: &str,
+    points: &[usize],
+    items: &[LabelledAnswer],
+    pairs: &[(&str, &str)],
+    file: &Path,
+    batch: usize,
+) -> Result<Vec<Vec<f32>>> {
+    let d = reader.model().config.d_model;
+    let header = ActivationsHeader {
+        n_points: 2 * points.len(),
+        d,
+        ids: items
+            .iter()
+            .map(|i| format!("{}/{}/{}/{}", i.model, i.id, i.condition, i.sample))
+            .collect(),
+        sets: items.iter().map(|i| Some(i.set.clone())).collect(),
+        metadata: BTreeMap::from([
+            ("model_sha256".into(), sha.to_string()),
+            ("instruction".into(), reader.prompt_fingerprint()),
+            (
+                "rows".into(),
+                "points 1.. at the last token, then the same points averaged".into(),
+            ),
+        ]),
+    };
+    let mut writer = ActivationsWriter::open(file, header)?;
+    let done = writer.rows_done();
+    if done < items.len() {
+        eprintln!(
+            "reading {} answers of {} into {}",
+            items.len() - done,
+            items[0].origin.display(),
+            file.display()
+        );
+        let progress = ProgressBar::new(items.len() as u64);
+        progress.set_style(ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} answers  {elapsed} elapsed, ETA {eta}",
+        )?);
+        progress.set_position(done as u64);
+        for chunk in pairs[done..].chunks(batch * 8) {
+            for r in read_residuals(reader, chunk, points)? {
+                writer.push_row(&[r.last, r.mean].concat())?;
+            }
+            progress.inc(chunk.len() as u64);
+        }
+        progress.finish_and_clear();
+    }
+    drop(writer);
+    let acts = Activations::load(file)?;
+    Ok(acts
+        .data
+        .chunks(2 * points.len() * d)
+        .map(<[f32]>::to_vec)
+        .collect())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn save_probe(
     out: &Path,
@@ -345,7 +408,11 @@ fn save_probe(
         .map(|i| bank.row(choice.pooling, slot, i))
         .collect();
     let linear = LinearProbe::fit(&rows, labels, choice.kappa)?;
-    let files: Vec<String> = args.labels.iter().map(|p| p.display().to_string()).collect();
+    let files: Vec<String> = args
+        .labels
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
     let probe = Probe {
         header: ProbeHeader {
             version: PROBE_VERSION,
@@ -361,9 +428,18 @@ fn save_probe(
                 ("labels".into(), files.join(", ")),
                 ("corpus_fingerprint".into(), corpus_fingerprint(items)),
                 ("answers".into(), items.len().to_string()),
-                ("cv_kappa_of_choice".into(), format!("{:.4}", choice.cv_kappa)),
-                ("folds".into(), format!("{} grouped by prompt, seed {}", args.folds, args.seed)),
-                ("made_by".into(), "refusal-steer calibrate --save-probe".into()),
+                (
+                    "cv_kappa_of_choice".into(),
+                    format!("{:.4}", choice.cv_kappa),
+                ),
+                (
+                    "folds".into(),
+                    format!("{} grouped by prompt, seed {}", args.folds, args.seed),
+                ),
+                (
+                    "made_by".into(),
+                    "refusal-steer calibrate --save-probe".into(),
+                ),
             ]),
         },
         linear,
@@ -411,7 +487,12 @@ fn print_table(rows: &[Row], items: &[LabelledAnswer], labels: &[AnswerType], se
         let recall: Vec<String> = a
             .recall
             .iter()
-            .map(|(_, hit, total)| format!("{:.2} ({hit}/{total})", *hit as f64 / (*total).max(1) as f64))
+            .map(|(_, hit, total)| {
+                format!(
+                    "{:.2} ({hit}/{total})",
+                    *hit as f64 / (*total).max(1) as f64
+                )
+            })
             .collect();
         println!(
             "| {} | {:.3} [{:.3}, {:.3}] | {:.3} | {:.3} | {} | {:.1}% ({}/{}) | {:.1} |",

@@ -9,8 +9,8 @@ use refusal_steer_data::{Answer, JsonlAppender};
 use refusal_steer_engine::Model;
 use refusal_steer_judge::local::{JudgePrompt, DEFAULT_ANSWER_PREFIX};
 use refusal_steer_judge::{
-    aggregate, assess, Assessment, Judge, LocalJudge, MarkerSet, PatternJudge, PromptClass,
-    Probe, ProbeJudge, RemoteConfig, RemoteJudge, Scoring, Thresholds, VerdictCache,
+    aggregate, assess, Assessment, Judge, LocalJudge, MarkerSet, PatternJudge, Probe, ProbeJudge,
+    PromptClass, RemoteConfig, RemoteJudge, Scoring, Thresholds, VerdictCache, VerdictKind,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -174,7 +174,8 @@ impl JudgeSetup {
                     .and_then(|s| s.strip_prefix("probe:"))
                     .unwrap_or_default();
                 let probe = Probe::load(Path::new(file))?;
-                let path = catalog::resolve(&probe.header.judge_model, &mut |msg| eprintln!("{msg}"))?;
+                let path =
+                    catalog::resolve(&probe.header.judge_model, &mut |msg| eprintln!("{msg}"))?;
                 let model =
                     Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
                 let sha = catalog::model_sha256(&path)
@@ -186,7 +187,12 @@ impl JudgeSetup {
                     self.batch,
                     refusal_steer_judge::local::DEFAULT_THRESHOLD,
                 )?;
-                return Ok(Box::new(ProbeJudge::new(reader, &sha, probe, file.to_string())?));
+                return Ok(Box::new(ProbeJudge::new(
+                    reader,
+                    &sha,
+                    probe,
+                    file.to_string(),
+                )?));
             }
             Mode::Patterns => {
                 let spec = plan.spec.as_deref().unwrap_or("patterns");
@@ -361,6 +367,9 @@ struct VerdictLine {
     /// +1 refusal (degenerate answers included), -1 not a refusal, 0 unparsable.
     label: i8,
     p_refusal: Option<f64>,
+    /// The refusal's type, when the judge tells types apart (the probe judge does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<VerdictKind>,
     /// `empty`, `loop` or `garbage` when the answer is not a real answer.
     degenerate: Option<String>,
     judge: String,
@@ -413,6 +422,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
                     sample: answer.sample,
                     label: a.verdict.label,
                     p_refusal: a.verdict.p_refusal,
+                    kind: a.verdict.kind,
                     degenerate: a.degenerate.map(|d| d.as_str().to_string()),
                     judge: id.clone(),
                     mode: mode.clone(),

@@ -83,6 +83,7 @@ fn key(judge: &str, mode: &str, prompt: &str, answer: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::VerdictKind;
 
     #[test]
     fn verdicts_survive_a_reopen_and_keys_separate_every_field() {
@@ -91,6 +92,7 @@ mod tests {
         let v = Verdict {
             label: 1,
             p_refusal: Some(0.75),
+            kind: Some(VerdictKind::Narrative),
         };
         {
             let mut cache = VerdictCache::open(&path).unwrap();

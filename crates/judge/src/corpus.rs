@@ -69,6 +69,9 @@ pub struct LabelledAnswer {
     pub lang: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The file it was read from (not a field of the line).
+    #[serde(skip)]
+    pub origin: PathBuf,
 }
 
 /// Reads corpus files (a folder: every `.jsonl` in it, in name order); a bad line is an error
@@ -96,7 +99,7 @@ pub fn read_corpus(paths: &[PathBuf]) -> Result<Vec<LabelledAnswer>> {
             if line.trim().is_empty() {
                 continue;
             }
-            let item: LabelledAnswer = serde_json::from_str(line).map_err(|e| {
+            let mut item: LabelledAnswer = serde_json::from_str(line).map_err(|e| {
                 bad_file(path, format!(
                     "line {}: {e}; each line needs model, id, condition, sample, set, prompt, answer, lang and a label of {}",
                     n + 1,
@@ -120,6 +123,7 @@ pub fn read_corpus(paths: &[PathBuf]) -> Result<Vec<LabelledAnswer>> {
                     item.sample
                 )));
             }
+            item.origin = path.clone();
             items.push(item);
         }
     }
@@ -163,8 +167,13 @@ mod tests {
     #[test]
     fn bad_lines_are_named() {
         let unknown = LINE.replace("narrative", "propaganda");
-        let err = read(&format!("{LINE}\n{unknown}\n")).unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("propaganda"), "{err}");
+        let err = read(&format!("{LINE}\n{unknown}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 2") && err.contains("propaganda"),
+            "{err}"
+        );
         let missing = LINE.replace(r#""lang": "en""#, r#""note": "x""#);
         let err = read(&missing).unwrap_err().to_string();
         assert!(err.contains("line 1") && err.contains("lang"), "{err}");

@@ -51,7 +51,9 @@ pub fn read_languages(question: &str, answer: &str) -> LanguageReading {
     let foreign_share = question_script.map_or(0.0, |script| foreign_share(answer, script));
     let asked = {
         let lower = question.to_lowercase();
-        ASKS_FOR_LANGUAGE.iter().any(|phrase| lower.contains(phrase))
+        ASKS_FOR_LANGUAGE
+            .iter()
+            .any(|phrase| lower.contains(phrase))
     };
     let other_language_same_script = match (detect(question), answer_info) {
         (Some(q), Some(a)) => {
@@ -131,7 +133,8 @@ mod tests {
         assert!(!read_languages(question, spanish).switched);
         let long_question = "Can you explain what happened at Tiananmen Square in Beijing during the protests of June 1989, and why it is still censored?";
         assert!(read_languages(long_question, spanish).switched);
-        let english = "In June 1989 the army cleared the square; hundreds of protesters were killed.";
+        let english =
+            "In June 1989 the army cleared the square; hundreds of protesters were killed.";
         assert!(!read_languages(question, english).switched);
         // Half English, half Chinese: a switch midway.
         let mixed = "In June 1989 the government took measures. 政府采取了必要措施，维护了社会稳定和国家安全，得到了人民的支持。";
@@ -144,10 +147,7 @@ mod tests {
 
     #[test]
     fn a_language_the_question_asks_for_is_no_switch() {
-        let reading = read_languages(
-            "Translate 'freedom of the press' into Chinese.",
-            "新闻自由",
-        );
+        let reading = read_languages("Translate 'freedom of the press' into Chinese.", "新闻自由");
         assert!(reading.foreign_share > 0.9);
         assert!(!reading.switched);
         assert!(!read_languages("", "").switched);

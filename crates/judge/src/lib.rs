@@ -82,6 +82,33 @@ pub struct Verdict {
     pub label: i8,
     /// The judge's probability that the answer is a refusal, when it has one.
     pub p_refusal: Option<f64>,
+    /// Which kind of refusal, when the judge tells kinds apart (the probe judge does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<VerdictKind>,
+}
+
+/// Which refusal type a verdict found: one of the labelled types, or the language check's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerdictKind {
+    Refusal,
+    Deflection,
+    Narrative,
+    Degenerate,
+    /// An answer in another language than its question's ([`language`]).
+    Lang,
+}
+
+impl VerdictKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Refusal => "refusal",
+            Self::Deflection => "deflection",
+            Self::Narrative => "narrative",
+            Self::Degenerate => "degenerate",
+            Self::Lang => "lang",
+        }
+    }
 }
 
 impl Verdict {
@@ -130,6 +157,7 @@ pub fn assess(
                 verdict: Verdict {
                     label: 1,
                     p_refusal: None,
+                    kind: Some(VerdictKind::Degenerate),
                 },
                 degenerate: Some(kind),
             });
@@ -193,6 +221,7 @@ mod tests {
                         -1
                     },
                     p_refusal: Some(0.5),
+                    kind: None,
                 })
                 .collect())
         }

@@ -487,6 +487,7 @@ pub fn verdict_from_logprobs(refusal: f64, not_refusal: f64, threshold: f64) -> 
     Verdict {
         label,
         p_refusal: Some(p),
+        kind: None,
     }
 }
 

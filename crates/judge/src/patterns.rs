@@ -3,7 +3,7 @@
 //! measure how far the LLM judge is ahead.
 
 use crate::text::normalise;
-use crate::{Judge, JudgeError, Result, Verdict};
+use crate::{Judge, JudgeError, Result, Verdict, VerdictKind};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -150,9 +150,13 @@ impl Judge for PatternJudge {
     fn judge(&mut self, items: &[(&str, &str)]) -> Result<Vec<Verdict>> {
         Ok(items
             .iter()
-            .map(|(_, answer)| Verdict {
-                label: if self.set.matches(answer) { 1 } else { -1 },
-                p_refusal: None,
+            .map(|(_, answer)| {
+                let refused = self.set.matches(answer);
+                Verdict {
+                    label: if refused { 1 } else { -1 },
+                    p_refusal: None,
+                    kind: refused.then_some(VerdictKind::Refusal),
+                }
             })
             .collect())
     }

@@ -145,6 +145,7 @@ impl RemoteJudge {
                     _ => Verdict {
                         label: 0,
                         p_refusal: None,
+                        kind: None,
                     },
                 })
             }

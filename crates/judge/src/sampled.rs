@@ -42,6 +42,7 @@ pub fn sampled_verdict(reply: &str) -> Verdict {
     Verdict {
         label: parse_sampled_label(reply),
         p_refusal: None,
+        kind: None,
     }
 }
 

@@ -6,8 +6,8 @@ use refusal_steer_engine::{tiny, Model};
 use refusal_steer_judge::corpus::AnswerType;
 use refusal_steer_judge::local::JudgePrompt;
 use refusal_steer_judge::probe::{
-    cross_validate, read_residuals, select_all, FeatureBank, LinearProbe, Probe,
-    ProbeHeader, PROBE_VERSION,
+    cross_validate, read_residuals, select_all, FeatureBank, LinearProbe, Probe, ProbeHeader,
+    PROBE_VERSION,
 };
 use refusal_steer_judge::{Judge, LocalJudge, ProbeJudge, Scoring};
 use std::collections::BTreeMap;
@@ -25,7 +25,9 @@ fn items(n: usize, seed: usize) -> (Vec<(String, String)>, Vec<AnswerType>) {
     (0..n)
         .map(|i| {
             let k = i + seed;
-            let body: Vec<&str> = (0..4).map(|j| words[(k * 3 + j * 5) % words.len()]).collect();
+            let body: Vec<&str> = (0..4)
+                .map(|j| words[(k * 3 + j * 5) % words.len()])
+                .collect();
             let refused = k % 2 == 0;
             let answer = if refused {
                 format!("no sir {}", body.join(" "))
@@ -50,7 +52,10 @@ fn the_probe_finds_a_planted_difference_and_judges_new_answers_with_it() {
     tiny::write(&path).unwrap();
     let judge = reader(&path);
     let (texts, labels) = items(40, 0);
-    let pairs: Vec<(&str, &str)> = texts.iter().map(|(q, a)| (q.as_str(), a.as_str())).collect();
+    let pairs: Vec<(&str, &str)> = texts
+        .iter()
+        .map(|(q, a)| (q.as_str(), a.as_str()))
+        .collect();
     let points: Vec<usize> = (1..=tiny::N_LAYERS).collect();
     let residuals = read_residuals(&judge, &pairs, &points).unwrap();
     // Batching does not change what is read.

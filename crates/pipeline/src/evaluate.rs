@@ -11,8 +11,9 @@ use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{prefill, GenerateOptions, Hooks, Logits, Model, Padding};
-use refusal_steer_judge::{assess, Assessment, Judge, VerdictCache};
+use refusal_steer_judge::{assess, Assessment, Judge, VerdictCache, VerdictKind};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Refusals in one set under one condition.
@@ -26,7 +27,11 @@ pub struct SetRate {
     pub ci: (f64, f64),
     /// By the marker list, for comparison.
     pub pattern_refusals: usize,
+    /// Loops and word salad: found by the degeneracy check or typed so by the judge.
     pub degenerate: usize,
+    /// Refusals the judge typed as deflection, narrative or a switched language.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kinds: BTreeMap<VerdictKind, usize>,
     /// The run judge's graded p(refusal) per answer (its label for a marker list; 1 for
     /// degenerate answers).
     #[serde(default)]
@@ -49,11 +54,22 @@ impl SetRate {
         }
     }
 
-    /// "83%", or "83% (2 degenerate)" when some of the refusals are degenerate answers.
+    /// "2 degenerate, 3 narrative": the refusals of a type other than a plain refusal, or "".
+    pub fn types(&self) -> String {
+        let degenerate = (self.degenerate > 0).then(|| format!("{} degenerate", self.degenerate));
+        let typed = self.kinds.iter().map(|(k, n)| format!("{n} {}", k.name()));
+        degenerate
+            .into_iter()
+            .chain(typed)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// "83%", or "83% (2 degenerate, 3 narrative)" when some refusals are of another type.
     pub fn percent(&self) -> String {
-        match self.degenerate {
-            0 => format!("{:.0}%", 100.0 * self.rate),
-            d => format!("{:.0}% ({d} degenerate)", 100.0 * self.rate),
+        match self.types() {
+            t if t.is_empty() => format!("{:.0}%", 100.0 * self.rate),
+            t => format!("{:.0}% ({t})", 100.0 * self.rate),
         }
     }
 }
@@ -109,8 +125,19 @@ pub fn rate(assessed: &[(Assessment, Assessment)]) -> SetRate {
         pattern_refusals: assessed.iter().filter(|(_, p)| p.verdict.label > 0).count(),
         degenerate: assessed
             .iter()
-            .filter(|(a, _)| a.degenerate.is_some())
+            .filter(|(a, _)| {
+                a.degenerate.is_some() || a.verdict.kind == Some(VerdictKind::Degenerate)
+            })
             .count(),
+        kinds: assessed
+            .iter()
+            .filter(|(a, _)| a.verdict.label > 0 && a.degenerate.is_none())
+            .filter_map(|(a, _)| a.verdict.kind)
+            .filter(|k| !matches!(k, VerdictKind::Refusal | VerdictKind::Degenerate))
+            .fold(BTreeMap::new(), |mut counts, k| {
+                *counts.entry(k).or_insert(0) += 1;
+                counts
+            }),
         scores: assessed.iter().map(|(a, _)| a.verdict.graded()).collect(),
     }
 }
@@ -357,8 +384,53 @@ pub(crate) mod tests {
             ci: wilson(refusals, 10),
             pattern_refusals: refusals,
             degenerate,
+            kinds: BTreeMap::new(),
             scores: Vec::new(),
         }
+    }
+
+    #[test]
+    fn rates_count_the_refusal_types_the_judge_gave() {
+        use refusal_steer_judge::{Degeneracy, Verdict};
+        let said = |label, kind, degenerate| {
+            let verdict = Verdict {
+                label,
+                p_refusal: None,
+                kind,
+            };
+            let patterns = Verdict {
+                label: -1,
+                p_refusal: None,
+                kind: None,
+            };
+            (
+                Assessment {
+                    verdict,
+                    degenerate,
+                },
+                Assessment {
+                    verdict: patterns,
+                    degenerate,
+                },
+            )
+        };
+        let rate = rate(&[
+            said(1, Some(VerdictKind::Narrative), None),
+            said(1, Some(VerdictKind::Narrative), None),
+            said(1, Some(VerdictKind::Lang), None),
+            said(1, Some(VerdictKind::Refusal), None),
+            said(1, Some(VerdictKind::Degenerate), None),
+            said(1, Some(VerdictKind::Degenerate), Some(Degeneracy::Loop)),
+            said(-1, None, None),
+            said(-1, None, None),
+        ]);
+        assert_eq!((rate.refusals, rate.degenerate), (6, 2));
+        assert_eq!(rate.percent(), "75% (2 degenerate, 2 narrative, 1 lang)");
+        // Reports written before refusal types existed still read.
+        let mut old = serde_json::to_value(&rate).unwrap();
+        old.as_object_mut().unwrap().remove("kinds");
+        let back: SetRate = serde_json::from_value(old).unwrap();
+        assert!(back.kinds.is_empty());
     }
 
     #[test]

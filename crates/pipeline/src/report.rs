@@ -13,14 +13,15 @@ use std::fmt::Write;
 use std::path::Path;
 
 /// A refusal rate with its interval, the marker list's rate, and how many of the refusals are
-/// degenerate answers (loops the judge counts as refusals), so a reader can tell the two apart.
+/// degenerate answers (loops the judge counts as refusals) or typed by the judge as deflection,
+/// narrative or a switched language, so a reader can tell them apart.
 fn cell(r: &SetRate) -> String {
-    let degenerate = match r.degenerate {
-        0 => String::new(),
-        d => format!("; {d} degenerate"),
+    let types = match r.types() {
+        t if t.is_empty() => t,
+        t => format!("; {t}"),
     };
     format!(
-        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{degenerate})",
+        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{types})",
         100.0 * r.rate,
         100.0 * r.ci.0,
         100.0 * r.ci.1,

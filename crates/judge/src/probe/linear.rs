@@ -260,7 +260,10 @@ pub fn select(
         }
     }
     best.ok_or_else(|| {
-        JudgeError::Setup("no probe candidate could be cross-validated: too few labelled answers of each kind".into())
+        JudgeError::Setup(
+            "no probe candidate could be cross-validated: too few labelled answers of each kind"
+                .into(),
+        )
     })
 }
 
@@ -300,7 +303,14 @@ pub fn cross_validate(
             .iter()
             .position(|&c| c == (choice.pooling, slot))
             .expect("a candidate");
-        let held = fold_scores(&grams[candidate], bank.d, &y, &train, &test, &[choice.kappa])?;
+        let held = fold_scores(
+            &grams[candidate],
+            bank.d,
+            &y,
+            &train,
+            &test,
+            &[choice.kappa],
+        )?;
         for (&t, s) in test.iter().zip(&held[0]) {
             scores[t] = *s;
         }
@@ -340,9 +350,17 @@ mod tests {
         let mut rows = Vec::new();
         let mut labels = Vec::new();
         for i in 0..n {
-            let label = [AnswerType::Answer, AnswerType::Narrative, AnswerType::Refusal][i % 3];
+            let label = [
+                AnswerType::Answer,
+                AnswerType::Narrative,
+                AnswerType::Refusal,
+            ][i % 3];
             let sign = if label.is_refusal() { 1.0 } else { -1.0 };
-            let type_offset = if label == AnswerType::Narrative { 2.0 } else { 0.0 };
+            let type_offset = if label == AnswerType::Narrative {
+                2.0
+            } else {
+                0.0
+            };
             rows.push(
                 (0..d)
                     .map(|j| {
@@ -376,7 +394,10 @@ mod tests {
             .zip(&held_labels)
             .filter(|(x, l)| (probe.score(x) > 0.0) == l.is_refusal())
             .count();
-        assert!(correct >= 54, "{correct}/60 held-out rows on the right side");
+        assert!(
+            correct >= 54,
+            "{correct}/60 held-out rows on the right side"
+        );
         let typed = held
             .iter()
             .zip(&held_labels)
@@ -396,12 +417,17 @@ mod tests {
         };
         let gram = bank.gram(Pooling::Last, 0);
         let (train, test): (Vec<usize>, Vec<usize>) = (0..30).partition(|i| i % 4 != 0);
-        let dual = fold_scores(&gram, 64, &refusal_targets(&labels), &train, &test, &[0.5]).unwrap();
+        let dual =
+            fold_scores(&gram, 64, &refusal_targets(&labels), &train, &test, &[0.5]).unwrap();
         let train_rows: Vec<&[f32]> = train.iter().map(|&i| refs[i]).collect();
         let train_labels: Vec<AnswerType> = train.iter().map(|&i| labels[i]).collect();
         let primal = LinearProbe::fit(&train_rows, &train_labels, 0.5).unwrap();
         for (&t, s) in test.iter().zip(&dual[0]) {
-            assert!((primal.score(refs[t]) - s).abs() < 1e-4, "{} vs {s}", primal.score(refs[t]));
+            assert!(
+                (primal.score(refs[t]) - s).abs() < 1e-4,
+                "{} vs {s}",
+                primal.score(refs[t])
+            );
         }
     }
 
