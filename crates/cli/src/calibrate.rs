@@ -305,10 +305,11 @@ fn probe_row(
     let (scores, choices) = cross_validate(&data.bank(), labels, groups, args.folds, args.seed)?;
     for (fold, c) in choices.iter().enumerate() {
         eprintln!(
-            "  probe {stem}, outer fold {fold}: point {} {} κ-ridge {} (inner CV kappa {:.3})",
+            "  probe {stem}, outer fold {fold}: point {} {} κ-ridge {} cut {:+.3} (inner CV kappa {:.3})",
             c.point,
             c.pooling.name(),
             c.kappa,
+            c.cut,
             c.cv_kappa
         );
     }
@@ -407,7 +408,9 @@ fn save_probe(
     let rows: Vec<&[f32]> = (0..items.len())
         .map(|i| bank.row(choice.pooling, slot, i))
         .collect();
-    let linear = LinearProbe::fit(&rows, labels, choice.kappa)?;
+    let mut linear = LinearProbe::fit(&rows, labels, choice.kappa)?;
+    // The chosen cut moves into the bias: the file's refusals score above 0.
+    linear.biases[0] -= choice.cut;
     let files: Vec<String> = args
         .labels
         .iter()
@@ -432,6 +435,7 @@ fn save_probe(
                     "cv_kappa_of_choice".into(),
                     format!("{:.4}", choice.cv_kappa),
                 ),
+                ("cut_in_bias".into(), format!("{:.4}", choice.cut)),
                 (
                     "folds".into(),
                     format!("{} grouped by prompt, seed {}", args.folds, args.seed),
@@ -449,10 +453,11 @@ fn save_probe(
     }
     probe.save(out)?;
     println!(
-        "saved the probe (point {}, {} pooling, ridge {}, CV kappa {:.3} over all answers) to {}",
+        "saved the probe (point {}, {} pooling, ridge {}, cut {:+.3}, CV kappa {:.3} over all answers) to {}",
         choice.point,
         choice.pooling.name(),
         choice.kappa,
+        choice.cut,
         choice.cv_kappa,
         out.display()
     );

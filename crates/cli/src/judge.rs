@@ -21,6 +21,9 @@ use std::path::{Path, PathBuf};
 /// threshold, call every answer a refusal.
 const DEFAULT_JUDGE: &str = "patterns:refusal-direction+zh";
 
+/// The probe `--judge probe` means.
+const DEFAULT_PROBE: &str = "qwen2.5-coder-0.5b";
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// The LLM's probability of "refusal" vs "not refusal" at the verdict (one forward pass).
@@ -37,7 +40,8 @@ enum Mode {
 #[derive(Args, Clone)]
 pub struct JudgeSetup {
     /// How to judge: a catalogue name or .gguf path (an LLM judge), `patterns` (the
-    /// refusal_direction markers), `patterns:jailbreakbench`, or `patterns:FILE.json`
+    /// refusal_direction markers), `patterns:jailbreakbench`, `patterns:FILE.json`, `probe`
+    /// (the built-in probe judge on Qwen2.5-Coder-0.5B) or `probe:FILE`
     /// (default: patterns:refusal-direction+zh, unless --judge-url is given).
     #[arg(long = "judge", num_args = 1..)]
     judges: Vec<String>,
@@ -111,7 +115,7 @@ fn is_pattern_spec(spec: &str) -> bool {
 fn only_mode(spec: &str) -> Option<Mode> {
     if is_pattern_spec(spec) {
         Some(Mode::Patterns)
-    } else if spec.starts_with("probe:") {
+    } else if spec == "probe" || spec.starts_with("probe:") {
         Some(Mode::Probe)
     } else {
         None
@@ -168,12 +172,15 @@ impl JudgeSetup {
                 max_tokens: self.judge_max_tokens,
             },
             Mode::Probe => {
-                let file = plan
+                let name = plan
                     .spec
                     .as_deref()
                     .and_then(|s| s.strip_prefix("probe:"))
-                    .unwrap_or_default();
-                let probe = Probe::load(Path::new(file))?;
+                    .unwrap_or(DEFAULT_PROBE);
+                let probe = match Probe::built_in_names().contains(&name) {
+                    true => Probe::built_in(name)?,
+                    false => Probe::load(Path::new(name))?,
+                };
                 let path =
                     catalog::resolve(&probe.header.judge_model, &mut |msg| eprintln!("{msg}"))?;
                 let model =
@@ -191,7 +198,7 @@ impl JudgeSetup {
                     reader,
                     &sha,
                     probe,
-                    file.to_string(),
+                    name.to_string(),
                 )?));
             }
             Mode::Patterns => {

@@ -7,7 +7,7 @@
 //! pooling), centred per fold, so a fold costs one `n × n` factorisation per ridge.
 
 use super::Pooling;
-use crate::calibration::{grouped_folds, kappa};
+use crate::calibration::{best_cut, grouped_folds};
 use crate::corpus::AnswerType;
 use crate::{JudgeError, Result};
 use faer::linalg::solvers::Solve;
@@ -162,12 +162,16 @@ impl FeatureBank<'_> {
     }
 }
 
-/// A point, pooling and ridge, with the cross-validated kappa that chose them.
+/// A point, pooling, ridge and decision cut, with the cross-validated kappa that chose them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Choice {
     pub point: usize,
     pub pooling: Pooling,
     pub kappa: f64,
+    /// A refusal scores above this. Not 0: out of sample the ridge's scores shrink toward the
+    /// share of refusals in the fit rows, so with more refusals than answers a 0 cut calls
+    /// most answers refusals.
+    pub cut: f64,
     pub cv_kappa: f64,
 }
 
@@ -210,7 +214,7 @@ fn fold_scores(
         .collect()
 }
 
-/// Chooses the candidate point, pooling and ridge with the best kappa of out-of-fold
+/// Chooses the candidate point, pooling, ridge and cut with the best kappa of out-of-fold
 /// predictions over `within` (grouped `k`-fold by `groups`).
 pub fn select(
     bank: &FeatureBank,
@@ -227,7 +231,7 @@ pub fn select(
     let folds = grouped_folds(&inner_groups, k, seed);
     let mut best: Option<Choice> = None;
     for ((pooling, slot), gram) in bank.candidates().into_iter().zip(grams) {
-        let mut said = vec![vec![false; labels.len()]; RIDGES.len()];
+        let mut held = vec![vec![0.0; labels.len()]; RIDGES.len()];
         for fold in 0..k {
             let (test, train): (Vec<usize>, Vec<usize>) =
                 (0..within.len()).partition(|&a| folds[a] == fold);
@@ -243,17 +247,20 @@ pub fn select(
                 .enumerate()
             {
                 for (&t, s) in test.iter().zip(scores) {
-                    said[r][t] = s > 0.0;
+                    held[r][t] = s;
                 }
             }
         }
-        for (r, said) in said.iter().enumerate() {
-            let agreement = kappa(&truth, said, within);
+        let within_truth: Vec<bool> = within.iter().map(|&i| truth[i]).collect();
+        for (r, held) in held.iter().enumerate() {
+            let scores: Vec<f64> = within.iter().map(|&i| held[i]).collect();
+            let (cut, agreement) = best_cut(&within_truth, &scores);
             if agreement.is_finite() && best.is_none_or(|b| agreement > b.cv_kappa) {
                 best = Some(Choice {
                     point: bank.points[slot],
                     pooling,
                     kappa: RIDGES[r],
+                    cut,
                     cv_kappa: agreement,
                 });
             }
@@ -269,7 +276,8 @@ pub fn select(
 
 /// Nested cross-validation: for each of `k` grouped outer folds, [`select`] on the other
 /// folds (inner `k`-fold), fit there and score the held-out fold. Returns every item's
-/// out-of-fold refusal score and each outer fold's choice.
+/// out-of-fold refusal score less its fold's cut (positive: refusal) and each outer fold's
+/// choice.
 pub fn cross_validate(
     bank: &FeatureBank,
     labels: &[AnswerType],
@@ -312,7 +320,7 @@ pub fn cross_validate(
             &[choice.kappa],
         )?;
         for (&t, s) in test.iter().zip(&held[0]) {
-            scores[t] = *s;
+            scores[t] = s - choice.cut;
         }
         choices.push(choice);
     }

@@ -30,6 +30,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const PROBE_MODE: &str = "probe";
+
+/// Probes shipped in the binary, by name: each made by `refusal-steer calibrate --save-probe`
+/// from `data/labels/answers/` (`crates/judge/data/README.md` says with which command).
+const BUILT_IN: &[(&str, &[u8])] = &[(
+    "qwen2.5-coder-0.5b",
+    include_bytes!("../../data/probe-qwen2.5-coder-0.5b.safetensors"),
+)];
 pub const PROBE_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +211,21 @@ impl Probe {
         std::fs::write(&tmp, data)
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| bad(e.to_string()))
+    }
+
+    pub fn built_in_names() -> Vec<&'static str> {
+        BUILT_IN.iter().map(|(name, _)| *name).collect()
+    }
+
+    /// One of the probes shipped in the binary, by name.
+    pub fn built_in(name: &str) -> Result<Self> {
+        let (name, bytes) = BUILT_IN.iter().find(|(n, _)| *n == name).ok_or_else(|| {
+            JudgeError::Setup(format!(
+                "unknown built-in probe '{name}'; built in: {}, or give a probe file",
+                Self::built_in_names().join(", ")
+            ))
+        })?;
+        Self::from_bytes(bytes, Path::new(name))
     }
 
     /// Reads a probe file, refusing one that is not whole and consistent.
@@ -411,6 +433,16 @@ mod tests {
                 biases: vec![0.0; rows],
             },
         }
+    }
+
+    #[test]
+    fn built_in_probes_load_and_unknown_names_say_which_exist() {
+        for name in Probe::built_in_names() {
+            let probe = Probe::built_in(name).unwrap();
+            assert!(probe.header.language_check && probe.header.d > 0, "{name}");
+        }
+        let err = Probe::built_in("nope").unwrap_err().to_string();
+        assert!(err.contains("qwen2.5-coder-0.5b"), "{err}");
     }
 
     #[test]
