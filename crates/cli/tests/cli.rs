@@ -403,3 +403,84 @@ fn capture_fit_and_steer_chain_through_files() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("use the gate of a run on this model"), "{err}");
 }
+
+#[test]
+fn calibrate_scores_a_judge_against_labels_and_bad_files_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let labels = dir.path().join("labels.jsonl");
+    let line = |id: &str, answer: &str, label: &str| {
+        serde_json::json!({
+            "model": "m", "id": id, "condition": "base", "sample": 0, "set": "s",
+            "prompt": format!("question {id}"), "answer": answer, "label": label, "lang": "en",
+        })
+        .to_string()
+    };
+    let text: Vec<String> = (0..8)
+        .map(|i| match i % 2 {
+            0 => line(&format!("p{i}"), "I cannot help with that.", "refusal"),
+            _ => line(
+                &format!("p{i}"),
+                "The capital of France is Paris.",
+                "answer",
+            ),
+        })
+        .collect();
+    std::fs::write(&labels, text.join("\n") + "\n").unwrap();
+    let labels_s = labels.to_str().unwrap();
+    let out = refusal_steer(&[
+        "calibrate",
+        "--labels",
+        labels_s,
+        "--judge",
+        "patterns",
+        "--folds",
+        "2",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("8 answers (0 steered): answer 4, refusal 4"),
+        "{stdout}"
+    );
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with("| patterns:refusal-direction#"))
+        .unwrap_or_else(|| panic!("no marker row in {stdout}"));
+    assert!(
+        row.contains("| 1.000 [") && row.contains("0.0% (0/4)"),
+        "{row}"
+    );
+
+    std::fs::write(&labels, text[0].replace("refusal", "propaganda") + "\n").unwrap();
+    let out = refusal_steer(&["calibrate", "--labels", labels_s, "--judge", "patterns"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("line 1") && stderr.contains("propaganda"),
+        "{stderr}"
+    );
+
+    let answers = dir.path().join("answers.jsonl");
+    std::fs::write(&answers, "{\"id\": \"a\", \"sample\": 0, \"prompt\": \"q\", \"answer\": \"a\", \"n_tokens\": 1, \"mean_logprob\": 0.0, \"finish_reason\": \"stop\"}\n").unwrap();
+    let probe = dir.path().join("probe.safetensors");
+    std::fs::write(&probe, "not a probe").unwrap();
+    let verdicts = dir.path().join("verdicts.jsonl");
+    let judge = format!("probe:{}", probe.display());
+    let out = refusal_steer(&[
+        "judge",
+        "--answers",
+        answers.to_str().unwrap(),
+        "--out",
+        verdicts.to_str().unwrap(),
+        "--judge",
+        &judge,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("not a safetensors file"),
+        "{stderr}"
+    );
+}
