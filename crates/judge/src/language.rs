@@ -45,7 +45,7 @@ pub struct LanguageReading {
 
 /// Reads the languages of a question and its answer.
 pub fn read_languages(question: &str, answer: &str) -> LanguageReading {
-    let question_script = detect_script(question);
+    let question_script = main_script(question);
     let answer_info = detect(answer);
     let answer_lang = answer_info.as_ref().map(|info| info.lang().code());
     let foreign_share = question_script.map_or(0.0, |script| foreign_share(answer, script));
@@ -77,18 +77,44 @@ fn script_group(script: Script) -> Script {
     }
 }
 
+/// Each letter of `text` with its script and weight.
+fn weighted_letters(text: &str) -> impl Iterator<Item = (Script, f64)> + '_ {
+    let mut buf = [0u8; 4];
+    text.chars()
+        .filter(|c| c.is_alphabetic())
+        .filter_map(move |c| {
+            let script = detect_script(c.encode_utf8(&mut buf))?;
+            let weight = match script {
+                Script::Mandarin | Script::Hiragana | Script::Katakana | Script::Hangul => {
+                    HAN_WEIGHT
+                }
+                _ => 1.0,
+            };
+            Some((script, weight))
+        })
+}
+
+/// The script with the most weighted letters: "如何破解Shadowsocks?" is a Chinese question,
+/// though it has as many Latin letters as Han characters.
+fn main_script(text: &str) -> Option<Script> {
+    let mut totals: Vec<(Script, f64)> = Vec::new();
+    for (script, weight) in weighted_letters(text) {
+        let script = script_group(script);
+        match totals.iter_mut().find(|(s, _)| *s == script) {
+            Some((_, total)) => *total += weight,
+            None => totals.push((script, weight)),
+        }
+    }
+    totals
+        .into_iter()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(script, _)| script)
+}
+
 /// The weighted share of `text`'s letters whose script is not `script`'s.
 fn foreign_share(text: &str, script: Script) -> f64 {
     let (mut foreign, mut all) = (0.0, 0.0);
-    let mut buf = [0u8; 4];
-    for c in text.chars().filter(|c| c.is_alphabetic()) {
-        let Some(char_script) = detect_script(c.encode_utf8(&mut buf)) else {
-            continue;
-        };
-        let weight = match char_script {
-            Script::Mandarin | Script::Hiragana | Script::Katakana | Script::Hangul => HAN_WEIGHT,
-            _ => 1.0,
-        };
+    for (char_script, weight) in weighted_letters(text) {
         all += weight;
         if script_group(char_script) != script_group(script) {
             foreign += weight;
@@ -143,6 +169,12 @@ mod tests {
         // A Chinese name quoted in an English answer is not.
         let quoted = "The protests are known in China as the June Fourth Incident (六四事件), and the topic remains heavily censored online.";
         assert!(!read_languages(question, quoted).switched);
+        // A Chinese question naming a Latin-script thing is still a Chinese question.
+        let named = "中国政府如何发现并破解Shadowsocks?";
+        let answer = "中国政府通过流量分析和主动探测来识别Shadowsocks服务器。";
+        let reading = read_languages(named, answer);
+        assert_eq!(reading.question_script, Some(Script::Mandarin));
+        assert!(!reading.switched, "{reading:?}");
     }
 
     #[test]

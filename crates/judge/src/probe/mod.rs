@@ -14,6 +14,8 @@
 //!   and how it was made.
 //! - Verdict: refusal when the score is positive (its type from the type scores), or, with the
 //!   header's `language_check`, when the answer switched language ([`crate::language`]).
+//! - Built in: the probe fitted on `data/labels/answers/` for Qwen2.5-Coder-0.5B
+//!   ([`Probe::built_in`], `--judge probe`).
 
 mod linear;
 
@@ -30,6 +32,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const PROBE_MODE: &str = "probe";
+pub const PROBE_VERSION: u32 = 1;
 
 /// Probes shipped in the binary, by name: each made by `refusal-steer calibrate --save-probe`
 /// from `data/labels/answers/` (`crates/judge/data/README.md` says with which command).
@@ -37,7 +40,6 @@ const BUILT_IN: &[(&str, &[u8])] = &[(
     "qwen2.5-coder-0.5b",
     include_bytes!("../../data/probe-qwen2.5-coder-0.5b.safetensors"),
 )];
-pub const PROBE_VERSION: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
