@@ -16,9 +16,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// The default judge: the one that agrees best with the hand-labelled gold answers out of
-/// sample (crates/judge/data/README.md); the local LLM judges rank worse and, at the default
-/// threshold, call every answer a refusal.
+/// The default judge: the markers, which cost nothing; the probe judge agrees with the
+/// labelled corpus better but takes a prefill per answer (crates/judge/data/README.md).
 const DEFAULT_JUDGE: &str = "patterns:refusal-direction+zh";
 
 /// The probe `--judge probe` means.
