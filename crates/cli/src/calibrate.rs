@@ -39,7 +39,7 @@ pub struct CalibrateArgs {
     #[arg(long, num_args = 1..)]
     probe: Vec<String>,
     /// Where the probe models' residual features are kept (resumable; one file per model
-    /// and corpus).
+    /// and labels file).
     #[arg(long, default_value = "runs/calibrate")]
     features: PathBuf,
     /// Grouped folds (outer, and inner for the probe's choices).

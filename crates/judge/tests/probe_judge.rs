@@ -28,7 +28,7 @@ fn items(n: usize, seed: usize) -> (Vec<(String, String)>, Vec<AnswerType>) {
             let body: Vec<&str> = (0..4)
                 .map(|j| words[(k * 3 + j * 5) % words.len()])
                 .collect();
-            let refused = k % 2 == 0;
+            let refused = k.is_multiple_of(2);
             let answer = if refused {
                 format!("no sir {}", body.join(" "))
             } else {
