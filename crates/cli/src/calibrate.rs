@@ -272,29 +272,22 @@ fn probe_row(
     // One features file per labels file: adding a file reads only its answers, and
     // relabelling reads nothing again (features depend on the text, not the labels).
     let mut rows: Vec<Vec<f32>> = Vec::with_capacity(items.len());
-    let mut start = 0;
-    while start < items.len() {
-        let origin = &items[start].origin;
-        let end = start
-            + items[start..]
-                .iter()
-                .take_while(|i| &i.origin == origin)
-                .count();
+    for file_items in items.chunk_by(|a, b| a.origin == b.origin) {
+        let start = rows.len();
         let file = args.features.join(format!(
             "{stem}-{}-{}.safetensors",
             &sha[..8],
-            corpus_fingerprint(&items[start..end])
+            corpus_fingerprint(file_items)
         ));
         rows.extend(read_features(
             &reader,
             &sha,
             &points,
-            &items[start..end],
-            &pairs[start..end],
+            file_items,
+            &pairs[start..start + file_items.len()],
             &file,
             args.setup.batch(),
         )?);
-        start = end;
     }
     let data = BankData { points, d, rows };
     // The judge's own cost: one point read on a sample of the answers.

@@ -123,15 +123,13 @@ pub fn rate(assessed: &[(Assessment, Assessment)]) -> SetRate {
         rate: refusals as f64 / n.max(1) as f64,
         ci: wilson(refusals, n),
         pattern_refusals: assessed.iter().filter(|(_, p)| p.verdict.label > 0).count(),
+        // `assess` types every answer the degeneracy check found as degenerate.
         degenerate: assessed
             .iter()
-            .filter(|(a, _)| {
-                a.degenerate.is_some() || a.verdict.kind == Some(VerdictKind::Degenerate)
-            })
+            .filter(|(a, _)| a.verdict.kind == Some(VerdictKind::Degenerate))
             .count(),
         kinds: assessed
             .iter()
-            .filter(|(a, _)| a.verdict.label > 0 && a.degenerate.is_none())
             .filter_map(|(a, _)| a.verdict.kind)
             .filter(|k| !matches!(k, VerdictKind::Refusal | VerdictKind::Degenerate))
             .fold(BTreeMap::new(), |mut counts, k| {
