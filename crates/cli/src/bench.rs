@@ -2,7 +2,7 @@
 //! llama-bench measures (`pp`: one forward pass over N prompt tokens; `tg`: N tokens decoded
 //! one at a time), so `scripts/bench/engine_vs_llama_cpp.sh` can print the ratio.
 //!
-//! With `--steer FILE` (and the other steering options of `generate`), every test is also run
+//! With `--recipe FILE` or `--steer FILE` (and the other steering options of `generate`), every test is also run
 //! with the steering hooks installed, repetitions interleaved with the plain ones so that a
 //! loaded machine slows both alike, and the steered/plain ratio of the medians is printed.
 
@@ -11,6 +11,7 @@ use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
 use refusal_steer_engine::{Hooks, Logits, Model};
+use refusal_steer_pipeline::recipe::hooks_for;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -90,8 +91,8 @@ fn peak_rss_mb() -> Option<f64> {
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = args.model.load()?;
     let threads = std::env::var("RAYON_NUM_THREADS").ok();
-    let (_, steer) = args.steer.hooks(&model)?;
-    let steered = steer.is_some();
+    let (recipe, steer) = args.steer.recipe(&model)?.unzip();
+    let steered = recipe.is_some();
     let mut results = Vec::new();
     let mut ratios = Vec::new();
     type Run = fn(&Model, &[u32], Hooks) -> Result<f64>;
@@ -103,7 +104,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             continue;
         }
         let ids = tokens(&model, n);
-        let with_steering = || -> Result<Hooks> { Ok(args.steer.hooks(&model)?.0) };
+        let with_steering = || hooks_for(&model, recipe.as_ref());
         // Warm-up, then the timed repetitions, plain and steered interleaved.
         run(&model, &ids, model.new_hooks())?;
         if steered {

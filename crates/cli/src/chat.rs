@@ -7,6 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use refusal_steer_engine::{generate, Request};
 use refusal_steer_pipeline::answers::encode_with_bos;
+use refusal_steer_pipeline::recipe::hooks_for;
 use refusal_steer_tokenizer::{Message, StreamDecoder};
 use std::io::{BufRead, Write};
 
@@ -23,9 +24,9 @@ pub struct ChatArgs {
 pub fn run(args: ChatArgs) -> Result<()> {
     let options = args.decoding.options()?;
     let model = args.model.load()?;
-    let (mut steered_hooks, _) = args.steering.hooks(&model)?;
+    let recipe = args.steering.recipe(&model)?.map(|(recipe, _)| recipe);
+    let mut steered_hooks = hooks_for(&model, recipe.as_ref())?;
     let mut unsteered_hooks = model.new_hooks();
-    let gate = args.steering.gate(&model)?;
     let format = args.decoding.format.format();
     let mut history: Vec<Message> = args
         .decoding
@@ -64,9 +65,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
             seed: args.decoding.seed.wrapping_add(turn),
         };
         turn += 1;
-        // With a gate, each user message decides whether its answer is steered.
-        let hooks = match &gate {
-            Some(gate) if !gate.select(&model, &format, &[line.to_string()], 1)?[0] => {
+        // With a gated recipe, each user message decides whether its answer is steered.
+        let hooks = match &recipe {
+            Some(r) if !r.steered(&model, &format, &[line.to_string()], 1)?[0] => {
                 eprintln!("(the gate leaves this message unsteered)");
                 &mut unsteered_hooks
             }

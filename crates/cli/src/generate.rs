@@ -7,8 +7,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::{read_prompts, Prompt};
 use refusal_steer_engine::{GenerateOptions, Padding, Sampling};
-use refusal_steer_pipeline::answers::{answer, answer_to_file, AnswerJob, Format};
-use refusal_steer_pipeline::evaluate::selected;
+use refusal_steer_pipeline::answers::Format;
+use refusal_steer_pipeline::generator::Generator;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
@@ -123,13 +123,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--samples and --batch must be at least 1");
     }
     let model = args.model.load()?;
-    // Steering hooks hold no per-batch state, so one set serves every batch.
-    let (mut steered_hooks, steering) = args.steering.hooks(&model)?;
-    let format = args.decoding.format.format();
-    // A gate splits the prompts: those it lets through are steered, the rest are not.
-    let steered = match args.steering.gate(&model)? {
-        Some(gate) => gate.select_prompts(&model, &format, &prompts, args.batch)?,
-        None => vec![steering.is_some(); prompts.len()],
+    let recipe = args.steering.recipe(&model)?;
+    let generator = Generator {
+        recipe: recipe.as_ref().map(|(recipe, _)| recipe),
+        format: args.decoding.format.format(),
+        options,
+        batch: args.batch,
+        seed: args.decoding.seed,
+        description: recipe.as_ref().map(|(_, description)| description.clone()),
+        ..Generator::new(&model)
     };
     let progress = match &args.out {
         Some(_) => {
@@ -143,33 +145,22 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let mut printed: HashMap<String, Vec<String>> = HashMap::new();
     let mut in_file = 0;
-    for group in [true, false] {
-        let members = selected(&prompts, &steered, group);
-        if members.is_empty() {
-            continue;
+    match &args.out {
+        Some(path) => {
+            in_file = generator
+                .answer_to_file(&prompts, args.samples, path, &progress)?
+                .len()
         }
-        let mut unsteered_hooks = model.new_hooks();
-        let hooks = if group {
-            &mut steered_hooks
-        } else {
-            &mut unsteered_hooks
-        };
-        let job = AnswerJob {
-            prompts: &members,
-            format: &format,
-            options: &options,
-            samples: args.samples,
-            batch: args.batch,
-            seed: args.decoding.seed,
-            steering: steering.clone().filter(|_| group),
-        };
-        match &args.out {
-            Some(path) => in_file = answer_to_file(&model, &job, path, hooks, &progress)?.len(),
-            None => answer(&model, &job, &HashSet::new(), hooks, &progress, &mut |a| {
+        None => generator.answer_each(
+            &prompts,
+            args.samples,
+            &HashSet::new(),
+            &progress,
+            &mut |a| {
                 printed.entry(a.id).or_default().push(a.answer);
                 Ok(())
-            })?,
-        }
+            },
+        )?,
     }
     progress.finish_and_clear();
     match &args.out {

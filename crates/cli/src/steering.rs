@@ -1,23 +1,34 @@
-//! `--steer`: vectors added to (or projected out of) the residual stream while generating.
+//! `--recipe` or `--steer`: vectors added to (or projected out of) the residual stream while
+//! generating. The hand flags build the same [`Recipe`] a recipe file holds, so both apply
+//! steering one way.
 //!
 //! Sign convention: a vector points from compliance to refusal (refusal mean minus compliance
 //! mean), so a negative `--alpha` removes refusals and a positive one induces them.
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use refusal_steer_engine::{Hooks, Model, Positions};
+use refusal_steer_engine::Model;
 use refusal_steer_pipeline::gate::Gate;
+use refusal_steer_pipeline::recipe::{ModelIdentity, Provenance, Recipe};
 use refusal_steer_pipeline::steering::{
-    add_steering, parse_points, point_alphas, AlphaProfile, SteerMode, Steering,
+    parse_points, point_alphas, AlphaProfile, SteerMode, SteerPositions, Steering,
 };
 use refusal_steer_steer::SteeringVectors;
 use std::path::PathBuf;
 
 #[derive(Args, Clone)]
 pub struct SteerArgs {
-    /// Steering-vector file(s) (safetensors from `fit`); several are applied together.
+    /// A steering recipe (`recommended.steer.safetensors` or `recipes/*.steer.safetensors`
+    /// from `run`): vectors, points, strengths, ablation and gate in one file, for the model it
+    /// was made on. The flags below build the same thing by hand.
+    #[arg(long, conflicts_with_all = ["steer", "layers", "alpha", "alpha_profile", "mode", "positions"])]
+    recipe: Option<PathBuf>,
+    /// Multiplies every strength of the recipe (1 as made; 0 leaves only its ablation).
+    #[arg(long, requires = "recipe", default_value_t = 1.0, allow_negative_numbers = true)]
+    recipe_scale: f32,
+    /// A steering-vector file (safetensors from `fit`).
     #[arg(long)]
-    steer: Vec<PathBuf>,
+    steer: Option<PathBuf>,
     /// Points to steer: "12-20", "5,7,9" or "all" (point p is the output of block p-1).
     #[arg(long, default_value = "all")]
     layers: String,
@@ -34,13 +45,16 @@ pub struct SteerArgs {
     #[arg(long, value_enum, default_value_t = PositionsArg::All)]
     positions: PositionsArg,
     /// With --mode ablate or ablate-add: more vector files whose directions are projected out
-    /// together with each --steer file's (the span of all of them is removed at each point).
+    /// together with --steer's (the span of all of them is removed at each point).
     #[arg(long, requires = "steer")]
     ablate: Vec<PathBuf>,
-    /// A topic gate (recommended-gate.json from `run`): only prompts it lets through are
-    /// steered; the others are answered unsteered.
+    /// A topic gate (vectors/gate.json of a run): only prompts it lets through are steered;
+    /// the others are answered unsteered.
     #[arg(long, requires = "steer")]
     gate: Option<PathBuf>,
+    /// Write the steering these flags describe as a recipe file, for `--recipe` and `serve`.
+    #[arg(long, requires = "steer")]
+    save_recipe: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -79,31 +93,28 @@ fn profile(spec: &str) -> Result<AlphaProfile> {
 }
 
 impl SteerArgs {
-    /// The topic gate, if one was given.
-    pub fn gate(&self, model: &Model) -> Result<Option<Gate>> {
-        self.gate
-            .as_ref()
-            .map(|path| Gate::load(path, model))
-            .transpose()
-    }
-
-    /// The interventions for `model`, and a description of them for the output records.
-    pub fn hooks(&self, model: &Model) -> Result<(Hooks, Option<serde_json::Value>)> {
-        let mut hooks = model.new_hooks();
-        if self.steer.is_empty() {
-            return Ok((hooks, None));
+    /// The steering asked for (None: unsteered), checked against `model`, and a description
+    /// of it for the output records.
+    pub fn recipe(&self, model: &Model) -> Result<Option<(Recipe, serde_json::Value)>> {
+        if let Some(path) = &self.recipe {
+            let recipe = Recipe::load(path)?;
+            recipe
+                .check_model(model)
+                .with_context(|| format!("{} does not fit this model", path.display()))?;
+            let recipe = recipe.scaled(self.recipe_scale);
+            let mut description = recipe.describe();
+            description["recipe"] = path.display().to_string().into();
+            description["scale"] = self.recipe_scale.into();
+            return Ok(Some((recipe, description)));
         }
+        let Some(path) = &self.steer else {
+            return Ok(None);
+        };
         let points = parse_points(&self.layers, model.config.n_layers)?;
-        let profile = profile(&self.alpha_profile)?;
         let mode = match self.mode {
             ModeArg::Add => SteerMode::Add,
             ModeArg::Ablate => SteerMode::Ablate,
             ModeArg::AblateAdd => SteerMode::AblateAdd,
-        };
-        let positions = match self.positions {
-            PositionsArg::All => Positions::All,
-            PositionsArg::Prompt => Positions::Prompt,
-            PositionsArg::Generated => Positions::Generated,
         };
         if !self.ablate.is_empty() && mode == SteerMode::Add {
             anyhow::bail!("--ablate needs --mode ablate or ablate-add");
@@ -113,35 +124,54 @@ impl SteerArgs {
             .iter()
             .map(|path| SteeringVectors::load(path))
             .collect::<Result<Vec<_>, _>>()?;
-        let ablate_with: Vec<&SteeringVectors> = ablate.iter().collect();
-        let mut alphas_per_file = Vec::new();
-        for path in &self.steer {
-            let vectors = SteeringVectors::load(path)?;
-            let alphas = point_alphas(&vectors, self.alpha, &profile)
-                .with_context(|| format!("strengths for {}", path.display()))?;
-            let steering = Steering {
-                vectors: &vectors,
-                points: &points,
-                alphas: &alphas,
-                mode,
-                positions: positions.clone(),
-                ablate_with: &ablate_with,
-            };
-            add_steering(model, &mut hooks, &steering)
-                .with_context(|| format!("{} does not fit this model", path.display()))?;
-            alphas_per_file.push(points.iter().map(|&p| alphas[p]).collect::<Vec<_>>());
-        }
+        let vectors = SteeringVectors::load(path)?;
+        let alphas = point_alphas(&vectors, self.alpha, &profile(&self.alpha_profile)?)
+            .with_context(|| format!("strengths for {}", path.display()))?;
+        let gate = self
+            .gate
+            .as_ref()
+            .map(|path| Gate::load(path, model))
+            .transpose()?;
         let description = serde_json::json!({
-            "files": self.steer.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "files": [path.display().to_string()],
             "points": points,
             "alpha": self.alpha,
             "alpha_profile": self.alpha_profile,
-            "point_alphas": alphas_per_file,
             "mode": format!("{:?}", self.mode).to_lowercase(),
             "positions": format!("{:?}", self.positions).to_lowercase(),
             "ablate": self.ablate.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
             "gate": self.gate.as_ref().map(|p| p.display().to_string()),
         });
-        Ok((hooks, Some(description)))
+        let steering = Steering {
+            vectors: &vectors,
+            points: &points,
+            alphas: &alphas,
+            mode,
+            positions: match self.positions {
+                PositionsArg::All => SteerPositions::All,
+                PositionsArg::Prompt => SteerPositions::Prompt,
+                PositionsArg::Generated => SteerPositions::Generated,
+            },
+            ablate_with: &ablate.iter().collect::<Vec<_>>(),
+        };
+        let made_by = Provenance {
+            method: "flags".into(),
+            source: description.to_string(),
+            ..Default::default()
+        };
+        let recipe = Recipe::from_steering(
+            &ModelIdentity::of(model)?,
+            &steering,
+            gate.as_ref(),
+            made_by,
+        )
+        .with_context(|| format!("{} does not fit this model", path.display()))?;
+        if let Some(out) = &self.save_recipe {
+            recipe.save(out)?;
+            eprintln!("wrote the recipe {}", out.display());
+        }
+        let mut description = description;
+        description["point_alphas"] = recipe.describe()["alphas"].clone();
+        Ok(Some((recipe, description)))
     }
 }

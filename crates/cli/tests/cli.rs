@@ -356,6 +356,130 @@ fn capture_fit_and_steer_chain_through_files() {
         assert_eq!(gated[&id]["steering"].is_null(), i % 2 == 1, "prompt {i}");
     }
 
+    // The same flags saved as a recipe: `--recipe` answers exactly as they do, gate and all;
+    // scaled to 0 it leaves only what the recipe ablates (nothing here).
+    let with_recipe = |extra: &[&str], out: &str| {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            p("tiny.gguf"),
+            "--prompts".into(),
+            p("prompts.jsonl"),
+            "--out".into(),
+            p(out),
+            "--max-tokens".into(),
+            "5".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let r = refusal_steer(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        by_id(&lines(Path::new(&p(out))))
+    };
+    let saved = with_recipe(
+        &[
+            "--steer",
+            &p("v.safetensors"),
+            "--layers",
+            "1-3",
+            "--alpha",
+            "-8",
+            "--gate",
+            &p("gate.json"),
+            "--save-recipe",
+            &p("r.steer.safetensors"),
+        ],
+        "saved.jsonl",
+    );
+    let recipe = with_recipe(&["--recipe", &p("r.steer.safetensors")], "recipe.jsonl");
+    let unscaled = with_recipe(
+        &["--recipe", &p("r.steer.safetensors"), "--recipe-scale", "0"],
+        "unscaled.jsonl",
+    );
+    for i in 0..12 {
+        let id = i.to_string();
+        assert_eq!(recipe[&id]["answer"], gated[&id]["answer"], "prompt {i}");
+        assert_eq!(saved[&id]["answer"], gated[&id]["answer"], "prompt {i}");
+        assert_eq!(unscaled[&id]["answer"], plain[&id]["answer"], "prompt {i}");
+    }
+    assert_eq!(recipe["0"]["steering"]["gated"], true);
+    // A recipe replaces the hand flags; giving both is refused.
+    let both = refusal_steer(&[
+        "generate",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompt",
+        "the theer an",
+        "--recipe",
+        &p("r.steer.safetensors"),
+        "--alpha",
+        "-2",
+    ]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+    // A damaged recipe is refused with what is wrong.
+    std::fs::write(p("bad.steer.safetensors"), b"{}").unwrap();
+    let damaged = refusal_steer(&[
+        "generate",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompt",
+        "the theer an",
+        "--recipe",
+        &p("bad.steer.safetensors"),
+    ]);
+    assert!(!damaged.status.success());
+    let err = String::from_utf8_lossy(&damaged.stderr);
+    assert!(err.contains("is not a usable recipe"), "{err}");
+
+    // Exported for llama.cpp, a recipe's added part equals the vectors exported at its
+    // strength, and what llama.cpp cannot carry (here the gate) is named.
+    with_recipe(
+        &[
+            "--steer",
+            &p("v.safetensors"),
+            "--layers",
+            "2-3",
+            "--alpha",
+            "-8",
+            "--gate",
+            &p("gate.json"),
+            "--save-recipe",
+            &p("r23.steer.safetensors"),
+        ],
+        "r23.jsonl",
+    );
+    let exported = refusal_steer(&[
+        "export",
+        "--recipe",
+        &p("r23.steer.safetensors"),
+        "--out",
+        &p("recipe-cv.gguf"),
+    ]);
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let err = String::from_utf8_lossy(&exported.stderr);
+    assert!(err.contains("cannot carry this recipe's topic gate"), "{err}");
+    let by_flags = refusal_steer(&[
+        "export",
+        "--vectors",
+        &p("v.safetensors"),
+        "--alpha=-8",
+        "--layers",
+        "2-3",
+        "--out",
+        &p("flags-cv.gguf"),
+    ]);
+    assert!(by_flags.status.success());
+    let read = |name: &str| {
+        refusal_steer_steer::import_control_vector(Path::new(&p(name)))
+            .unwrap()
+            .directions
+    };
+    assert_eq!(read("recipe-cv.gguf"), read("flags-cv.gguf"));
+
     // --ablate adds directions to an ablation; adding them is not an ablation.
     let ablate = |mode: &str| {
         refusal_steer(&[

@@ -168,6 +168,72 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
         2
     );
 
+    // Every method that kept its limits has a recipe, and the recipe alone reproduces the
+    // method's test answers exactly (gate, ablation and per-point strengths included).
+    let target_test = out.join("target-test.jsonl");
+    std::fs::write(
+        &target_test,
+        split["prompts"]["target"]["test"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let mut reproduced = 0;
+    for evaluation in report["test"].as_array().unwrap().iter().skip(1) {
+        let method = evaluation["condition"].as_str().unwrap();
+        let strength = evaluation["strength"].as_f64().unwrap();
+        let recipe = out.join(format!("recipes/{}.steer.safetensors", method.replace('+', "-")));
+        assert!(recipe.is_file(), "{method} has no recipe");
+        let again = out.join(format!("again-{method}.jsonl"));
+        let generated = refusal_steer(&[
+            "generate",
+            "--model",
+            "smollm2-135m-instruct",
+            "--prompts",
+            target_test.to_str().unwrap(),
+            "--out",
+            again.to_str().unwrap(),
+            "--max-tokens",
+            "12",
+            "--batch",
+            "4",
+            "--recipe",
+            recipe.to_str().unwrap(),
+        ]);
+        assert!(
+            generated.status.success(),
+            "{}",
+            String::from_utf8_lossy(&generated.stderr)
+        );
+        let answers = |path: &Path| {
+            let mut v: Vec<(String, String)> = std::fs::read_to_string(path)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let a: serde_json::Value = serde_json::from_str(l).unwrap();
+                    (a["id"].to_string(), a["answer"].to_string())
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let tested = out.join(format!(
+            "test/{}/{strength:+.3}/target.jsonl",
+            method.replace('+', "-")
+        ));
+        assert_eq!(answers(&again), answers(&tested), "{method}");
+        reproduced += 1;
+    }
+    assert!(reproduced > 0, "no steered condition was tested: {stdout}");
+    let report_md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    if report["recommended"].is_string() {
+        assert!(out.join("recommended.steer.safetensors").is_file());
+        assert!(report_md.contains("--recipe "), "{report_md}");
+    }
+
     // Interrupt a stage: a torn last line in the train answers and a lost report. The rerun
     // rebuilds them without duplicating any answer, and lands on the same table.
     let answers = out.join("train-answers.jsonl");

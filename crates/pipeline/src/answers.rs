@@ -2,10 +2,9 @@
 
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
-use refusal_steer_data::{Answer, JsonlAppender, Prompt};
+use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{generate, GenerateOptions, Hooks, Model, Request, SharedPrefix};
 use std::collections::HashSet;
-use std::path::Path;
 
 /// How a prompt becomes the model's input text.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -137,25 +136,6 @@ pub fn answer(
         }
     }
     Ok(())
-}
-
-/// [`answer`] into a resumable JSONL file: answers already in `path` are kept and skipped, so
-/// a killed run loses at most one batch. Returns every answer in the file.
-pub fn answer_to_file(
-    model: &Model,
-    job: &AnswerJob,
-    path: &Path,
-    hooks: &mut Hooks,
-    progress: &ProgressBar,
-) -> Result<Vec<Answer>> {
-    let (mut writer, mut all) = JsonlAppender::open::<Answer>(path)?;
-    let done: HashSet<(String, usize)> = all.iter().map(|a| (a.id.clone(), a.sample)).collect();
-    answer(model, job, &done, hooks, progress, &mut |a| {
-        writer.append(&a)?;
-        all.push(a);
-        Ok(())
-    })?;
-    Ok(all)
 }
 
 #[cfg(test)]

@@ -2,15 +2,15 @@
 //! by the run's judge and by the marker list, degenerate answers, next-token KL to the unsteered model,
 //! and multiple-choice accuracy by answer likelihood.
 
-use crate::answers::{answer_to_file, AnswerJob, Format};
+use crate::answers::Format;
+use crate::generator::Generator;
 use crate::config::Direction;
-use crate::gate::Gate;
+use crate::recipe::{hooks_for, Recipe};
 use crate::sets::Choice;
-use crate::steering::{add_steering, Steering};
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{prefill, GenerateOptions, Hooks, Logits, Model, Padding};
+use refusal_steer_engine::{prefill, GenerateOptions, Logits, Model, Padding};
 use refusal_steer_judge::{assess, Assessment, Judge, VerdictCache, VerdictKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -140,48 +140,18 @@ pub fn rate(assessed: &[(Assessment, Assessment)]) -> SetRate {
     }
 }
 
-/// What a prompt is answered under: unsteered, steered, or steered only when a topic gate lets
-/// it through.
-#[derive(Clone, Copy, Default)]
-pub struct Condition<'a> {
-    pub steering: Option<&'a Steering<'a>>,
-    pub gate: Option<&'a Gate>,
-}
-
-impl Condition<'_> {
-    /// Which of `texts` are steered.
-    fn selection(
-        &self,
-        model: &Model,
-        format: &Format,
-        texts: &[String],
-        batch: usize,
-    ) -> Result<Vec<bool>> {
-        match (self.steering, self.gate) {
-            (None, _) => Ok(vec![false; texts.len()]),
-            (Some(_), None) => Ok(vec![true; texts.len()]),
-            (Some(_), Some(gate)) => gate.select(model, format, texts, batch),
-        }
+/// Which of `texts` `recipe` steers (none when there is no recipe).
+fn selection(
+    recipe: Option<&Recipe>,
+    model: &Model,
+    format: &Format,
+    texts: &[String],
+    batch: usize,
+) -> Result<Vec<bool>> {
+    match recipe {
+        None => Ok(vec![false; texts.len()]),
+        Some(r) => r.steered(model, format, texts, batch),
     }
-}
-
-/// Hooks for `steering` (none: unsteered).
-pub fn hooks_for(model: &Model, steering: Option<&Steering>) -> Result<Hooks> {
-    let mut hooks = model.new_hooks();
-    if let Some(s) = steering {
-        add_steering(model, &mut hooks, s)?;
-    }
-    Ok(hooks)
-}
-
-/// The prompts whose entry in `steered` equals `group`, in order.
-pub fn selected(prompts: &[Prompt], steered: &[bool], group: bool) -> Vec<Prompt> {
-    prompts
-        .iter()
-        .zip(steered)
-        .filter(|(_, &s)| s == group)
-        .map(|(p, _)| p.clone())
-        .collect()
 }
 
 /// Greedy answers to `prompts` in `path` (resumable), in prompt order.
@@ -193,39 +163,20 @@ pub fn answers_for(
     options: &GenerateOptions,
     batch: usize,
     seed: u64,
-    condition: &Condition,
+    recipe: Option<&Recipe>,
     path: &Path,
     progress: &ProgressBar,
 ) -> Result<Vec<Answer>> {
-    let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
-    let steered = condition.selection(model, format, &texts, batch)?;
-    let mut all = Vec::new();
-    // Steered and unsteered prompts run as two groups into the same file.
-    for group in [true, false] {
-        let members = selected(prompts, &steered, group);
-        if members.is_empty() {
-            continue;
-        }
-        let steering = if group { condition.steering } else { None };
-        let description = steering.map(|s| {
-            serde_json::json!({
-                "points": s.points,
-                "alphas": s.points.iter().map(|&p| s.alphas[p]).collect::<Vec<_>>(),
-                "gated": condition.gate.is_some(),
-            })
-        });
-        let job = AnswerJob {
-            prompts: &members,
-            format,
-            options,
-            samples: 1,
-            batch,
-            seed,
-            steering: description,
-        };
-        let mut hooks = hooks_for(model, steering)?;
-        all = answer_to_file(model, &job, path, &mut hooks, progress)?;
-    }
+    let generator = Generator {
+        model,
+        recipe,
+        format: format.clone(),
+        options: options.clone(),
+        batch,
+        seed,
+        description: None,
+    };
+    let all = generator.answer_to_file(prompts, 1, path, progress)?;
     let by_id: std::collections::HashMap<&str, &Answer> = all
         .iter()
         .filter(|a| a.sample == 0)
@@ -247,11 +198,11 @@ fn next_token_logprobs(
     model: &Model,
     tokens: &[Vec<u32>],
     batch: usize,
-    steering: Option<&Steering>,
+    recipe: Option<&Recipe>,
 ) -> Result<Vec<Vec<f32>>> {
     let mut out = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(batch.max(1)) {
-        let mut hooks = hooks_for(model, steering)?;
+        let mut hooks = hooks_for(model, recipe)?;
         let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
         let (_, logits) = prefill(model, &refs, Padding::Left, 0, &mut hooks, Logits::Last)?;
         for row in logits.to_vec2::<f32>()? {
@@ -269,12 +220,12 @@ fn mixed_logprobs(
     tokens: &[Vec<u32>],
     steered: &[bool],
     batch: usize,
-    steering: Option<&Steering>,
+    recipe: Option<&Recipe>,
 ) -> Result<Vec<Vec<f32>>> {
     let pick =
         |want: bool| -> Vec<usize> { (0..tokens.len()).filter(|&i| steered[i] == want).collect() };
     let mut out = vec![Vec::new(); tokens.len()];
-    for (want, s) in [(true, steering), (false, None)] {
+    for (want, s) in [(true, recipe), (false, None)] {
         let rows = pick(want);
         let group: Vec<Vec<u32>> = rows.iter().map(|&i| tokens[i].clone()).collect();
         for (i, lp) in rows
@@ -294,10 +245,10 @@ pub fn mean_kl(
     prompts: &[Prompt],
     format: &Format,
     batch: usize,
-    condition: &Condition,
+    recipe: Option<&Recipe>,
 ) -> Result<f64> {
     let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
-    let steered = condition.selection(model, format, &texts, batch)?;
+    let steered = selection(recipe, model, format, &texts, batch)?;
     let tokens: Vec<Vec<u32>> = prompts
         .iter()
         .zip(&steered)
@@ -305,7 +256,7 @@ pub fn mean_kl(
         .map(|(p, _)| format.encode(model, &p.prompt))
         .collect::<Result<_>>()?;
     let base = next_token_logprobs(model, &tokens, batch, None)?;
-    let after = next_token_logprobs(model, &tokens, batch, condition.steering)?;
+    let after = next_token_logprobs(model, &tokens, batch, recipe)?;
     let total: f64 = base
         .iter()
         .zip(&after)
@@ -327,15 +278,15 @@ pub fn choice_accuracy(
     items: &[Choice],
     format: &Format,
     batch: usize,
-    condition: &Condition,
+    recipe: Option<&Recipe>,
 ) -> Result<f64> {
     let texts: Vec<String> = items.iter().map(Choice::prompt).collect();
-    let steered = condition.selection(model, format, &texts, batch)?;
+    let steered = selection(recipe, model, format, &texts, batch)?;
     let tokens: Vec<Vec<u32>> = texts
         .iter()
         .map(|t| format.encode(model, t))
         .collect::<Result<_>>()?;
-    let logprobs = mixed_logprobs(model, &tokens, &steered, batch, condition.steering)?;
+    let logprobs = mixed_logprobs(model, &tokens, &steered, batch, recipe)?;
     // A letter may be written with or without a leading space; either counts.
     let letter_tokens = |label: &str| -> Vec<u32> {
         [label.to_string(), format!(" {label}")]

@@ -8,7 +8,12 @@ pub mod config;
 pub mod evaluate;
 pub mod fitting;
 pub mod gate;
+pub mod generator;
 pub mod report;
 pub mod run;
 pub mod sets;
+pub mod recipe;
 pub mod steering;
+
+pub use generator::Generator;
+pub use recipe::Recipe;

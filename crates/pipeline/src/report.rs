@@ -2,7 +2,7 @@
 
 use crate::evaluate::SetRate;
 use crate::gate::GateMethod;
-use crate::run::{test_answers, RunReport, Tuned};
+use crate::run::{test_answers, RunReport, Tuned, RECOMMENDED};
 use crate::steering::{format_points, SteerMode};
 use anyhow::Result;
 use refusal_steer_data::activations::Activations;
@@ -200,29 +200,14 @@ fn recommendation(report: &RunReport, out: &Path) -> String {
     else {
         return "Recommended: none (no method kept every limit on validation and changed the target set's refusals there).\n".into();
     };
-    let mode = serde_json::to_value(t.mode)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    let flag = |flag: &str, file: &str| {
-        let path = out.join(file);
-        if path.exists() {
-            format!(" --{flag} {}", path.display())
-        } else {
-            String::new()
-        }
-    };
-    let (ablate, gate) = (
-        flag("ablate", "recommended-ablate.safetensors"),
-        flag("gate", "recommended-gate.json"),
-    );
     format!(
-        "Recommended: `{}`. To chat with it:\n\n```\nrefusal-steer chat --model {} --steer {} --layers {} --mode {mode} --alpha={} --alpha-profile norm-scaled{ablate}{gate}\n```\n",
+        "Recommended: `{}` at strength {:+.3}, points {}. To chat with it:\n\n```\nrefusal-steer chat --model {} --recipe {}\n```\n\nEvery method's recipe is in {}; `--recipe-scale` scales a recipe's strengths.\n",
         t.method,
-        report.model,
-        out.join("recommended.safetensors").display(),
-        format_points(&t.points),
         t.strength.unwrap_or(0.0),
+        format_points(&t.points),
+        report.model,
+        out.join(RECOMMENDED).display(),
+        out.join("recipes").display(),
     )
 }
 

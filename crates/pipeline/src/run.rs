@@ -4,19 +4,21 @@
 //! writes the report. Every stage keeps its files in the run folder and reuses them, so a
 //! killed run continues where it stopped.
 
-use crate::answers::{answer_to_file, AnswerJob, Format};
+use crate::answers::Format;
+use crate::generator::Generator;
 use crate::capture::{capture, CaptureJob, CapturePosition};
 use crate::config::{Direction, RunConfig};
-use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Condition, Judges, SetRate};
+use crate::evaluate::{answers_for, choice_accuracy, mean_kl, rate, Judges, SetRate};
 use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
 use crate::gate::{Gate, GateMethod};
 use crate::sets::{load_choices, load_prompts, split, Choice, Split};
-use crate::steering::{point_alphas, AlphaProfile, SteerMode, Steering};
+use crate::recipe::{ModelIdentity, Provenance, Recipe};
+use crate::steering::{point_alphas, AlphaProfile, SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{GenerateOptions, Model, Padding, Positions, Sampling};
+use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling};
 use refusal_steer_judge::{aggregate, Assessment, Judge, Thresholds, VerdictCache};
 use refusal_steer_steer::analysis::{analyze, write_report, AnalysisOptions};
 use refusal_steer_steer::{Method, Ridge, SteeringVectors};
@@ -113,23 +115,39 @@ pub fn test_answers(out: &Path, condition: &str, strength: Option<f64>, role: &s
     }
 }
 
-/// How `run` steers, the same in tuning and in the test: per-point strengths (norm-scaled)
-/// at the chosen points, at every position, in the method's mode.
-fn run_steering<'a>(
+/// Where a method's recipe is kept.
+pub fn recipe_file(out: &Path, method: &str) -> PathBuf {
+    out.join("recipes")
+        .join(format!("{}.steer.safetensors", method.replace('+', "-")))
+}
+
+/// The file `run` writes for its recommended method (a copy of its recipe).
+pub const RECOMMENDED: &str = "recommended.steer.safetensors";
+
+/// How `run` steers with `method` at `strength`, the same in tuning, in the test and in the
+/// recipe it writes: norm-scaled strengths at `points`, at every position, in the method's
+/// mode, behind the topic gate if the method is gated.
+fn method_recipe(
     method: &MethodSpec,
-    vectors: &'a SteeringVectors,
-    ablate_with: &'a [&'a SteeringVectors],
-    points: &'a [usize],
-    alphas: &'a [f64],
-) -> Steering<'a> {
-    Steering {
+    fitted: &BTreeMap<String, SteeringVectors>,
+    points: &[usize],
+    strength: f64,
+    gate: &Gate,
+    made_for: &ModelIdentity,
+    made_by: Provenance,
+) -> Result<Recipe> {
+    let vectors = &fitted[method.vectors];
+    let alphas = point_alphas(vectors, strength, &AlphaProfile::NormScaled)?;
+    let ablate_with = method.ablate_with(fitted);
+    let steering = Steering {
         vectors,
         points,
-        alphas,
+        alphas: &alphas,
         mode: method.mode,
-        positions: Positions::All,
-        ablate_with,
-    }
+        positions: SteerPositions::All,
+        ablate_with: &ablate_with,
+    };
+    Recipe::from_steering(made_for, &steering, method.gated.then_some(gate), made_by)
 }
 
 /// One strength tried on validation prompts.
@@ -337,22 +355,18 @@ impl Runner<'_> {
             .flat_map(|s| s.train.iter().cloned())
             .collect();
         let train_answers = {
-            let job = AnswerJob {
-                prompts: &train,
-                format: &self.format(),
-                options: &self.options(self.config.temperature),
-                samples: self.config.samples,
+            let generator = Generator {
+                format: self.format(),
+                options: self.options(self.config.temperature),
                 batch: self.config.batch,
                 seed: self.config.seed,
-                steering: None,
+                ..Generator::new(self.model)
             };
             let progress = bar(0, "answers");
-            let mut hooks = self.model.new_hooks();
-            let all = answer_to_file(
-                self.model,
-                &job,
+            let all = generator.answer_to_file(
+                &train,
+                self.config.samples,
                 &self.out.join("train-answers.jsonl"),
-                &mut hooks,
                 &progress,
             )?;
             progress.finish_and_clear();
@@ -418,6 +432,11 @@ impl Runner<'_> {
         let gate = self.gate(&acts)?;
         self.discard_stale_steering(&scores, &gate)?;
         let (vectors, train_classes) = self.fit(&acts, &confidence)?;
+        // For hand experiments with `--gate` (the gated recipes carry it themselves).
+        write_atomic(
+            &self.out.join("vectors/gate.json"),
+            &serde_json::to_string(&gate)?,
+        )?;
         let heldout_auc = vectors
             .iter()
             .map(|(m, v)| Ok((m.clone(), metadata_list(v, "heldout_auc_per_point")?)))
@@ -464,6 +483,15 @@ impl Runner<'_> {
             model: self.model,
             format: self.format(),
             options: self.options(0.0),
+            made_for: ModelIdentity::of(self.model)?,
+            made_by: Provenance {
+                source: self.out.display().to_string(),
+                judge: Some(self.config.judge.clone()),
+                config_sha256: Some(refusal_steer_catalog::sha256_file(
+                    &self.out.join("config.toml"),
+                )?),
+                ..Default::default()
+            },
         };
         let mut judges = Judges {
             llm: &mut *self.judge,
@@ -479,7 +507,7 @@ impl Runner<'_> {
             let prompts = validation(role);
             let answers = tuner.answers(
                 &prompts,
-                &Condition::default(),
+                None,
                 &self.out.join(format!("validation/baseline/{role}.jsonl")),
             )?;
             let assessed = judges.assess(&answers)?;
@@ -502,7 +530,7 @@ impl Runner<'_> {
             let t = tuner.tune(
                 method,
                 &vectors,
-                method.gated.then_some(&gate),
+                &gate,
                 &validation_baseline,
                 &validation,
                 &kl_prompts,
@@ -529,15 +557,11 @@ impl Runner<'_> {
             std::iter::once(("baseline".to_string(), None))
                 .chain(tuned.iter().map(|t| (t.method.clone(), Some(t))))
                 .collect();
+        let mut recipes = BTreeMap::new();
         for (name, t) in conditions {
-            let method = MethodSpec::by_name(&name);
-            let (alphas, ablate_with);
-            let steering = match (method, t.and_then(|t| t.strength.map(|s| (t, s)))) {
-                (Some(method), Some((t, s))) => {
-                    let v = &vectors[method.vectors];
-                    alphas = point_alphas(v, s, &AlphaProfile::NormScaled)?;
-                    ablate_with = method.ablate_with(&vectors);
-                    Some(run_steering(method, v, &ablate_with, &t.points, &alphas))
+            let recipe = match (MethodSpec::by_name(&name), t) {
+                (Some(method), Some(t)) if t.strength.is_some() => {
+                    Some(tuner.recipe(method, &vectors, t, &gate)?)
                 }
                 _ if t.is_some() => {
                     (self.log)(&format!(
@@ -547,28 +571,24 @@ impl Runner<'_> {
                 }
                 _ => None,
             };
-            let condition = Condition {
-                steering: steering.as_ref(),
-                gate: method.filter(|m| m.gated).map(|_| &gate),
-            };
             let mut rates = BTreeMap::new();
             for role in eval_roles {
                 let prompts = &splits.prompts[role].test;
                 let path = test_answers(self.out, &name, t.and_then(|t| t.strength), role);
-                let answers = tuner.answers(prompts, &condition, &path)?;
+                let answers = tuner.answers(prompts, recipe.as_ref(), &path)?;
                 let assessed = judges.assess(&answers)?;
-                if role == "benign" && steering.is_none() {
+                if role == "benign" && recipe.is_none() {
                     test_kl_prompts = answered(prompts, &assessed);
                 }
                 rates.insert(role.to_string(), rate(&assessed));
             }
-            let kl = match &steering {
+            let kl = match &recipe {
                 Some(_) => Some(mean_kl(
                     self.model,
                     &test_kl_prompts,
                     &tuner.format,
                     self.config.batch,
-                    &condition,
+                    recipe.as_ref(),
                 )?),
                 None => None,
             };
@@ -577,8 +597,11 @@ impl Runner<'_> {
                 &splits.capability.test,
                 &tuner.format,
                 self.config.batch,
-                &condition,
+                recipe.as_ref(),
             )?;
+            if let Some(recipe) = recipe {
+                recipes.insert(name.clone(), recipe);
+            }
             (self.log)(&format!(
                 "{name}: target {}  safety {}  benign {}  capability {:.0}%",
                 rates["target"].percent(),
@@ -599,37 +622,22 @@ impl Runner<'_> {
         let recommended = recommend(&tuned, &validation_baseline, |rates| {
             tuner.target_metric(rates)
         });
-        if let Some(t) = recommended
-            .as_ref()
-            .and_then(|m| tuned.iter().find(|t| &t.method == m))
-        {
-            let method = MethodSpec::by_name(&t.method).expect("tuned methods are known");
-            vectors[method.vectors].save(&self.out.join("recommended.safetensors"))?;
-            // Ablated beside it (generate/chat --ablate); one file holds one vector per point.
-            let ablate_file = self.out.join("recommended-ablate.safetensors");
-            match method.ablate_with {
-                Some(name) => vectors[name].save(&ablate_file)?,
-                None if ablate_file.exists() => std::fs::remove_file(&ablate_file)?,
-                None => {}
-            }
-            let gate_file = self.out.join("recommended-gate.json");
-            if method.gated {
-                write_atomic(&gate_file, &serde_json::to_string(&gate)?)?;
-            } else if gate_file.exists() {
-                std::fs::remove_file(&gate_file)?;
-            }
-        } else {
-            // A resumed run whose recommendation went away leaves no old one behind.
-            for file in [
-                "recommended.safetensors",
-                "recommended-ablate.safetensors",
-                "recommended-gate.json",
-            ] {
-                let path = self.out.join(file);
-                if path.exists() {
-                    std::fs::remove_file(&path)?;
-                }
-            }
+        // One recipe per method that kept every limit, the recommended one copied beside them;
+        // a resumed run whose methods or recommendation changed leaves no old one behind.
+        let recipe_dir = self.out.join("recipes");
+        if recipe_dir.exists() {
+            std::fs::remove_dir_all(&recipe_dir)
+                .with_context(|| format!("removing old recipes in {}", recipe_dir.display()))?;
+        }
+        std::fs::create_dir_all(&recipe_dir)?;
+        for (method, recipe) in &recipes {
+            recipe.save(&recipe_file(self.out, method))?;
+        }
+        let recommended_file = self.out.join(RECOMMENDED);
+        match recommended.as_ref().and_then(|m| recipes.get(m)) {
+            Some(recipe) => recipe.save(&recommended_file)?,
+            None if recommended_file.exists() => std::fs::remove_file(&recommended_file)?,
+            None => {}
         }
         let report = RunReport {
             model: self.config.model.clone(),
@@ -691,7 +699,11 @@ impl Runner<'_> {
         let path = self.out.join("steering-inputs.json");
         if std::fs::read_to_string(&path).is_ok_and(|old| old != inputs) {
             (self.log)("the train scores or fit/tune settings changed: refitting and re-tuning");
-            let mut stale = vec![self.out.join("vectors"), self.out.join("analysis")];
+            let mut stale = vec![
+                self.out.join("vectors"),
+                self.out.join("analysis"),
+                self.out.join("recipes"),
+            ];
             for stage in ["validation", "test"] {
                 if let Ok(entries) = std::fs::read_dir(self.out.join(stage)) {
                     for entry in entries.flatten() {
@@ -859,13 +871,40 @@ struct Tuner<'a> {
     model: &'a Model,
     format: Format,
     options: GenerateOptions,
+    made_for: ModelIdentity,
+    /// The provenance of every recipe this run makes, but the method and its numbers.
+    made_by: Provenance,
 }
 
 impl Tuner<'_> {
+    /// The recipe of a tuned method at its chosen strength, with what validation measured.
+    fn recipe(
+        &self,
+        method: &MethodSpec,
+        fitted: &BTreeMap<String, SteeringVectors>,
+        tuned: &Tuned,
+        gate: &Gate,
+    ) -> Result<Recipe> {
+        let strength = tuned.strength.expect("a tuned method with a strength");
+        let trial = tuned.trials.iter().find(|t| t.strength == strength);
+        let mut validation: BTreeMap<String, f64> = trial
+            .iter()
+            .flat_map(|t| t.rates.iter().map(|(role, r)| (format!("{role}_refusal_rate"), r.rate)))
+            .collect();
+        validation.extend(trial.map(|t| ("kl".to_string(), t.kl)));
+        validation.insert("strength".into(), strength);
+        let made_by = Provenance {
+            method: method.name.to_string(),
+            validation,
+            ..self.made_by.clone()
+        };
+        method_recipe(method, fitted, &tuned.points, strength, gate, &self.made_for, made_by)
+    }
+
     fn answers(
         &self,
         prompts: &[Prompt],
-        condition: &Condition,
+        recipe: Option<&Recipe>,
         path: &Path,
     ) -> Result<Vec<Answer>> {
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
@@ -877,7 +916,7 @@ impl Tuner<'_> {
             &self.options,
             self.config.batch,
             self.config.seed,
-            condition,
+            recipe,
             path,
             &progress,
         )?;
@@ -906,7 +945,7 @@ impl Tuner<'_> {
         &self,
         method: &MethodSpec,
         fitted: &BTreeMap<String, SteeringVectors>,
-        gate: Option<&Gate>,
+        gate: &Gate,
         baseline: &BTreeMap<String, SetRate>,
         validation: &dyn Fn(&str) -> Vec<Prompt>,
         kl_prompts: &[Prompt],
@@ -916,13 +955,12 @@ impl Tuner<'_> {
     ) -> Result<Tuned> {
         let t = &self.config.tune;
         let vectors = &fitted[method.vectors];
-        let ablate_with = method.ablate_with(fitted);
         let points = match method.mode {
             SteerMode::AblateAdd => (1..vectors.n_points).collect(),
             _ => self.points(vectors)?,
         };
         let name = method.name;
-        if let Some(gate) = gate {
+        if method.gated {
             let passing: Vec<String> = ["target", "safety", "benign"]
                 .iter()
                 .map(|role| {
@@ -949,18 +987,25 @@ impl Tuner<'_> {
             .into_iter()
             .chain(t.strengths.iter().map(|m| sign * m))
         {
-            let alphas = point_alphas(vectors, strength, &AlphaProfile::NormScaled)?;
-            let steering = run_steering(method, vectors, &ablate_with, &points, &alphas);
-            let condition = Condition {
-                steering: Some(&steering),
-                gate,
+            let made_by = Provenance {
+                method: name.to_string(),
+                ..self.made_by.clone()
             };
+            let recipe = method_recipe(
+                method,
+                fitted,
+                &points,
+                strength,
+                gate,
+                &self.made_for,
+                made_by,
+            )?;
             let kl = mean_kl(
                 self.model,
                 kl_prompts,
                 &self.format,
                 self.config.batch,
-                &condition,
+                Some(&recipe),
             )?;
             if kl > t.max_kl {
                 log(&format!(
@@ -980,7 +1025,7 @@ impl Tuner<'_> {
             for role in ["target", "safety", "benign"] {
                 let answers = self.answers(
                     &validation(role),
-                    &condition,
+                    Some(&recipe),
                     &dir.join(format!("{strength:+.3}/{role}.jsonl")),
                 )?;
                 rates.insert(role.to_string(), rate(&judges.assess(&answers)?));

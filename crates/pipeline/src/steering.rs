@@ -5,8 +5,7 @@
 
 use crate::fitting::metadata_list;
 use anyhow::{bail, Result};
-use refusal_steer_engine::{Action, Hooks, Intervention, Model, Positions, Rows};
-use refusal_steer_steer::protect::orthonormal_basis;
+use refusal_steer_engine::Positions;
 use refusal_steer_steer::SteeringVectors;
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +20,28 @@ pub enum SteerMode {
     Ablate,
     /// Remove the component along v, then add alpha * v.
     AblateAdd,
+}
+
+/// Which token positions are steered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SteerPositions {
+    #[default]
+    All,
+    /// Prompt tokens only (prefill).
+    Prompt,
+    /// Generated tokens only.
+    Generated,
+}
+
+impl SteerPositions {
+    pub fn engine(self) -> Positions {
+        match self {
+            SteerPositions::All => Positions::All,
+            SteerPositions::Prompt => Positions::Prompt,
+            SteerPositions::Generated => Positions::Generated,
+        }
+    }
 }
 
 /// How one strength becomes a strength per point.
@@ -72,7 +93,8 @@ pub fn point_alphas(
     })
 }
 
-/// One vector file applied at chosen points.
+/// One vector file applied at chosen points, before it is resolved into a
+/// [`crate::recipe::Recipe`].
 #[derive(Debug, Clone)]
 pub struct Steering<'a> {
     pub vectors: &'a SteeringVectors,
@@ -80,54 +102,10 @@ pub struct Steering<'a> {
     /// Strength per point (from [`point_alphas`]).
     pub alphas: &'a [f64],
     pub mode: SteerMode,
-    pub positions: Positions,
+    pub positions: SteerPositions,
     /// In the ablation modes, more vector files whose directions are projected out together
     /// with this one's: the span of all of them is removed at each steered point.
     pub ablate_with: &'a [&'a SteeringVectors],
-}
-
-/// Adds the interventions of `steering` to `hooks` for every row of a batch.
-pub fn add_steering(model: &Model, hooks: &mut Hooks, steering: &Steering) -> Result<()> {
-    steering
-        .vectors
-        .check_dims(model.config.n_layers + 1, model.config.d_model)?;
-    for &p in steering.points {
-        let v = steering
-            .vectors
-            .point(p)
-            .ok_or_else(|| anyhow::anyhow!("point {p} is outside the steering vectors"))?
-            .to_vec();
-        let mut add = |action| {
-            hooks.add(Intervention {
-                point: p,
-                action,
-                rows: Rows::All,
-                positions: steering.positions.clone(),
-            })
-        };
-        if matches!(steering.mode, SteerMode::Ablate | SteerMode::AblateAdd) {
-            let mut directions = vec![v.as_slice()];
-            for other in steering.ablate_with {
-                other.check_dims(model.config.n_layers + 1, model.config.d_model)?;
-                directions.push(other.point(p).expect("dimensions checked"));
-            }
-            // Projecting out an orthonormal basis one direction at a time removes exactly
-            // the span; the raw directions one after another would not when they overlap.
-            for basis in orthonormal_basis(&directions) {
-                add(Action::ProjectOut {
-                    direction: basis.iter().map(|&x| x as f32).collect(),
-                    scale: 1.0,
-                })?;
-            }
-        }
-        if matches!(steering.mode, SteerMode::Add | SteerMode::AblateAdd) {
-            add(Action::Add {
-                vector: v,
-                alpha: steering.alphas[p] as f32,
-            })?;
-        }
-    }
-    Ok(())
 }
 
 /// Parses "all", "3", "12-20", "1,4-6" into sorted points within `0..=max` ("all" is every
@@ -235,7 +213,9 @@ mod tests {
 
     #[test]
     fn ablating_with_another_file_removes_the_span_of_both_directions() {
-        use refusal_steer_engine::{prefill, tiny, Logits, Padding};
+        use refusal_steer_engine::{
+            prefill, tiny, Action, Intervention, Logits, Model, Padding, Positions, Rows,
+        };
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         tiny::write(&path).unwrap();
@@ -248,20 +228,21 @@ mod tests {
             .collect();
         let a = SteeringVectors::new(a, points, d, BTreeMap::new()).unwrap();
         let b = SteeringVectors::new(b, points, d, BTreeMap::new()).unwrap();
-        let mut hooks = model.new_hooks();
-        add_steering(
-            &model,
-            &mut hooks,
+        let recipe = crate::recipe::Recipe::from_steering(
+            &crate::recipe::ModelIdentity::of(&model).unwrap(),
             &Steering {
                 vectors: &a,
                 points: &[2],
                 alphas: &[0.0; 4],
                 mode: SteerMode::Ablate,
-                positions: Positions::All,
+                positions: SteerPositions::All,
                 ablate_with: &[&b],
             },
+            None,
+            Default::default(),
         )
         .unwrap();
+        let mut hooks = recipe.hooks(&model).unwrap();
         hooks
             .add(Intervention {
                 point: 2,

@@ -1,0 +1,157 @@
+//! Answering prompts under a recipe: the one call a library user needs.
+//!
+//! ```no_run
+//! use refusal_steer_engine::Model;
+//! use refusal_steer_pipeline::{Generator, Recipe};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let model = Model::load("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".as_ref())?;
+//! let recipe = Recipe::load("runs/default/recommended.steer.safetensors".as_ref())?;
+//! let steered = Generator::new(&model).with_recipe(&recipe)?;
+//! for answer in steered.answer(&["What happened in Beijing in June 1989?"])? {
+//!     println!("{answer}");
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A gated recipe steers only the prompts its gate lets through; the others are answered by
+//! the unsteered model, in the same call.
+
+use crate::answers::{answer, AnswerJob, Format};
+use crate::recipe::{hooks_for, Recipe};
+use anyhow::Result;
+use indicatif::ProgressBar;
+use refusal_steer_data::{Answer, JsonlAppender, Prompt};
+use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling};
+use std::collections::HashSet;
+use std::path::Path;
+
+/// A model, optionally steered by a recipe, and how it answers.
+pub struct Generator<'a> {
+    pub model: &'a Model,
+    pub recipe: Option<&'a Recipe>,
+    pub format: Format,
+    pub options: GenerateOptions,
+    /// Prompts run together in one batch.
+    pub batch: usize,
+    /// The seed each answer's own seed is derived from (with its prompt id and sample).
+    pub seed: u64,
+    /// Recorded with each steered answer; the recipe's own description unless set.
+    pub description: Option<serde_json::Value>,
+}
+
+impl<'a> Generator<'a> {
+    /// Greedy answers of up to 256 tokens in the model's chat template, unsteered.
+    pub fn new(model: &'a Model) -> Self {
+        Self {
+            model,
+            recipe: None,
+            format: Format::default(),
+            options: GenerateOptions {
+                max_new_tokens: 256,
+                sampling: Sampling {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                    repetition_penalty: 1.0,
+                },
+                padding: Padding::Left,
+            },
+            batch: 8,
+            seed: 0,
+            description: None,
+        }
+    }
+
+    /// Steers with `recipe`, after checking it was made for this model.
+    pub fn with_recipe(mut self, recipe: &'a Recipe) -> Result<Self> {
+        recipe.check_model(self.model)?;
+        self.recipe = Some(recipe);
+        Ok(self)
+    }
+
+    /// One answer per prompt, in order.
+    pub fn answer(&self, prompts: &[&str]) -> Result<Vec<String>> {
+        let records: Vec<Prompt> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Prompt {
+                id: i.to_string(),
+                prompt: p.to_string(),
+                set: None,
+            })
+            .collect();
+        let mut answers = vec![String::new(); prompts.len()];
+        let progress = ProgressBar::hidden();
+        self.answer_each(&records, 1, &HashSet::new(), &progress, &mut |a| {
+            answers[a.id.parse::<usize>().expect("ids are indices")] = a.answer;
+            Ok(())
+        })?;
+        Ok(answers)
+    }
+
+    /// `samples` answers per prompt, those `done` does not hold yet, each handed to `sink` as
+    /// its batch finishes: first the prompts the recipe steers, then the others.
+    pub fn answer_each(
+        &self,
+        prompts: &[Prompt],
+        samples: usize,
+        done: &HashSet<(String, usize)>,
+        progress: &ProgressBar,
+        sink: &mut dyn FnMut(Answer) -> Result<()>,
+    ) -> Result<()> {
+        let steered = match self.recipe {
+            Some(recipe) => {
+                let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
+                recipe.steered(self.model, &self.format, &texts, self.batch)?
+            }
+            None => vec![false; prompts.len()],
+        };
+        for group in [true, false] {
+            let members: Vec<Prompt> = prompts
+                .iter()
+                .zip(&steered)
+                .filter(|(_, &s)| s == group)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if members.is_empty() {
+                continue;
+            }
+            let recipe = self.recipe.filter(|_| group);
+            let job = AnswerJob {
+                prompts: &members,
+                format: &self.format,
+                options: &self.options,
+                samples,
+                batch: self.batch,
+                seed: self.seed,
+                steering: recipe.map(|r| self.description.clone().unwrap_or_else(|| r.describe())),
+            };
+            let mut hooks = hooks_for(self.model, recipe)?;
+            answer(self.model, &job, done, &mut hooks, progress, sink)?;
+        }
+        Ok(())
+    }
+
+    /// [`Generator::answer_each`] into a resumable JSONL file: answers already in `path` are
+    /// kept and skipped, so a killed process loses at most one batch. Returns every answer in
+    /// the file.
+    pub fn answer_to_file(
+        &self,
+        prompts: &[Prompt],
+        samples: usize,
+        path: &Path,
+        progress: &ProgressBar,
+    ) -> Result<Vec<Answer>> {
+        let (mut writer, mut all) = JsonlAppender::open::<Answer>(path)?;
+        let done: HashSet<(String, usize)> =
+            all.iter().map(|a| (a.id.clone(), a.sample)).collect();
+        self.answer_each(prompts, samples, &done, progress, &mut |a| {
+            writer.append(&a)?;
+            all.push(a);
+            Ok(())
+        })?;
+        Ok(all)
+    }
+}
