@@ -17,7 +17,11 @@ pub struct ExportArgs {
     #[arg(long, required_unless_present = "recipe", conflicts_with = "recipe")]
     vectors: Option<PathBuf>,
     /// Scale written into the file (llama.cpp's --control-vector-scaled can rescale it).
-    #[arg(long, allow_negative_numbers = true, required_unless_present = "recipe")]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        required_unless_present = "recipe"
+    )]
     alpha: Option<f32>,
     /// Points to export: "12-20", "5,7,9" or "all" (point 1 cannot be represented).
     #[arg(long, default_value = "all", conflicts_with = "recipe")]
@@ -27,7 +31,12 @@ pub struct ExportArgs {
     #[arg(long, conflicts_with = "alpha")]
     recipe: Option<PathBuf>,
     /// Multiplies every strength of the recipe.
-    #[arg(long, requires = "recipe", default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        requires = "recipe",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     recipe_scale: f32,
     /// Only llama-cpp is supported.
     #[arg(long, default_value = "llama-cpp", value_parser = ["llama-cpp"])]
@@ -77,7 +86,10 @@ pub fn export(args: ExportArgs) -> Result<()> {
     };
     let hint = vectors.metadata.get("model").cloned().unwrap_or_default();
     export_control_vector(&args.out, &vectors, alpha, &points, &hint).with_context(|| {
-        format!("exporting {} as a llama.cpp control vector", source.display())
+        format!(
+            "exporting {} as a llama.cpp control vector",
+            source.display()
+        )
     })?;
     println!(
         "wrote {} (our points {points:?} as llama.cpp direction.{{point-1}})",

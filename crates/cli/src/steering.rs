@@ -24,7 +24,12 @@ pub struct SteerArgs {
     #[arg(long, conflicts_with_all = ["steer", "layers", "alpha", "alpha_profile", "mode", "positions"])]
     recipe: Option<PathBuf>,
     /// Multiplies every strength of the recipe (1 as made; 0 leaves only its ablation).
-    #[arg(long, requires = "recipe", default_value_t = 1.0, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        requires = "recipe",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     recipe_scale: f32,
     /// A steering-vector file (safetensors from `fit`).
     #[arg(long)]

@@ -461,7 +461,10 @@ fn capture_fit_and_steer_chain_through_files() {
         String::from_utf8_lossy(&exported.stderr)
     );
     let err = String::from_utf8_lossy(&exported.stderr);
-    assert!(err.contains("cannot carry this recipe's topic gate"), "{err}");
+    assert!(
+        err.contains("cannot carry this recipe's topic gate"),
+        "{err}"
+    );
     let by_flags = refusal_steer(&[
         "export",
         "--vectors",

@@ -185,7 +185,10 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
     for evaluation in report["test"].as_array().unwrap().iter().skip(1) {
         let method = evaluation["condition"].as_str().unwrap();
         let strength = evaluation["strength"].as_f64().unwrap();
-        let recipe = out.join(format!("recipes/{}.steer.safetensors", method.replace('+', "-")));
+        let recipe = out.join(format!(
+            "recipes/{}.steer.safetensors",
+            method.replace('+', "-")
+        ));
         assert!(recipe.is_file(), "{method} has no recipe");
         let again = out.join(format!("again-{method}.jsonl"));
         let generated = refusal_steer(&[

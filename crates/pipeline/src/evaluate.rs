@@ -3,8 +3,8 @@
 //! and multiple-choice accuracy by answer likelihood.
 
 use crate::answers::Format;
-use crate::generator::Generator;
 use crate::config::Direction;
+use crate::generator::Generator;
 use crate::recipe::{hooks_for, Recipe};
 use crate::sets::Choice;
 use anyhow::{Context, Result};
@@ -96,9 +96,12 @@ pub struct Judges<'a> {
     pub pattern_cache: &'a mut VerdictCache,
 }
 
+/// One answer as the run's judge and the marker list assessed it.
+pub type Assessed = (Assessment, Assessment);
+
 impl Judges<'_> {
-    /// (LLM assessment, pattern assessment) per answer.
-    pub fn assess(&mut self, answers: &[Answer]) -> Result<Vec<(Assessment, Assessment)>> {
+    /// (the run judge's assessment, the marker list's) per answer.
+    pub fn assess(&mut self, answers: &[Answer]) -> Result<Vec<Assessed>> {
         let items: Vec<(&str, &str)> = answers
             .iter()
             .map(|a| (a.prompt.as_str(), a.answer.as_str()))
@@ -114,7 +117,7 @@ impl Judges<'_> {
 }
 
 /// Rates from the first answer of each prompt.
-pub fn rate(assessed: &[(Assessment, Assessment)]) -> SetRate {
+pub fn rate(assessed: &[Assessed]) -> SetRate {
     let n = assessed.len();
     let refusals = assessed.iter().filter(|(a, _)| a.verdict.label > 0).count();
     SetRate {

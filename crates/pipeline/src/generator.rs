@@ -145,8 +145,7 @@ impl<'a> Generator<'a> {
         progress: &ProgressBar,
     ) -> Result<Vec<Answer>> {
         let (mut writer, mut all) = JsonlAppender::open::<Answer>(path)?;
-        let done: HashSet<(String, usize)> =
-            all.iter().map(|a| (a.id.clone(), a.sample)).collect();
+        let done: HashSet<(String, usize)> = all.iter().map(|a| (a.id.clone(), a.sample)).collect();
         self.answer_each(prompts, samples, &done, progress, &mut |a| {
             writer.append(&a)?;
             all.push(a);

@@ -9,10 +9,10 @@ pub mod evaluate;
 pub mod fitting;
 pub mod gate;
 pub mod generator;
+pub mod recipe;
 pub mod report;
 pub mod run;
 pub mod sets;
-pub mod recipe;
 pub mod steering;
 
 pub use generator::Generator;

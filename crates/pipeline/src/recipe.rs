@@ -440,8 +440,8 @@ impl Recipe {
     /// Reads a recipe written by [`Recipe::save`]; a damaged or hand-edited one is refused with
     /// what is wrong.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes =
-            std::fs::read(path).with_context(|| format!("reading the recipe {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading the recipe {}", path.display()))?;
         Self::from_bytes(&bytes).map_err(|reason| {
             anyhow::anyhow!(
                 "{} is not a usable recipe: {reason} (`run` writes recipes as recipes/<method>.steer.safetensors)",
@@ -480,9 +480,9 @@ impl Recipe {
                     Err(_) => Ok(Vec::new()),
                 };
             }
-            let t = tensors.tensor(name).map_err(|_| {
-                format!("tensor '{name}' is missing (the header lists {shape:?})")
-            })?;
+            let t = tensors
+                .tensor(name)
+                .map_err(|_| format!("tensor '{name}' is missing (the header lists {shape:?})"))?;
             if t.dtype() != dtype || t.shape() != shape {
                 return Err(format!(
                     "tensor '{name}' is {:?} {:?}, the header says {dtype:?} {shape:?}",
@@ -577,15 +577,9 @@ mod tests {
     }
 
     fn recipe(mode: SteerMode, gated: bool) -> Recipe {
-        let v = SteeringVectors::new(
-            vec![0.0, 0.0, 1.0, 1.0, 3.0, 4.0],
-            3,
-            2,
-            Default::default(),
-        )
-        .unwrap();
-        let other =
-            SteeringVectors::new(vec![0.0; 6], 3, 2, Default::default()).unwrap();
+        let v = SteeringVectors::new(vec![0.0, 0.0, 1.0, 1.0, 3.0, 4.0], 3, 2, Default::default())
+            .unwrap();
+        let other = SteeringVectors::new(vec![0.0; 6], 3, 2, Default::default()).unwrap();
         let gate = Gate {
             method: GateMethod::Md,
             point: 1,
@@ -630,7 +624,10 @@ mod tests {
         let r = recipe(SteerMode::AblateAdd, true);
         assert_eq!(r.points(), vec![1, 2]);
         assert_eq!(
-            r.add.iter().map(|a| (a.point, a.strength)).collect::<Vec<_>>(),
+            r.add
+                .iter()
+                .map(|a| (a.point, a.strength))
+                .collect::<Vec<_>>(),
             vec![(1, -0.5), (2, 0.25)]
         );
         // The other file is zero: its direction adds nothing to the span.
@@ -672,7 +669,10 @@ mod tests {
         let nan = edited(|_, t| {
             t.get_mut("add").unwrap().2[..4].copy_from_slice(&f32::NAN.to_le_bytes())
         });
-        assert!(nan.contains("the added vector at point 1 holds NaN"), "{nan}");
+        assert!(
+            nan.contains("the added vector at point 1 holds NaN"),
+            "{nan}"
+        );
         let wrong_d = edited(|h, _| h["model"]["d"] = 3.into());
         assert!(wrong_d.contains("the header says F32 [2, 3]"), "{wrong_d}");
         let missing = edited(|_, t| {
@@ -680,14 +680,19 @@ mod tests {
         });
         assert!(missing.contains("tensor 'ablate' is missing"), "{missing}");
         let point = edited(|h, _| h["add_points"][1] = 7.into());
-        assert!(point.contains("at point 7, but the model has points 0..3"), "{point}");
+        assert!(
+            point.contains("at point 7, but the model has points 0..3"),
+            "{point}"
+        );
         let version = edited(|h, _| h["version"] = 9.into());
         assert!(version.contains("version 9 is not 1"), "{version}");
         let unknown = edited(|h, _| h["alpha_profile"] = "norm-scaled".into());
-        assert!(unknown.contains("unknown field `alpha_profile`"), "{unknown}");
-        let skewed = edited(|_, t| {
-            t.get_mut("ablate").unwrap().2[..4].copy_from_slice(&2f32.to_le_bytes())
-        });
+        assert!(
+            unknown.contains("unknown field `alpha_profile`"),
+            "{unknown}"
+        );
+        let skewed =
+            edited(|_, t| t.get_mut("ablate").unwrap().2[..4].copy_from_slice(&2f32.to_le_bytes()));
         assert!(skewed.contains("not orthonormal"), "{skewed}");
         let mode = edited(|h, _| h["mode"] = "add".into());
         assert!(mode.contains("mode add, but the recipe ablates"), "{mode}");

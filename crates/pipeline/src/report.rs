@@ -2,7 +2,7 @@
 
 use crate::evaluate::SetRate;
 use crate::gate::GateMethod;
-use crate::run::{test_answers, RunReport, Tuned, RECOMMENDED};
+use crate::run::{RunFolder, RunReport, Stage, Tuned};
 use crate::steering::{format_points, SteerMode};
 use anyhow::Result;
 use refusal_steer_data::activations::Activations;
@@ -206,8 +206,8 @@ fn recommendation(report: &RunReport, out: &Path) -> String {
         t.strength.unwrap_or(0.0),
         format_points(&t.points),
         report.model,
-        out.join(RECOMMENDED).display(),
-        out.join("recipes").display(),
+        RunFolder::at(out).recommended().display(),
+        RunFolder::at(out).recipes().display(),
     )
 }
 
@@ -224,11 +224,16 @@ fn examples(report: &RunReport, out: &Path) -> String {
             .and_then(|e| e.strength)
     };
     let read = |cond: &str, role: &str| -> Vec<Answer> {
-        std::fs::read_to_string(test_answers(out, cond, strength_of(cond), role))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        std::fs::read_to_string(RunFolder::at(out).answers(
+            Stage::Test,
+            cond,
+            strength_of(cond),
+            role,
+        ))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
     };
     let clip = |s: &str| {
         let s = s.replace('\n', " ");
