@@ -6,6 +6,7 @@ use crate::ModelArg;
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use refusal_steer_data::lock::OutputLock;
 use refusal_steer_data::{read_prompts, Answer, JsonlAppender};
 use refusal_steer_pipeline::capture::{capture, CaptureJob, CapturePosition};
 use std::collections::HashSet;
@@ -67,6 +68,7 @@ pub fn run(args: CaptureArgs) -> Result<()> {
         Position::MeanPrompt => CapturePosition::MeanPrompt,
         Position::MeanAnswer => CapturePosition::MeanAnswer,
     };
+    let _lock = OutputLock::acquire(&args.out)?;
     let model = args.model.load()?;
     let progress = ProgressBar::new(prompts.len() as u64);
     progress.set_style(ProgressStyle::with_template(

@@ -5,6 +5,7 @@ use crate::ModelArg;
 use anyhow::{bail, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use refusal_steer_data::lock::OutputLock;
 use refusal_steer_data::{read_prompts, Prompt};
 use refusal_steer_engine::{GenerateOptions, Padding, Sampling};
 use refusal_steer_pipeline::answers::Format;
@@ -122,6 +123,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.samples == 0 || args.batch == 0 {
         bail!("--samples and --batch must be at least 1");
     }
+    // Two processes appending to one file would duplicate its answers.
+    let _lock = args.out.as_deref().map(OutputLock::acquire).transpose()?;
     let model = args.model.load()?;
     let recipe = args.steering.recipe(&model)?;
     let generator = Generator {

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_catalog as catalog;
+use refusal_steer_data::lock::OutputLock;
 use refusal_steer_data::{Answer, JsonlAppender};
 use refusal_steer_engine::Model;
 use refusal_steer_judge::local::{JudgePrompt, DEFAULT_ANSWER_PREFIX};
@@ -394,6 +395,7 @@ pub fn run(args: JudgeArgs) -> Result<()> {
         )
     })?;
     let answers: Vec<Answer> = read_jsonl(&args.answers, ANSWERS)?;
+    let _lock = OutputLock::acquire(&args.out)?;
     let (mut out, done) = JsonlAppender::open::<VerdictLine>(&args.out)?;
     let done: HashSet<(String, usize)> = done.into_iter().map(|v| (v.id, v.sample)).collect();
     let mut todo: Vec<&Answer> = answers

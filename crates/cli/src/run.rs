@@ -8,7 +8,7 @@ use refusal_steer_engine::Model;
 use refusal_steer_judge::{MarkerSet, PatternJudge};
 use refusal_steer_pipeline::config::{Direction, RunConfig};
 use refusal_steer_pipeline::report::table;
-use refusal_steer_pipeline::run::Runner;
+use refusal_steer_pipeline::run::{RunFolder, Runner};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -45,6 +45,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .judge
         .build_for_run(&config.judge, config.judge_threshold)?;
     config.judge = spec;
+    let folder = RunFolder::create(&args.out)?;
     let path = catalog::resolve(&config.model, &mut |msg| eprintln!("{msg}"))?;
     let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
     let mut patterns = PatternJudge::new(MarkerSet::built_in("refusal-direction+zh")?);
@@ -54,7 +55,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     );
     let report = Runner {
         config: &config,
-        out: &args.out,
+        folder: &folder,
         model: &model,
         judge: judge.as_mut(),
         patterns: &mut patterns,

@@ -611,3 +611,54 @@ fn calibrate_scores_a_judge_against_labels_and_bad_files_say_why() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_output_in_use_by_another_process_is_refused_with_its_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    refusal_steer_engine::tiny::write(&model).unwrap();
+    let out = dir.path().join("answers.jsonl");
+    let generate = || {
+        refusal_steer(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "the cat",
+            "--max-tokens",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    // This test process holds the lock, as a generate left running by a killed shell would.
+    let held = refusal_steer_data::lock::OutputLock::acquire(&out).unwrap();
+    let refused = generate();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains(&format!(
+            "in use by another process (pid {})",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(!out.exists(), "the refused process wrote nothing");
+    drop(held);
+    // The lock file stays behind; with no live holder it is taken over.
+    let taken = generate();
+    assert!(
+        taken.status.success(),
+        "{}",
+        String::from_utf8_lossy(&taken.stderr)
+    );
+    assert_eq!(lines(&out).len(), 1);
+
+    let folder = dir.path().join("run");
+    std::fs::create_dir(&folder).unwrap();
+    let _held = refusal_steer_data::lock::OutputLock::acquire(&folder).unwrap();
+    let run = refusal_steer(&["run", "--out", folder.to_str().unwrap()]);
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("in use by another process"), "{err}");
+}

@@ -7,6 +7,7 @@
 //!   stopped: finished keys are skipped, and a half-written last line is cut off.
 
 pub mod activations;
+pub mod lock;
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;

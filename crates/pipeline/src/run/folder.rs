@@ -16,6 +16,7 @@
 
 use super::methods::Fitted;
 use anyhow::{Context, Result};
+use refusal_steer_data::lock::OutputLock;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -37,22 +38,28 @@ impl Stage {
 }
 
 /// A run's folder; see the module docs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RunFolder {
     root: PathBuf,
+    /// Held by the run that writes the folder: a second run on it is refused.
+    _lock: Option<OutputLock>,
 }
 
 impl RunFolder {
-    /// The folder at `root`, created if missing.
+    /// The folder at `root`, created if missing, locked for this process.
     pub fn create(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-        Ok(Self::at(root))
+        Ok(Self {
+            root: root.to_path_buf(),
+            _lock: Some(OutputLock::acquire(root)?),
+        })
     }
 
-    /// The folder at `root`, as it is.
+    /// The folder at `root`, as it is, for reading.
     pub fn at(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
+            _lock: None,
         }
     }
 

@@ -41,7 +41,8 @@ pub struct Splits {
 /// Everything a run needs besides its config.
 pub struct Runner<'a> {
     pub config: &'a RunConfig,
-    pub out: &'a Path,
+    /// Created (and locked) before the model is loaded, so a second run on it stops at once.
+    pub folder: &'a RunFolder,
     pub model: &'a Model,
     pub judge: &'a mut dyn Judge,
     pub patterns: &'a mut dyn Judge,
@@ -51,10 +52,10 @@ pub struct Runner<'a> {
 impl Runner<'_> {
     /// Runs every stage (reusing finished ones) and writes the report.
     pub fn run(&mut self) -> Result<RunReport> {
-        let folder = RunFolder::create(self.out)?;
+        let folder = self.folder;
         let mut timings = folder.timings();
-        let splits = make_splits(self.config, &folder)?;
-        check_answer_settings(self.config, &folder)?;
+        let splits = make_splits(self.config, folder)?;
+        check_answer_settings(self.config, folder)?;
         folder.write("config.toml", &toml::to_string(self.config)?)?;
         let ctx = Ctx {
             config: self.config,
@@ -127,7 +128,7 @@ impl Runner<'_> {
         };
         ctx.folder
             .write("report.json", &serde_json::to_string_pretty(&report)?)?;
-        crate::report::write(&report, self.out, &acts, &scores.confidence)?;
+        crate::report::write(&report, folder.root(), &acts, &scores.confidence)?;
         Ok(report)
     }
 }
@@ -136,7 +137,7 @@ impl Runner<'_> {
 /// are made.
 struct Ctx<'a> {
     config: &'a RunConfig,
-    folder: RunFolder,
+    folder: &'a RunFolder,
     model: &'a Model,
     format: Format,
     made_for: ModelIdentity,
