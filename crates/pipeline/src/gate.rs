@@ -140,13 +140,13 @@ impl Gate {
         })
     }
 
-    /// Reads a gate that `run` saved (recommended-gate.json) and checks that it fits `model`.
+    /// Reads a gate that `run` saved (vectors/gate.json) and checks that it fits `model`.
     pub fn load(path: &Path, model: &Model) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the topic gate {}", path.display()))?;
         let gate: Gate = serde_json::from_str(&text).with_context(|| {
             format!(
-                "{} is not a topic gate (the recommended-gate.json that `run` writes)",
+                "{} is not a topic gate (the vectors/gate.json that `run` writes)",
                 path.display()
             )
         })?;
