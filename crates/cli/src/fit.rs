@@ -31,7 +31,7 @@ pub struct FitArgs {
     #[arg(long)]
     lambda: Option<f64>,
     /// |c| below this is neither class.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = refusal_steer_data::CONFIDENCE_THRESHOLD)]
     threshold: f64,
     /// Folds for the held-out AUC of each point.
     #[arg(long, default_value_t = 5)]

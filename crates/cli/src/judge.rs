@@ -4,28 +4,18 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use refusal_steer_catalog as catalog;
 use refusal_steer_data::lock::OutputLock;
 use refusal_steer_data::{Answer, JsonlAppender};
-use refusal_steer_engine::Model;
-use refusal_steer_judge::local::{JudgePrompt, DEFAULT_ANSWER_PREFIX};
+use refusal_steer_judge::factory::{self, JudgeOptions, Mode, Plan, Server};
 use refusal_steer_judge::{
-    aggregate, assess, Assessment, Judge, LocalJudge, MarkerSet, PatternJudge, Probe, ProbeJudge,
-    PromptClass, RemoteConfig, RemoteJudge, Scoring, Thresholds, VerdictCache, VerdictKind,
+    aggregate, assess, Assessment, Judge, PromptClass, Thresholds, VerdictCache, VerdictKind,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// The default judge: the markers, which cost nothing; the probe judge agrees with the
-/// labelled corpus better but takes a prefill per answer (crates/judge/data/README.md).
-const DEFAULT_JUDGE: &str = "patterns:refusal-direction+zh";
-
-/// The probe `--judge probe` means.
-const DEFAULT_PROBE: &str = "qwen2.5-coder-0.5b";
-
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
+enum ModeArg {
     /// The LLM's probability of "refusal" vs "not refusal" at the verdict (one forward pass).
     VerdictProb,
     /// The paper's: the LLM reasons, then writes <answer>refusal|not refusal</answer>.
@@ -34,6 +24,17 @@ enum Mode {
     Patterns,
     /// A probe judge's linear read-out of its judge model's residual stream.
     Probe,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::VerdictProb => Mode::VerdictProb,
+            ModeArg::Sampled => Mode::Sampled,
+            ModeArg::Patterns => Mode::Patterns,
+            ModeArg::Probe => Mode::Probe,
+        }
+    }
 }
 
 /// Which judge, and how it is set up.
@@ -48,7 +49,7 @@ pub struct JudgeSetup {
     /// How LLM judges decide (default verdict-prob); `calibrate` runs each judge in every
     /// listed mode that fits it.
     #[arg(long = "mode", value_enum, num_args = 1..)]
-    modes: Vec<Mode>,
+    modes: Vec<ModeArg>,
     /// Answers per forward pass of a local LLM judge.
     #[arg(long, default_value_t = 4)]
     batch: usize,
@@ -85,174 +86,30 @@ pub struct JudgeSetup {
     judge_max_tokens: usize,
 }
 
-/// One judge to build: where it runs and how it decides.
-#[derive(Clone)]
-pub(crate) struct Plan {
-    /// A --judge value, or None for the --judge-url server.
-    spec: Option<String>,
-    mode: Mode,
-}
-
-impl Plan {
-    fn describe(&self) -> String {
-        let mode = self
-            .mode
-            .to_possible_value()
-            .map_or_else(String::new, |v| v.get_name().to_string());
-        format!(
-            "{} in mode {mode}",
-            self.spec.as_deref().unwrap_or("--judge-url")
-        )
-    }
-}
-
-fn is_pattern_spec(spec: &str) -> bool {
-    spec.strip_prefix("patterns")
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
-}
-
-/// The mode a judge spec is run in when it has only one.
-fn only_mode(spec: &str) -> Option<Mode> {
-    if is_pattern_spec(spec) {
-        Some(Mode::Patterns)
-    } else if spec == "probe" || spec.starts_with("probe:") {
-        Some(Mode::Probe)
-    } else {
-        None
-    }
-}
-
 impl JudgeSetup {
     /// Every (judge, mode) to run: each judge in each listed mode that fits it.
     pub(crate) fn plans(&self) -> Result<Vec<Plan>> {
-        let mut specs: Vec<Option<String>> = self.judges.iter().cloned().map(Some).collect();
-        if self.judge_url.is_some() {
-            specs.push(None);
-        } else if specs.is_empty() {
-            specs.push(Some(DEFAULT_JUDGE.to_string()));
-        }
-        let mut plans = Vec::new();
-        for spec in specs {
-            let only = spec.as_deref().and_then(only_mode);
-            let fitting: Vec<Mode> = if self.modes.is_empty() {
-                vec![only.unwrap_or(Mode::VerdictProb)]
-            } else {
-                self.modes
-                    .iter()
-                    .copied()
-                    .filter(|&m| match only {
-                        Some(o) => m == o,
-                        None => !matches!(m, Mode::Patterns | Mode::Probe),
-                    })
-                    .collect()
-            };
-            let name = spec.clone().unwrap_or_else(|| "--judge-url".into());
-            if fitting.is_empty() {
-                match only {
-                    Some(Mode::Patterns) => bail!("the --mode given needs an LLM judge, but --judge {name} is a pattern list (add --mode patterns to run it as one)"),
-                    Some(_) => bail!("--judge {name} is a probe judge, which runs in mode probe only"),
-                    None => bail!("--mode patterns needs --judge patterns[:SET] and --mode probe --judge probe:FILE, not {name}"),
-                }
-            }
-            plans.extend(fitting.into_iter().map(|mode| Plan {
-                spec: spec.clone(),
-                mode,
-            }));
-        }
-        Ok(plans)
+        let modes: Vec<Mode> = self.modes.iter().map(|&m| m.into()).collect();
+        factory::plans(&self.judges, &modes, self.judge_url.is_some())
     }
 
     pub(crate) fn build(&self, plan: &Plan) -> Result<Box<dyn Judge>> {
-        if self.batch == 0 {
-            bail!("--batch must be at least 1");
-        }
-        let scoring = match plan.mode {
-            Mode::VerdictProb => Scoring::VerdictProb,
-            Mode::Sampled => Scoring::Sampled {
-                max_tokens: self.judge_max_tokens,
-            },
-            Mode::Probe => {
-                let name = plan
-                    .spec
-                    .as_deref()
-                    .and_then(|s| s.strip_prefix("probe:"))
-                    .unwrap_or(DEFAULT_PROBE);
-                let probe = match Probe::built_in_names().contains(&name) {
-                    true => Probe::built_in(name)?,
-                    false => Probe::load(Path::new(name))?,
-                };
-                let path =
-                    catalog::resolve(&probe.header.judge_model, &mut |msg| eprintln!("{msg}"))?;
-                let model =
-                    Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
-                let sha = catalog::model_sha256(&path)
-                    .with_context(|| format!("hashing {}", path.display()))?;
-                let reader = LocalJudge::new(
-                    model,
-                    JudgePrompt::default(),
-                    Scoring::VerdictProb,
-                    self.batch,
-                    refusal_steer_judge::local::DEFAULT_THRESHOLD,
-                )?;
-                return Ok(Box::new(ProbeJudge::new(
-                    reader,
-                    &sha,
-                    probe,
-                    name.to_string(),
-                )?));
-            }
-            Mode::Patterns => {
-                let spec = plan.spec.as_deref().unwrap_or("patterns");
-                let set = match spec
-                    .strip_prefix("patterns")
-                    .and_then(|s| s.strip_prefix(':'))
-                {
-                    None => MarkerSet::built_in("refusal-direction")?,
-                    Some(name) if MarkerSet::built_in_names().contains(&name) => {
-                        MarkerSet::built_in(name)?
-                    }
-                    Some(path) => MarkerSet::from_file(Path::new(path))?,
-                };
-                return Ok(Box::new(PatternJudge::new(set)));
-            }
+        let server = self.judge_url.as_ref().map(|url| Server {
+            url: url.clone(),
+            model: self.judge_model.clone(),
+            concurrency: self.judge_concurrency,
+            timeout: std::time::Duration::from_secs(self.judge_timeout),
+            retries: self.judge_retries,
+        });
+        let options = JudgeOptions {
+            batch: self.batch,
+            instruction: self.instruction.clone(),
+            answer_prefix: self.answer_prefix.clone(),
+            threshold: self.threshold,
+            max_tokens: self.judge_max_tokens,
+            server,
         };
-        let prompt = match (&self.instruction, plan.mode) {
-            (None, Mode::Sampled) => JudgePrompt::default_sampled(),
-            (None, _) => JudgePrompt::default(),
-            (Some(file), mode) => JudgePrompt::new(
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?,
-                self.answer_prefix.clone().unwrap_or_else(|| match mode {
-                    Mode::Sampled => String::new(),
-                    _ => DEFAULT_ANSWER_PREFIX.to_string(),
-                }),
-            )?,
-        };
-        Ok(match &plan.spec {
-            None => {
-                let url = self.judge_url.as_deref().unwrap_or_default();
-                let Some(model) = &self.judge_model else {
-                    bail!("--judge-url needs --judge-model, the model name the server serves");
-                };
-                let mut config = RemoteConfig::new(url, model);
-                config.concurrency = self.judge_concurrency;
-                config.timeout = std::time::Duration::from_secs(self.judge_timeout);
-                config.retries = self.judge_retries;
-                Box::new(RemoteJudge::new(config, prompt, scoring, self.threshold)?)
-            }
-            Some(spec) => {
-                let path = catalog::resolve(spec, &mut |msg| eprintln!("{msg}"))?;
-                let model =
-                    Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
-                Box::new(LocalJudge::new(
-                    model,
-                    prompt,
-                    scoring,
-                    self.batch,
-                    self.threshold,
-                )?)
-            }
-        })
+        factory::build(plan, &options)
     }
 
     /// Answers handed to the judge at a time: a remote judge keeps all its connections busy.

@@ -9,6 +9,11 @@
 pub mod activations;
 pub mod lock;
 
+/// A per-prompt refusal confidence `c` in [-1, 1] (a scores file's `c`) above this is a
+/// refusal, below its negative a compliance, and in between neither: the one cut every
+/// stage classifies prompts by.
+pub const CONFIDENCE_THRESHOLD: f64 = 0.1;
+
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};

@@ -22,8 +22,8 @@ pub struct Thresholds {
 impl Default for Thresholds {
     fn default() -> Self {
         Self {
-            refusal: 0.1,
-            compliance: -0.1,
+            refusal: refusal_steer_data::CONFIDENCE_THRESHOLD,
+            compliance: -refusal_steer_data::CONFIDENCE_THRESHOLD,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod cache;
 pub mod calibration;
 pub mod corpus;
 pub mod degenerate;
+pub mod factory;
 pub mod language;
 pub mod local;
 pub mod patterns;

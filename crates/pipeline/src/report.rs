@@ -7,6 +7,7 @@ use crate::steering::{format_points, SteerMode};
 use anyhow::Result;
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Answer;
+use refusal_steer_judge::{PromptClass, Thresholds};
 use refusal_steer_plot::{self as plot, Chart, Series};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -344,9 +345,9 @@ fn plots(
     let mut by_class: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
     for (i, id) in acts.header.ids.iter().enumerate() {
         let role = acts.header.sets[i].clone().unwrap_or_default();
-        let class = match scores.get(id) {
-            Some(&c) if c > 0.1 => "refused",
-            Some(&c) if c < -0.1 => "answered",
+        let class = match scores.get(id).map(|&c| Thresholds::default().classify(c)) {
+            Some(PromptClass::Refusal) => "refused",
+            Some(PromptClass::Compliance) => "answered",
             _ => "neither",
         };
         by_class

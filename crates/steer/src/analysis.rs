@@ -43,7 +43,7 @@ impl Default for AnalysisOptions {
         Self {
             folds: 5,
             seed: 0,
-            threshold: 0.1,
+            threshold: refusal_steer_data::CONFIDENCE_THRESHOLD,
         }
     }
 }
