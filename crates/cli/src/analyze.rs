@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::activations::Activations;
-use refusal_steer_steer::analysis::{analyze_with_progress, write_report, AnalysisOptions};
+use refusal_steer_pipeline::analysis_report::write_report;
+use refusal_steer_steer::analysis::{analyze_with_progress, AnalysisOptions};
 use refusal_steer_steer::SteeringVectors;
 use std::path::PathBuf;
 

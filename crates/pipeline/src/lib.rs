@@ -2,6 +2,7 @@
 //! activations, fit vectors, steer, and the `run` pipeline that chains them with the judge,
 //! tunes layers and strengths on validation prompts and evaluates on test prompts.
 
+pub mod analysis_report;
 pub mod answers;
 pub mod capture;
 pub mod config;

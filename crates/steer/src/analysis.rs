@@ -6,11 +6,8 @@
 //! class-stratified folds (the same folds as [`k_fold_auc`](crate::k_fold_auc) with the same
 //! seed), a vector is refit on the training folds with the file's own method, and only the
 //! held-out fold is scored. Numbers that cannot be computed at a point (an embedding layer with
-//! no spread, a zero vector) are `None`, with the reason in the point's `notes`.
-
-mod report;
-
-pub use report::{write_report, ReportError};
+//! no spread, a zero vector) are `None`, with the reason in the point's `notes`. The files and
+//! charts are written by `refusal_steer_pipeline::analysis_report`.
 
 use std::collections::HashMap;
 

@@ -4,12 +4,13 @@
 use super::methods::{Fitted, FittedVectors};
 use super::train::Scores;
 use super::Ctx;
+use crate::analysis_report::write_report;
 use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
 use crate::gate::Gate;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_judge::Thresholds;
-use refusal_steer_steer::analysis::{analyze, write_report, AnalysisOptions};
+use refusal_steer_steer::analysis::{analyze, AnalysisOptions};
 use refusal_steer_steer::{Method, Ridge, SteeringVectors};
 use std::collections::{BTreeMap, HashMap};
 

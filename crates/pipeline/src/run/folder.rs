@@ -114,8 +114,9 @@ impl RunFolder {
             .join(format!("{}.steer.safetensors", method.replace('+', "-")))
     }
 
+    /// The recommended method's recipe (a copy of its file in `recipes/`).
     pub fn recommended(&self) -> PathBuf {
-        self.root.join(RECOMMENDED)
+        self.root.join("recommended.steer.safetensors")
     }
 
     /// Writes `text` to the folder's file `name` through a temporary file.
@@ -175,9 +176,6 @@ impl RunFolder {
         }
     }
 }
-
-/// The file `run` writes for its recommended method (a copy of its recipe).
-pub const RECOMMENDED: &str = "recommended.steer.safetensors";
 
 /// Seconds per stage summed over every invocation of a run folder, so a resumed run reports
 /// what the whole run cost.

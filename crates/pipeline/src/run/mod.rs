@@ -12,7 +12,8 @@ mod test;
 mod train;
 mod tune;
 
-pub use folder::{RunFolder, Stage, RECOMMENDED};
+pub use folder::RunFolder;
+pub(crate) use folder::Stage;
 pub use outcome::{Evaluation, RunReport, Trial, Tuned};
 
 use crate::answers::Format;
@@ -33,7 +34,7 @@ use std::path::Path;
 
 /// The prompts of every role, split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Splits {
+pub(crate) struct Splits {
     pub prompts: BTreeMap<String, Split<Prompt>>,
     pub capability: Split<Choice>,
 }

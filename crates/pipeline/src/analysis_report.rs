@@ -4,35 +4,20 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use refusal_steer_plot::{self as plot, Chart, PlotError, Series};
-use thiserror::Error;
+use anyhow::{Context, Result};
+use refusal_steer_plot::{self as plot, Chart, Series};
 
-use super::{Analysis, AtRank, PointAnalysis, BEST_POINT_MARGIN};
-
-#[derive(Debug, Error)]
-pub enum ReportError {
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Plot(#[from] PlotError),
-}
+use refusal_steer_steer::analysis::{
+    Analysis, AtRank, ComparePoint, PointAnalysis, BEST_POINT_MARGIN,
+};
 
 /// Writes the report into `dir` (created if needed) and returns the files written.
-pub fn write_report(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
-    std::fs::create_dir_all(dir).map_err(|source| ReportError::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
+pub fn write_report(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut written = Vec::new();
-    let mut write = |name: &str, text: String| -> Result<(), ReportError> {
+    let mut write = |name: &str, text: String| -> Result<()> {
         let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|source| ReportError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
         written.push(path);
         Ok(())
     };
@@ -45,9 +30,9 @@ pub fn write_report(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, Rep
 
 /// Charts with something to show: a series whose values are all missing is left out, and a
 /// chart with no series left is not drawn.
-fn plots(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
+fn plots(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
-    let mut chart = |name: &str, chart: Chart, series: Vec<Series>| -> Result<(), PlotError> {
+    let mut chart = |name: &str, chart: Chart, series: Vec<Series>| -> Result<()> {
         let series: Vec<Series> = series
             .into_iter()
             .filter(|s| !s.points.is_empty())
@@ -69,7 +54,7 @@ fn plots(analysis: &Analysis, dir: &Path) -> Result<Vec<PathBuf>, ReportError> {
     };
     let method = &analysis.method;
     let compare = analysis.compare_method.as_deref().unwrap_or("");
-    let compared = |value: fn(&super::ComparePoint) -> Option<f64>| {
+    let compared = |value: fn(&ComparePoint) -> Option<f64>| {
         move |p: &PointAnalysis| p.compare.as_ref().and_then(value)
     };
 
@@ -324,11 +309,11 @@ fn summary(a: &Analysis) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{analyze, AnalysisOptions};
     use super::*;
-    use crate::synthetic::isotropic_classes;
-    use crate::SteeringVectors;
+    use rand::{rngs::StdRng, Rng, SeedableRng};
     use refusal_steer_data::activations::{Activations, ActivationsHeader};
+    use refusal_steer_steer::analysis::{analyze, AnalysisOptions};
+    use refusal_steer_steer::SteeringVectors;
     use std::collections::{BTreeMap, HashMap};
 
     #[test]
@@ -336,13 +321,20 @@ mod tests {
         // Four points: the embeddings (all rows equal), then three noisy copies of a planted
         // direction with growing separation.
         let (d, n) = (12, 40);
-        let data = isotropic_classes(d, n, 41);
-        let rows = data.classes.len();
+        let rows = 2 * n;
+        // The first n rows sit +1.5 along the first axis, the others -1.5, in uniform noise.
+        let mut rng = StdRng::seed_from_u64(41);
+        let mut direction = vec![0.0f32; d];
+        direction[0] = 1.0;
         let mut values = Vec::new();
         for i in 0..rows {
+            let offset = if i < n { 1.5f32 } else { -1.5 };
+            let x: Vec<f32> = (0..d)
+                .map(|j| rng.gen_range(-1.0..1.0) + if j == 0 { offset } else { 0.0 })
+                .collect();
             values.extend(std::iter::repeat_n(1.0f32, d));
             for scale in [0.2f32, 0.6, 1.0] {
-                values.extend(data.x[i * d..(i + 1) * d].iter().map(|x| x * scale));
+                values.extend(x.iter().map(|v| v * scale));
             }
         }
         let ids: Vec<String> = (0..rows).map(|i| i.to_string()).collect();
@@ -361,7 +353,6 @@ mod tests {
             },
             data: values,
         };
-        let direction: Vec<f32> = data.direction.iter().map(|&x| x as f32).collect();
         let vectors = SteeringVectors::new(
             [
                 vec![0.0; d],
