@@ -402,6 +402,30 @@ fn capture_fit_and_steer_chain_through_files() {
         assert_eq!(unscaled[&id]["answer"], plain[&id]["answer"], "prompt {i}");
     }
     assert_eq!(recipe["0"]["steering"]["gated"], true);
+    // `chat --recipe` answers a message as `generate --recipe` answers the same prompt.
+    let chat = |recipe: &str| {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_refusal-steer"))
+            .args(["--threads", "1", "chat", "--model", &p("tiny.gguf")])
+            .args(["--max-tokens", "5", "--recipe", recipe])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "the theer an 0").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    assert_eq!(
+        chat(&p("r.steer.safetensors")),
+        recipe["0"]["answer"].as_str().unwrap().trim_end()
+    );
     // A recipe replaces the hand flags; giving both is refused.
     let both = refusal_steer(&[
         "generate",

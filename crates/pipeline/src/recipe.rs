@@ -231,15 +231,7 @@ impl Recipe {
     pub fn hooks(&self, model: &Model) -> Result<Hooks> {
         self.check_dims(model)?;
         let mut hooks = model.new_hooks();
-        let mut points: Vec<usize> = self
-            .ablate
-            .iter()
-            .map(|a| a.point)
-            .chain(self.add.iter().map(|a| a.point))
-            .collect();
-        points.sort_unstable();
-        points.dedup();
-        for point in points {
+        for point in self.points() {
             let mut add = |action| {
                 hooks.add(Intervention {
                     point,

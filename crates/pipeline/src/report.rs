@@ -1,5 +1,6 @@
 //! The run's report: `report.md` (tables a researcher can paste), and SVG plots.
 
+use crate::config::RunConfig;
 use crate::evaluate::SetRate;
 use crate::gate::GateMethod;
 use crate::run::{RunFolder, RunReport, Stage, Tuned};
@@ -142,6 +143,7 @@ fn tuning_section(tuned: &[Tuned]) -> String {
 /// Writes report.md and the plots into `out`.
 pub fn write(
     report: &RunReport,
+    config: &RunConfig,
     out: &Path,
     acts: &Activations,
     scores: &HashMap<String, f64>,
@@ -154,7 +156,7 @@ pub fn write(
         report.judge, report.direction
     );
     let _ = writeln!(md, "## Test split\n\n{}", table(report));
-    let _ = writeln!(md, "{}", recommendation(report, out));
+    let _ = writeln!(md, "{}", recommendation(report, config, out));
     let gate_direction = match report.gate_method {
         GateMethod::Md => "mean difference",
         GateMethod::Rmd => "ridge mean difference (whitened by the off-topic prompts' covariance)",
@@ -192,8 +194,9 @@ pub fn write(
     plots(report, out, acts, scores)
 }
 
-/// The recommended method and the command that steers with it.
-fn recommendation(report: &RunReport, out: &Path) -> String {
+/// The recommended method and the command that answers as the run's test did: its recipe,
+/// with the run's decoding.
+fn recommendation(report: &RunReport, config: &RunConfig, out: &Path) -> String {
     let Some(t) = report
         .recommended
         .as_ref()
@@ -201,13 +204,18 @@ fn recommendation(report: &RunReport, out: &Path) -> String {
     else {
         return "Recommended: none (no method kept every limit on validation and changed the target set's refusals there).\n".into();
     };
+    let penalty = match config.repetition_penalty {
+        p if p == 1.0 => String::new(),
+        p => format!(" --repetition-penalty {p}"),
+    };
     format!(
-        "Recommended: `{}` at strength {:+.3}, points {}. To chat with it:\n\n```\nrefusal-steer chat --model {} --recipe {}\n```\n\nEvery method's recipe is in {}; `--recipe-scale` scales a recipe's strengths.\n",
+        "Recommended: `{}` at strength {:+.3}, points {}. To chat with it (greedy, as the test answered):\n\n```\nrefusal-steer chat --model {} --recipe {} --max-tokens {}{penalty}\n```\n\nEvery method's recipe is in {}; `--recipe-scale` scales a recipe's strengths.\n",
         t.method,
         t.strength.unwrap_or(0.0),
         format_points(&t.points),
         report.model,
         RunFolder::at(out).recommended().display(),
+        config.max_tokens,
         RunFolder::at(out).recipes().display(),
     )
 }

@@ -129,7 +129,13 @@ impl Runner<'_> {
         };
         ctx.folder
             .write("report.json", &serde_json::to_string_pretty(&report)?)?;
-        crate::report::write(&report, folder.root(), &acts, &scores.confidence)?;
+        crate::report::write(
+            &report,
+            self.config,
+            folder.root(),
+            &acts,
+            &scores.confidence,
+        )?;
         Ok(report)
     }
 }
