@@ -57,7 +57,7 @@ pub struct SteerArgs {
     /// the others are answered unsteered.
     #[arg(long, requires = "steer")]
     gate: Option<PathBuf>,
-    /// Write the steering these flags describe as a recipe file, for `--recipe` and `serve`.
+    /// Write the steering these flags describe as a recipe file (for `--recipe`).
     #[arg(long, requires = "steer")]
     save_recipe: Option<PathBuf>,
 }
