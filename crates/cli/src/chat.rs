@@ -5,7 +5,7 @@ use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
-use refusal_steer_engine::{generate, Request};
+use refusal_steer_engine::{generate, Flow, Request};
 use refusal_steer_pipeline::answers::encode_with_bos;
 use refusal_steer_pipeline::recipe::hooks_for;
 use refusal_steer_tokenizer::{Message, StreamDecoder};
@@ -75,11 +75,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
         };
         let mut decoder = StreamDecoder::default();
         let mut stdout = std::io::stdout();
-        let out = generate(&model, &[request], &options, hooks, &mut |_, token| {
-            if let Ok(bytes) = model.tokenizer.token_bytes(token, false) {
+        let out = generate(&model, &[request], &options, hooks, &mut |seen| {
+            if let Ok(bytes) = model.tokenizer.token_bytes(seen.token, false) {
                 let _ = write!(stdout, "{}", decoder.push(&bytes));
                 let _ = stdout.flush();
             }
+            Flow::Continue
         })?;
         println!("{}", decoder.finish());
         let answer = model.tokenizer.decode(&out[0].tokens, false)?;

@@ -193,10 +193,14 @@ pub fn run(args: FitArgs) -> Result<()> {
             .insert("protected".into(), format!("{spec}{pcs}"));
     }
     vectors.save(&args.out)?;
+    let recommended = vectors
+        .fit
+        .as_ref()
+        .map(|fit| fit.recommended_points())
+        .unwrap_or_default();
     println!(
-        "wrote {} (recommended points {})",
-        args.out.display(),
-        vectors.metadata["recommended_points"]
+        "wrote {} (recommended points {recommended:?})",
+        args.out.display()
     );
     Ok(())
 }

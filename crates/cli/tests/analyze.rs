@@ -104,9 +104,15 @@ fn capture_fit_and_analyze_write_a_consistent_report() {
 
     // Same method, folds and seed as `fit`: the held-out AUCs agree with the file's metadata.
     let vectors = refusal_steer_steer::SteeringVectors::load(Path::new(&md)).unwrap();
-    let fit_aucs: Vec<f64> =
-        serde_json::from_str(&vectors.metadata["heldout_auc_per_point"]).unwrap();
-    for (point, fit_auc) in points.iter().zip(&fit_aucs).skip(1) {
+    let fit_aucs: Vec<f64> = vectors
+        .fit
+        .unwrap()
+        .heldout_aucs()
+        .into_iter()
+        .map(Option::unwrap)
+        .skip(1)
+        .collect();
+    for (point, fit_auc) in points.iter().skip(1).zip(&fit_aucs) {
         let auc = point["heldout_auc"].as_f64().unwrap();
         assert!((auc - fit_auc).abs() < 1e-9, "{auc} vs {fit_auc}");
         assert!(

@@ -247,8 +247,8 @@ fn capture_fit_and_steer_chain_through_files() {
         )
     );
     // The two prompt families differ, so later points separate them on held-out folds.
-    let aucs: Vec<f64> = serde_json::from_str(&vectors.metadata["heldout_auc_per_point"]).unwrap();
-    assert!(aucs[1..].iter().all(|&a| a > 0.9), "{aucs:?}");
+    let aucs = vectors.fit.as_ref().unwrap().heldout_aucs();
+    assert!(aucs[1..].iter().all(|&a| a.unwrap() > 0.9), "{aucs:?}");
 
     let answer = |alpha: &str, out: &str| {
         let r = refusal_steer(&[

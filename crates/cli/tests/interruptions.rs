@@ -97,8 +97,9 @@ fn assert_same_outputs(interrupted: &Path, reference: &Path) {
             let load = |p: &Path| refusal_steer_steer::SteeringVectors::load(p).unwrap();
             let (a, b) = (load(other), load(path));
             assert_eq!(a.vectors, b.vectors, "{rel} differs");
+            assert_eq!(a.fit, b.fit, "{rel}: the fit metadata differs");
             for (key, value) in &b.metadata {
-                // Paths name the folder; everything else (norms, AUCs, ridge) must match.
+                // Paths name the folder; every other provenance string must match.
                 if !value.contains(reference_root(path, rel)) {
                     assert_eq!(a.metadata.get(key), Some(value), "{rel}: {key} differs");
                 }

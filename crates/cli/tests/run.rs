@@ -168,8 +168,12 @@ fn a_miniature_run_goes_end_to_end_and_resumes_after_an_interruption() {
     let stderr = String::from_utf8_lossy(&third.stderr);
     assert!(third.status.success(), "{stderr}");
     assert!(stderr.contains("refitting and re-tuning"), "{stderr}");
-    let kappa = std::fs::read(out.join("vectors/wrmd.safetensors")).unwrap();
-    assert!(String::from_utf8_lossy(&kappa).contains("Relative(2.0)"));
+    let refitted =
+        refusal_steer_steer::SteeringVectors::load(&out.join("vectors/wrmd.safetensors"));
+    assert_eq!(
+        refitted.unwrap().fit.unwrap().ridge,
+        refusal_steer_steer::Ridge::Relative(2.0)
+    );
     assert_eq!(count_lines(&answers), 12, "baseline answers are kept");
 
     // A different split in the same folder is refused, not mixed in.

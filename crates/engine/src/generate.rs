@@ -61,12 +61,14 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` was reached.
     Length,
+    /// The caller's `on_token` asked to stop (a stop string was written, the client left).
+    Halted,
 }
 
 impl FinishReason {
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Stop => "stop",
+            Self::Stop | Self::Halted => "stop",
             Self::Length => "length",
         }
     }
@@ -154,7 +156,7 @@ pub fn sample(
         }
         pick
     };
-    (chosen as u32, logprobs[chosen])
+    (chosen as u32, logprobs[chosen] as f32)
 }
 
 /// `logits` with every token of `generated` penalised once; None when nothing changes.
@@ -296,14 +298,33 @@ fn common_len(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Generates a continuation for each request in one batch. `on_token(row, token)` sees every
-/// generated token as it is sampled (for streaming).
+/// One generated token, as [`generate`] shows it to its caller.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampled<'a> {
+    pub row: usize,
+    pub token: u32,
+    /// Its log-probability (as in [`Generation::logprobs`]).
+    pub logprob: f32,
+    /// The row's logits it was sampled from, before any penalty (for top log-probabilities).
+    pub logits: &'a [f32],
+}
+
+/// What the caller of [`generate`] wants after seeing a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// End this row after the token ([`FinishReason::Halted`]).
+    Halt,
+}
+
+/// Generates a continuation for each request in one batch. `on_token` sees every generated
+/// token as it is sampled (for streaming) and may end its row.
 pub fn generate(
     model: &Model,
     requests: &[Request],
     options: &GenerateOptions,
     hooks: &mut Hooks,
-    on_token: &mut dyn FnMut(usize, u32),
+    on_token: &mut dyn FnMut(Sampled<'_>) -> Flow,
 ) -> Result<Vec<Generation>> {
     if requests.is_empty() {
         return Ok(Vec::new());
@@ -351,10 +372,19 @@ pub fn generate(
                 active[row] = false;
                 continue;
             }
-            on_token(row, token);
             out[row].tokens.push(token);
             out[row].logprobs.push(logprob);
             next[row] = token;
+            let seen = Sampled {
+                row,
+                token,
+                logprob,
+                logits: &rows[row],
+            };
+            if on_token(seen) == Flow::Halt {
+                out[row].finish = FinishReason::Halted;
+                active[row] = false;
+            }
         }
         if !active.iter().any(|&a| a) || step + 1 == options.max_new_tokens {
             break;
@@ -433,7 +463,7 @@ mod tests {
         let (token, logprob) = sample(&logits, &[0], &s, &mut rng);
         assert_eq!(token, 1);
         // The log-probability is the model's, not the penalised one.
-        assert!((logprob - log_softmax(&logits)[1]).abs() < 1e-6);
+        assert!((f64::from(logprob) - log_softmax(&logits)[1]).abs() < 1e-6);
         // A negative logit is pushed further down, not up towards zero.
         assert_eq!(sample(&[-1.0, -1.05], &[0], &s, &mut rng).0, 1);
         assert_eq!(

@@ -260,8 +260,9 @@ impl Attention {
     }
 }
 
-/// Softmax in f64 then log, for reporting log-probabilities of chosen tokens.
-pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+/// Log-probabilities of `logits`, computed in f64: what generation reports per chosen token and
+/// what the local judge sums over a label's tokens.
+pub fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let log_sum = logits
         .iter()
@@ -269,8 +270,5 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         .sum::<f64>()
         .ln()
         + max;
-    logits
-        .iter()
-        .map(|&l| (l as f64 - log_sum) as f32)
-        .collect()
+    logits.iter().map(|&l| l as f64 - log_sum).collect()
 }

@@ -17,10 +17,11 @@ mod quant;
 pub mod tiny;
 
 pub use generate::{
-    generate, prefill, FinishReason, GenerateOptions, Generation, Padding, Request, Sampling,
-    SharedPrefix,
+    generate, prefill, FinishReason, Flow, GenerateOptions, Generation, Padding, Request, Sampled,
+    Sampling, SharedPrefix,
 };
 pub use hooks::{Action, Captured, Hooks, Intervention, Positions, Rows};
+pub use layers::log_softmax;
 pub use model::{Architecture, Config, Logits, Model};
 
 use std::path::PathBuf;

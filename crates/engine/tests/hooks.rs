@@ -2,8 +2,8 @@
 //! exactly what they are told to and nothing else, and that batching changes nothing.
 
 use refusal_steer_engine::{
-    generate, prefill, tiny, Action, GenerateOptions, Intervention, Logits, Model, Padding,
-    Positions, Request, Rows, Sampling, SharedPrefix,
+    generate, prefill, tiny, Action, FinishReason, Flow, GenerateOptions, Intervention, Logits,
+    Model, Padding, Positions, Request, Rows, Sampling, SharedPrefix,
 };
 
 fn model() -> (tempfile::TempDir, Model) {
@@ -247,7 +247,7 @@ fn batched_generation_equals_one_at_a_time() {
                 &requests,
                 &options,
                 &mut model.new_hooks(),
-                &mut |_, _| {},
+                &mut |_| Flow::Continue,
             )
             .unwrap();
             for (r, request) in requests.iter().enumerate() {
@@ -256,7 +256,7 @@ fn batched_generation_equals_one_at_a_time() {
                     std::slice::from_ref(request),
                     &options,
                     &mut model.new_hooks(),
-                    &mut |_, _| {},
+                    &mut |_| Flow::Continue,
                 )
                 .unwrap();
                 assert_eq!(
@@ -311,6 +311,48 @@ fn bad_interventions_are_rejected_with_reasons() {
 }
 
 #[test]
+fn halting_a_row_ends_it_and_leaves_the_others_alone() {
+    let (_d, model) = model();
+    let options = GenerateOptions {
+        max_new_tokens: 10,
+        sampling: Sampling::GREEDY,
+        padding: Padding::Left,
+    };
+    let requests: Vec<Request> = PROMPTS[..2]
+        .iter()
+        .map(|p| Request {
+            prompt: model.tokenizer.encode(p, false, true),
+            seed: 0,
+        })
+        .collect();
+    let run = |on_token: &mut dyn FnMut(refusal_steer_engine::Sampled<'_>) -> Flow| {
+        generate(
+            &model,
+            &requests,
+            &options,
+            &mut model.new_hooks(),
+            on_token,
+        )
+        .unwrap()
+    };
+    let free = run(&mut |_| Flow::Continue);
+    let mut seen = [0usize; 2];
+    let halted = run(&mut |s| {
+        seen[s.row] += 1;
+        assert_eq!(s.logits.len(), model.config.vocab_size);
+        if s.row == 0 && seen[0] == 3 {
+            Flow::Halt
+        } else {
+            Flow::Continue
+        }
+    });
+    assert_eq!(halted[0].tokens, free[0].tokens[..3]);
+    assert_eq!(halted[0].finish, FinishReason::Halted);
+    assert_eq!(halted[1], free[1]);
+    assert_eq!(seen, [3, free[1].tokens.len()]);
+}
+
+#[test]
 fn context_overflow_is_a_clear_error() {
     let (_d, model) = model();
     let options = GenerateOptions {
@@ -327,7 +369,7 @@ fn context_overflow_is_a_clear_error() {
         &[request],
         &options,
         &mut model.new_hooks(),
-        &mut |_, _| {},
+        &mut |_| Flow::Continue,
     )
     .unwrap_err()
     .to_string();

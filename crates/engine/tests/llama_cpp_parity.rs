@@ -14,7 +14,9 @@
 //! same build and file): how stable the reference's own greedy path is under a change of
 //! summation order.
 
-use refusal_steer_engine::{generate, GenerateOptions, Logits, Model, Padding, Request, Sampling};
+use refusal_steer_engine::{
+    generate, Flow, GenerateOptions, Logits, Model, Padding, Request, Sampling,
+};
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -137,7 +139,7 @@ fn check(model_name: &str, family: &str) {
             }],
             &options,
             &mut model.new_hooks(),
-            &mut |_, _| {},
+            &mut |_| Flow::Continue,
         )
         .unwrap();
         let mut ours = out[0].tokens.clone();

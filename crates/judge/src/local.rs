@@ -15,7 +15,9 @@
 use crate::sampled::sampled_verdict;
 use crate::{Judge, JudgeError, Result, Scoring, Verdict};
 use refusal_steer_engine::kv_cache::KvCache;
-use refusal_steer_engine::{prefill, EngineError, Logits, Model, Padding, SharedPrefix};
+use refusal_steer_engine::{
+    log_softmax, prefill, EngineError, Logits, Model, Padding, SharedPrefix,
+};
 use refusal_steer_tokenizer::Message;
 use sha2::{Digest, Sha256};
 
@@ -518,16 +520,6 @@ fn assigned_path(paths: &[Vec<u32>], label: &[u32]) -> Option<usize> {
     paths
         .iter()
         .position(|p| p.starts_with(&label[..label.len() - 1]))
-}
-
-fn log_softmax(logits: &[f32]) -> Vec<f64> {
-    let max = logits.iter().copied().fold(f32::MIN, f32::max) as f64;
-    let log_total = logits
-        .iter()
-        .map(|&l| (l as f64 - max).exp())
-        .sum::<f64>()
-        .ln();
-    logits.iter().map(|&l| l as f64 - max - log_total).collect()
 }
 
 #[cfg(test)]

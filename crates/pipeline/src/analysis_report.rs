@@ -363,8 +363,25 @@ mod tests {
             .concat(),
             4,
             d,
-            BTreeMap::from([("method".to_string(), "rmd".to_string())]),
+            BTreeMap::new(),
         )
+        .unwrap()
+        .with_fit(refusal_steer_steer::FitMetadata {
+            method: refusal_steer_steer::Method::Rmd,
+            ridge: refusal_steer_steer::Ridge::Relative(1.0),
+            n_refusal: n,
+            n_compliance: n,
+            points: vec![
+                refusal_steer_steer::PointFit {
+                    norm: 1.0,
+                    residual_norm: 1.0,
+                    lambda: None,
+                    heldout_auc: None,
+                    protected: None,
+                };
+                4
+            ],
+        })
         .unwrap();
         let analysis = analyze(
             &acts,

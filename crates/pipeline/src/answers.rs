@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{generate, GenerateOptions, Hooks, Model, Request, SharedPrefix};
+use refusal_steer_engine::{generate, Flow, GenerateOptions, Hooks, Model, Request, SharedPrefix};
 use std::collections::HashSet;
 
 /// How a prompt becomes the model's input text.
@@ -118,7 +118,9 @@ pub fn answer(
                 seed: answer_seed(job.seed, &job.prompts[*i].id, *sample),
             })
             .collect();
-        let outputs = generate(model, &requests, job.options, hooks, &mut |_, _| {})?;
+        let outputs = generate(model, &requests, job.options, hooks, &mut |_| {
+            Flow::Continue
+        })?;
         for ((i, sample, _), out) in batch.iter().zip(outputs) {
             let p = &job.prompts[*i];
             sink(Answer {

@@ -4,9 +4,11 @@
 
 use anyhow::{Context, Result};
 use refusal_steer_data::activations::Activations;
-use refusal_steer_steer::protect::{cosine, principal_directions, project_out_span};
+use refusal_steer_steer::linalg::{cosine, norm};
+use refusal_steer_steer::protect::{principal_directions, project_out_span};
 use refusal_steer_steer::{
-    fit, k_fold_auc, Class, FitError, Method, Ridge, Samples, SteeringVectors,
+    fit, k_fold_auc, Class, FitError, FitMetadata, Method, PointFit, Protection, Ridge, Samples,
+    SteeringVectors,
 };
 use std::collections::BTreeMap;
 
@@ -88,8 +90,8 @@ pub fn principal_directions_per_point(
 }
 
 /// Fits every point. The span of the `protect` directions (each `[n_points * d]`, e.g. from
-/// [`mean_difference`]) is removed from each point's vector; the metadata records the cosine
-/// with the first protected direction and how much of the vector survived.
+/// [`mean_difference`]) is removed from each point's vector; the fit metadata records the
+/// cosine with the first protected direction and how much of the vector survived.
 pub fn fit_points(
     acts: &Activations,
     c: &[Option<f64>],
@@ -111,28 +113,16 @@ pub fn fit_points(
         .filter(|&i| classes[i] != Class::Unused)
         .collect();
     let mut vectors = vec![0f32; h.n_points * h.d];
-    let mut norms = Vec::new();
-    let mut aucs = Vec::new();
-    let mut lambdas = Vec::new();
-    let mut residual_norms = Vec::new();
-    let mut protected_cosines = Vec::new();
-    let mut surviving = Vec::new();
+    let mut points = Vec::with_capacity(h.n_points);
     for point in 0..h.n_points {
         let x = acts.at_point(point);
         let d = h.d;
         // The typical size of the residual stream here: what a norm-scaled strength is relative to.
         let scale = used
             .iter()
-            .map(|&i| {
-                x[i * d..(i + 1) * d]
-                    .iter()
-                    .map(|&v| f64::from(v).powi(2))
-                    .sum::<f64>()
-                    .sqrt()
-            })
+            .map(|&i| norm(&x[i * d..(i + 1) * d]))
             .sum::<f64>()
             / used.len().max(1) as f64;
-        residual_norms.push(scale);
         let samples = Samples::new(&x, d, &classes, &weights)?;
         let fitted = match fit(&samples, options.method, options.ridge) {
             Ok(f) => f,
@@ -142,24 +132,29 @@ pub fn fit_points(
                 log(format!(
                     "point {point:>3}: compliant activations are all equal; zero vector"
                 ));
-                norms.push(0.0);
-                lambdas.push(None);
-                aucs.push(None);
-                protected_cosines.push(0.0);
-                surviving.push(0.0);
+                points.push(PointFit {
+                    norm: 0.0,
+                    residual_norm: scale,
+                    lambda: None,
+                    heldout_auc: None,
+                    protected: None,
+                });
                 continue;
             }
             Err(e) => return Err(e).with_context(|| format!("fitting point {point}")),
         };
         let mut v = fitted.vector;
+        let mut protected = None;
         if !protect.is_empty() {
             let dirs: Vec<&[f32]> = protect
                 .iter()
                 .map(|p| &p[point * d..(point + 1) * d])
                 .collect();
-            protected_cosines.push(cosine(&v, dirs[0]));
             let kept = project_out_span(&v, &dirs);
-            surviving.push(norm(&kept) / norm(&v).max(f64::MIN_POSITIVE));
+            protected = Some(Protection {
+                cosine: cosine(&v, dirs[0]).unwrap_or(0.0),
+                surviving_fraction: norm(&kept) / norm(&v).max(f64::MIN_POSITIVE),
+            });
             v = kept;
         }
         // A fold can be too small to fit (e.g. one compliant row has no spread for a relative
@@ -183,71 +178,28 @@ pub fn fit_points(
             auc.map_or("-".into(), |a| format!("{a:.3}"))
         ));
         vectors[point * d..(point + 1) * d].copy_from_slice(&v);
-        norms.push(norm(&v));
-        lambdas.push(fitted.report.lambda);
-        aucs.push(auc);
+        points.push(PointFit {
+            norm: norm(&v),
+            residual_norm: scale,
+            lambda: fitted.report.lambda,
+            heldout_auc: auc,
+            protected,
+        });
     }
-    // Recommend the points that separate best on held-out prompts: within 0.02 of the best.
-    let best = aucs.iter().flatten().copied().fold(f64::MIN, f64::max);
-    let recommended: Vec<usize> = (1..h.n_points)
-        .filter(|&p| aucs[p].is_some_and(|a| a >= best - 0.02))
-        .collect();
-    let mut metadata = BTreeMap::from([
-        ("method".to_string(), options.method.to_string()),
-        ("ridge".to_string(), format!("{:?}", options.ridge)),
-        ("lambda_per_point".to_string(), json(&lambdas)),
-        ("norm_per_point".to_string(), json(&norms)),
-        ("residual_norm_per_point".to_string(), json(&residual_norms)),
-        ("heldout_auc_per_point".to_string(), json(&aucs)),
-        ("recommended_points".to_string(), json(&recommended)),
-        ("n_refusal".to_string(), count(Class::Refusal).to_string()),
-        (
-            "n_compliance".to_string(),
-            count(Class::Compliance).to_string(),
-        ),
-        (
-            "sign".to_string(),
-            "compliance -> refusal: negative alpha removes refusals".to_string(),
-        ),
-    ]);
-    if !protect.is_empty() {
-        metadata.insert(
-            "protected_cosine_per_point".into(),
-            json(&protected_cosines),
-        );
-        metadata.insert("surviving_fraction_per_point".into(), json(&surviving));
-    }
+    let fit = FitMetadata {
+        method: options.method,
+        ridge: options.ridge,
+        n_refusal: count(Class::Refusal),
+        n_compliance: count(Class::Compliance),
+        points,
+    };
+    let mut provenance = BTreeMap::new();
     for key in ["model", "model_sha256", "position", "format"] {
         if let Some(v) = h.metadata.get(key) {
-            metadata.insert(key.to_string(), v.clone());
+            provenance.insert(key.to_string(), v.clone());
         }
     }
-    Ok(SteeringVectors::new(vectors, h.n_points, h.d, metadata)?)
-}
-
-fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
-}
-
-/// Metadata values are JSON text.
-fn json<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).expect("lists of numbers serialise")
-}
-
-/// A per-point list stored as JSON in a vector file's metadata (norms, residual norms, AUCs).
-pub fn metadata_list(vectors: &SteeringVectors, key: &str) -> Result<Vec<f64>> {
-    let text = vectors.metadata.get(key).with_context(|| {
-        format!("the steering-vector file has no \"{key}\" metadata; refit it with this version")
-    })?;
-    let values: Vec<Option<f64>> = serde_json::from_str(text)
-        .with_context(|| format!("metadata \"{key}\" is not a list of numbers"))?;
-    anyhow::ensure!(
-        values.len() == vectors.n_points,
-        "metadata \"{key}\" has {} values for {} points",
-        values.len(),
-        vectors.n_points
-    );
-    Ok(values.into_iter().map(|v| v.unwrap_or(0.0)).collect())
+    Ok(SteeringVectors::new(vectors, h.n_points, h.d, provenance)?.with_fit(fit)?)
 }
 
 #[cfg(test)]
@@ -306,7 +258,7 @@ pub(crate) mod tests {
         assert_eq!(found.len(), 3);
         let at = |v: &[f32], point: usize| v[point * d..(point + 1) * d].to_vec();
         // Point 2: the shift dominates the offsets, so it is the first direction.
-        assert!(cosine(&at(&found[0], 2), &dir).abs() > 0.95);
+        assert!(cosine(&at(&found[0], 2), &dir).unwrap().abs() > 0.95);
         for direction in &found {
             assert!((norm(&at(direction, 2)) - 1.0).abs() < 1e-5);
             // Point 0 is the same for every row: no spread, nothing to protect.
@@ -333,10 +285,12 @@ pub(crate) mod tests {
         };
         let v = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap();
         let at2 = v.point(2).unwrap();
-        assert!(cosine(at2, &dir) > 0.95, "cos {}", cosine(at2, &dir));
-        let auc = metadata_list(&v, "heldout_auc_per_point").unwrap();
-        assert!(auc[2] > 0.95 && auc[1] < 0.8, "{auc:?}");
-        assert_eq!(v.metadata["recommended_points"], "[2]");
+        let cos = cosine(at2, &dir).unwrap();
+        assert!(cos > 0.95, "cos {cos}");
+        let fitted = v.fit.as_ref().unwrap();
+        let auc = fitted.heldout_aucs();
+        assert!(auc[2].unwrap() > 0.95 && auc[1].unwrap() < 0.8, "{auc:?}");
+        assert_eq!(fitted.recommended_points(), vec![2]);
         // A linear "refusal" classifier at point 2: projection on the direction above the
         // midpoint. Adding -1 * v (the fitted mean difference) to a refused row flips it.
         let x = acts.at_point(2);
@@ -348,14 +302,11 @@ pub(crate) mod tests {
         // Protecting the same direction leaves nothing of it.
         let protect: Vec<f32> = (0..3).flat_map(|_| dir.clone()).collect();
         let p = fit_points(&acts, &c, &options, &[&protect], &mut |_| {}).unwrap();
-        assert!(cosine(p.point(2).unwrap(), &dir).abs() < 1e-6);
-        let surviving = metadata_list(&p, "surviving_fraction_per_point").unwrap();
-        assert!(surviving[2] < 0.5, "{surviving:?}");
+        assert!(cosine(p.point(2).unwrap(), &dir).unwrap().abs() < 1e-6);
+        let surviving = p.fit.as_ref().unwrap().points[2].protected.unwrap();
+        assert!(surviving.surviving_fraction < 0.5, "{surviving:?}");
         // The residual scale that norm-scaled strengths use is recorded per point.
-        assert_eq!(
-            metadata_list(&v, "residual_norm_per_point").unwrap().len(),
-            3
-        );
+        assert!(fitted.points.iter().all(|p| p.residual_norm > 0.0));
     }
 
     #[test]

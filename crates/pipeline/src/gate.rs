@@ -12,6 +12,7 @@ use refusal_steer_data::Prompt;
 use refusal_steer_engine::{
     prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows,
 };
+use refusal_steer_steer::linalg::{dot, norm};
 use refusal_steer_steer::{fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -64,13 +65,6 @@ pub struct Gate {
     pub heldout_accuracy: f64,
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(&x, &y)| f64::from(x) * f64::from(y))
-        .sum()
-}
-
 impl Gate {
     /// Fits the gate on train activations: `on_topic[i]` says whether row i is on the topic
     /// (None: left out). `ridge` is used by [`GateMethod::Rmd`].
@@ -117,7 +111,7 @@ impl Gate {
         let x = acts.at_point(point);
         let samples = Samples::new(&x, d, &classes, &weights)?;
         let v = fit(&samples, method.method(), ridge)?.vector;
-        let norm = dot(&v, &v).sqrt().max(f64::MIN_POSITIVE);
+        let norm = norm(&v).max(f64::MIN_POSITIVE);
         let direction: Vec<f32> = v.iter().map(|&x| (f64::from(x) / norm) as f32).collect();
         // The midpoint between the two groups' mean projections.
         let mean_of = |class: Class| {

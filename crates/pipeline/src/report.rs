@@ -10,6 +10,7 @@ use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Answer;
 use refusal_steer_judge::{PromptClass, Thresholds};
 use refusal_steer_plot::{self as plot, Chart, Series};
+use refusal_steer_steer::linalg::{self, RankScale};
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::path::Path;
@@ -205,7 +206,7 @@ fn recommendation(report: &RunReport, config: &RunConfig, out: &Path) -> String 
         return "Recommended: none (no method kept every limit on validation and changed the target set's refusals there).\n".into();
     };
     let penalty = match config.repetition_penalty {
-        p if p == 1.0 => String::new(),
+        1.0 => String::new(),
         p => format!(" --repetition-penalty {p}"),
     };
     format!(
@@ -315,7 +316,7 @@ fn plots(
                 .iter()
                 .enumerate()
                 .skip(1)
-                .map(|(p, &a)| (p as f64, a))
+                .filter_map(|(p, &a)| Some((p as f64, a?)))
                 .collect(),
         })
         .collect();
@@ -347,9 +348,14 @@ fn plots(
     let best = report
         .heldout_auc
         .get("wrmd")
-        .and_then(|auc| (1..auc.len()).max_by(|&a, &b| auc[a].total_cmp(&auc[b])))
+        .and_then(|auc| {
+            (1..auc.len())
+                .filter_map(|p| Some((p, auc[p]?)))
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(p, _)| p)
+        })
         .unwrap_or(acts.header.n_points - 1);
-    let coords = top_two_components(&acts.at_point(best), acts.header.d);
+    let coords = top_two_components(&acts.at_point(best), acts.header.d)?;
     let mut by_class: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
     for (i, id) in acts.header.ids.iter().enumerate() {
         let role = acts.header.sets[i].clone().unwrap_or_default();
@@ -373,61 +379,20 @@ fn plots(
     Ok(())
 }
 
-/// Coordinates of each row on the first two principal components (power iteration on the
-/// n×n Gram matrix of the centred rows: n is small, d is not).
-fn top_two_components(x: &[f32], d: usize) -> Vec<(f64, f64)> {
-    let n = x.len() / d;
-    let mut mean = vec![0f64; d];
-    for row in x.chunks_exact(d) {
-        mean.iter_mut()
-            .zip(row)
-            .for_each(|(m, &v)| *m += f64::from(v) / n as f64);
-    }
-    let centred: Vec<Vec<f64>> = x
-        .chunks_exact(d)
-        .map(|row| {
-            row.iter()
-                .zip(&mean)
-                .map(|(&v, m)| f64::from(v) - m)
-                .collect()
+/// Coordinates of each row on the first two principal components of the centred rows (0 on
+/// a component the rows do not have).
+fn top_two_components(x: &[f32], d: usize) -> Result<Vec<(f64, f64)>> {
+    let rows: Vec<usize> = (0..x.len() / d).collect();
+    let mean = linalg::mean_of_rows(x, d, &rows);
+    let centred = linalg::offsets(x, d, &rows, &mean);
+    let found = linalg::principal_axes(centred.as_ref(), RankScale::Largest)
+        .map_err(|e| anyhow::anyhow!("the chart's principal components: {e}"))?;
+    let score = |row: usize, k: usize| {
+        found.axes.get(k).map_or(0.0, |axis| {
+            (0..d).map(|j| centred[(row, j)] * axis[j]).sum()
         })
-        .collect();
-    let mut gram = vec![vec![0f64; n]; n];
-    for i in 0..n {
-        for j in 0..=i {
-            let g: f64 = centred[i].iter().zip(&centred[j]).map(|(a, b)| a * b).sum();
-            gram[i][j] = g;
-            gram[j][i] = g;
-        }
-    }
-    // Eigenvectors u of the Gram matrix give the scores directly: sqrt(lambda) * u.
-    let mut components: Vec<(f64, Vec<f64>)> = Vec::new();
-    for _ in 0..2 {
-        let mut u: Vec<f64> = (0..n).map(|i| 1.0 + (i as f64 * 0.618).sin()).collect();
-        let mut lambda = 0.0;
-        for _ in 0..200 {
-            let mut w: Vec<f64> = (0..n)
-                .map(|i| gram[i].iter().zip(&u).map(|(g, x)| g * x).sum())
-                .collect();
-            for (_, c) in &components {
-                let dot: f64 = w.iter().zip(c).map(|(a, b)| a * b).sum();
-                w.iter_mut().zip(c).for_each(|(a, b)| *a -= dot * b);
-            }
-            let norm = w.iter().map(|v| v * v).sum::<f64>().sqrt();
-            if norm == 0.0 {
-                break;
-            }
-            lambda = norm;
-            u = w.into_iter().map(|v| v / norm).collect();
-        }
-        components.push((lambda, u));
-    }
-    (0..n)
-        .map(|i| {
-            let s = |k: usize| components[k].0.sqrt() * components[k].1[i];
-            (s(0), s(1))
-        })
-        .collect()
+    };
+    Ok(rows.iter().map(|&r| (score(r, 0), score(r, 1))).collect())
 }
 
 #[cfg(test)]
@@ -450,7 +415,7 @@ mod tests {
         let x: Vec<f32> = (0..10)
             .flat_map(|i| [i as f32, if i % 2 == 0 { 0.1 } else { -0.1 }, 0.0])
             .collect();
-        let c = top_two_components(&x, 3);
+        let c = top_two_components(&x, 3).unwrap();
         let spread = |k: usize| {
             c.iter()
                 .map(|p| if k == 0 { p.0 } else { p.1 }.powi(2))

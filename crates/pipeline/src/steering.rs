@@ -3,9 +3,9 @@
 //! Sign convention: a vector points from compliance to refusal (refusal mean minus compliance
 //! mean), so a negative strength removes refusals and a positive one induces them.
 
-use crate::fitting::metadata_list;
 use anyhow::{bail, Result};
 use refusal_steer_engine::Positions;
+use refusal_steer_steer::linalg::norm;
 use refusal_steer_steer::SteeringVectors;
 use serde::{Deserialize, Serialize};
 
@@ -67,13 +67,16 @@ pub fn point_alphas(
     Ok(match profile {
         AlphaProfile::Uniform => vec![alpha; vectors.n_points],
         AlphaProfile::NormScaled => {
-            let residual = metadata_list(vectors, "residual_norm_per_point")?;
+            let fit = vectors.require_fit(
+                "residual norms for a norm-scaled strength",
+                "use --alpha-profile uniform",
+            )?;
             (0..vectors.n_points)
                 .map(|p| {
                     let v = vectors.point(p).expect("p < n_points");
-                    let norm = v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt();
+                    let norm = norm(v);
                     if norm > 0.0 {
-                        alpha * residual[p] / norm
+                        alpha * fit.points[p].residual_norm / norm
                     } else {
                         0.0
                     }
@@ -159,6 +162,7 @@ pub fn format_points(points: &[usize]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use refusal_steer_steer::{FitMetadata, Method, PointFit, Ridge};
     use std::collections::BTreeMap;
 
     #[test]
@@ -181,12 +185,25 @@ mod tests {
     }
 
     fn vectors() -> SteeringVectors {
-        let metadata = BTreeMap::from([(
-            "residual_norm_per_point".to_string(),
-            "[10.0, 100.0, 50.0]".to_string(),
-        )]);
+        let point = |norm, residual_norm| PointFit {
+            norm,
+            residual_norm,
+            lambda: None,
+            heldout_auc: None,
+            protected: None,
+        };
+        let fit = FitMetadata {
+            method: Method::Md,
+            ridge: Ridge::Relative(1.0),
+            n_refusal: 1,
+            n_compliance: 1,
+            points: vec![point(0.0, 10.0), point(2.0, 100.0), point(5.0, 50.0)],
+        };
         // Norms 0, 2 and 5.
-        SteeringVectors::new(vec![0.0, 0.0, 2.0, 0.0, 3.0, 4.0], 3, 2, metadata).unwrap()
+        SteeringVectors::new(vec![0.0, 0.0, 2.0, 0.0, 3.0, 4.0], 3, 2, BTreeMap::new())
+            .unwrap()
+            .with_fit(fit)
+            .unwrap()
     }
 
     #[test]

@@ -3,14 +3,16 @@
 //! All methods point from compliance to refusal: adding `+alpha * v` pushes toward refusing.
 //! Linear algebra runs in f64; the result is returned as f32 like the activations.
 
-mod linalg;
 mod samples;
 
 use std::fmt;
 use std::str::FromStr;
 
 use faer::Mat;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::linalg;
 
 pub use samples::Samples;
 
@@ -34,7 +36,8 @@ impl fmt::Display for Class {
 }
 
 /// How the direction is estimated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Method {
     /// Difference of means: `mean_R(x) - mean_C(x)`.
     Md,
@@ -80,7 +83,8 @@ impl FromStr for Method {
 }
 
 /// The ridge `λ` of RMD and WRMD. MD and PCA ignore it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Ridge {
     /// `λ = κ · trace(Σ_C) / d`: the same κ means the same amount of shrinkage at every
     /// layer, whatever the layer's activation scale.
@@ -137,9 +141,7 @@ pub enum FitError {
     NoSpread,
     #[error("the ridge system is not numerically positive definite at lambda = {lambda:e}; raise kappa (or the absolute lambda)")]
     Factorization { lambda: f64 },
-    #[error(
-        "the eigendecomposition for PCA did not converge; check the activations for extreme values"
-    )]
+    #[error("the SVD for PCA did not converge; check the activations for extreme values")]
     Eigen,
     #[error("unknown method {0:?}; expected one of md, rmd, wrmd, pca")]
     UnknownMethod(String),
@@ -321,7 +323,9 @@ impl Groups<'_, '_> {
                 }
             })
         };
-        let mut v = linalg::top_right_singular_vector(diffs_t.transpose())?;
+        let axes = linalg::principal_axes(diffs_t.transpose(), linalg::RankScale::Largest)
+            .map_err(|_| FitError::Eigen)?;
+        let mut v = axes.axes.into_iter().next().unwrap_or_else(|| vec![0.0; d]);
         let md = difference(&mu_r, &mu_c);
         if v.iter().zip(&md).map(|(a, b)| a * b).sum::<f64>() < 0.0 {
             v.iter_mut().for_each(|x| *x = -*x);

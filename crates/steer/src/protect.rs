@@ -2,7 +2,7 @@
 //! behaviour must not move (e.g. the harmful-request refusal direction), so steering the target
 //! topic leaves that behaviour alone.
 
-use faer::Mat;
+use crate::linalg;
 
 /// An orthonormal basis (Gram-Schmidt, in f64) of the span of `directions`; zero or
 /// (numerically) dependent directions add nothing.
@@ -54,55 +54,31 @@ pub fn principal_directions(
             b.len()
         ));
     }
-    let row = |i: usize| &x[i * d..(i + 1) * d];
-    let mut mean_b = vec![0f64; d];
-    for &i in b {
-        for (m, &v) in mean_b.iter_mut().zip(row(i)) {
-            *m += f64::from(v) / b.len() as f64;
-        }
-    }
-    let offsets = Mat::from_fn(a.len(), d, |r, j| f64::from(row(a[r])[j]) - mean_b[j]);
-    let svd = offsets
-        .thin_svd()
-        .map_err(|e| format!("the SVD of the protected offsets did not converge ({e:?})"))?;
-    let singular = svd.S().column_vector();
-    // numpy's matrix_rank tolerance, taken relative to the rows themselves rather than to the
-    // offsets: offsets that are rounding noise of the rows (rows that all agree) are no direction.
+    let mean_b = linalg::mean_of_rows(x, d, b);
+    // The rank tolerance is taken relative to the rows themselves rather than to the offsets:
+    // offsets that are rounding noise of the rows (rows that all agree) are no direction.
     let scale = a
         .iter()
-        .map(|&i| row(i).iter().map(|&v| f64::from(v).powi(2)).sum::<f64>())
+        .map(|&i| linalg::norm(&x[i * d..(i + 1) * d]).powi(2))
         .sum::<f64>()
         .sqrt();
-    let tolerance = scale * a.len().max(d) as f64 * f64::EPSILON;
-    Ok((0..k.min(singular.nrows()))
-        .take_while(|&j| singular[j] > tolerance)
-        .map(|j| svd.V().col(j).iter().map(|&v| v as f32).collect())
+    let found = linalg::principal_axes(
+        linalg::offsets(x, d, a, &mean_b).as_ref(),
+        linalg::RankScale::Given(scale),
+    )
+    .map_err(|e| format!("the protected offsets: {e}"))?;
+    Ok(found
+        .axes
+        .into_iter()
+        .take(k)
+        .map(|axis| axis.into_iter().map(|v| v as f32).collect())
         .collect())
-}
-
-/// Cosine similarity (0 when either vector is zero).
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(x), f64::from(y));
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        0.0
-    } else {
-        ab / (aa.sqrt() * bb.sqrt())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn norm(v: &[f32]) -> f64 {
-        v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>().sqrt()
-    }
+    use crate::linalg::{cosine, norm};
 
     #[test]
     fn the_result_is_orthogonal_to_every_protected_direction() {
@@ -110,8 +86,8 @@ mod tests {
         let p1 = [1.0, 1.0, 0.0, 0.0];
         let p2 = [1.0, 0.0, 1.0, 0.0];
         let out = project_out_span(&v, &[&p1, &p2]);
-        assert!(cosine(&out, &p1).abs() < 1e-6);
-        assert!(cosine(&out, &p2).abs() < 1e-6);
+        assert!(cosine(&out, &p1).unwrap().abs() < 1e-6);
+        assert!(cosine(&out, &p2).unwrap().abs() < 1e-6);
         // What is orthogonal to both protected directions is untouched.
         let free = [1.0, -1.0, -1.0, 0.0];
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
@@ -148,12 +124,5 @@ mod tests {
         assert_eq!(once, again);
         assert_eq!(once, vec![1.0, 0.0, 3.0]);
         assert!((norm(&project_out_span(&v, &[])) - norm(&v)).abs() < 1e-9);
-    }
-
-    #[test]
-    fn cosine_of_parallel_opposite_and_zero_vectors() {
-        assert!((cosine(&[1.0, 2.0], &[2.0, 4.0]) - 1.0).abs() < 1e-12);
-        assert!((cosine(&[1.0, 2.0], &[-1.0, -2.0]) + 1.0).abs() < 1e-12);
-        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
     }
 }

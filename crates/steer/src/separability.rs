@@ -4,6 +4,7 @@
 use thiserror::Error;
 
 use crate::fit::{fit_rows, Class, FitError, Method, Ridge, Samples};
+use crate::linalg::{dot, norm};
 use crate::rng::SplitMix64;
 
 #[derive(Debug, Error)]
@@ -50,20 +51,13 @@ pub fn projections(samples: &Samples<'_>, v: &[f32]) -> Result<Vec<f64>, Separab
             d: samples.dim(),
         });
     }
-    let norm = v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    let norm = norm(v);
     if !(norm.is_finite() && norm > 0.0) {
         return Err(SeparabilityError::DegenerateVector);
     }
     Ok((0..samples.n_rows())
-        .map(|i| project(samples.row(i), v) / norm)
+        .map(|i| dot(samples.row(i), v) / norm)
         .collect())
-}
-
-fn project(row: &[f32], v: &[f32]) -> f64 {
-    row.iter()
-        .zip(v)
-        .map(|(&x, &w)| f64::from(x) * f64::from(w))
-        .sum()
 }
 
 /// Area under the ROC curve of `projections` for Refusal (positive) against Compliance rows:
@@ -168,6 +162,17 @@ fn check_finite(what: &'static str, values: &[f64]) -> Result<(), SeparabilityEr
     }
 }
 
+/// The points from `first` on whose held-out AUC is within `margin` of the best among them, in
+/// point order: the one rule for which points to steer or report as best.
+pub fn best_points(heldout_auc: &[Option<f64>], first: usize, margin: f64) -> Vec<usize> {
+    let candidates = || (first..heldout_auc.len()).filter_map(|p| Some((p, heldout_auc[p]?)));
+    let best = candidates().map(|(_, auc)| auc).fold(f64::MIN, f64::max);
+    candidates()
+        .filter(|&(_, auc)| auc >= best - margin)
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// Held-out separability over `k` folds (means over folds).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HeldOut {
@@ -238,7 +243,7 @@ pub fn k_fold_heldout(
         let projected = |class, keep: &dyn Fn(usize) -> bool| -> Vec<f64> {
             rows_where(class, keep)
                 .into_iter()
-                .map(|i| project(samples.row(i), &fitted.vector))
+                .map(|i| dot(samples.row(i), &fitted.vector))
                 .collect()
         };
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
@@ -268,6 +273,15 @@ mod tests {
 
     const R: Class = Class::Refusal;
     const C: Class = Class::Compliance;
+
+    #[test]
+    fn best_points_start_where_asked_skip_missing_and_keep_the_margin() {
+        let auc = [Some(1.0), Some(0.8), None, Some(0.9), Some(0.88), Some(0.7)];
+        assert_eq!(best_points(&auc, 1, 0.02), vec![3, 4]);
+        assert_eq!(best_points(&auc, 0, 0.02), vec![0]);
+        assert_eq!(best_points(&auc, 4, 0.2), vec![4, 5]);
+        assert!(best_points(&[None, None], 0, 0.1).is_empty());
+    }
 
     #[test]
     fn auc_hand_cases() {

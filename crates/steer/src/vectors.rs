@@ -1,10 +1,15 @@
 //! The steering-vector file: one vector per residual-stream point, as safetensors.
 //!
-//! One F32 tensor named `vectors` of shape `[n_points, d]`; free-form string metadata (method,
-//! κ, model, ...) lives in the safetensors header's `__metadata__`. Point 0 is the embeddings,
-//! point `p >= 1` the output of block `p - 1` (llama.cpp's `direction.N` is our point `N + 1`).
+//! One F32 tensor named `vectors` of shape `[n_points, d]`. The safetensors header's
+//! `__metadata__` holds where the activations came from (model, model_sha256, position,
+//! format: strings, as the activations file gives them) and, under `fit`, the typed
+//! [`FitMetadata`] as JSON. Point 0 is the embeddings, point `p >= 1` the output of block
+//! `p - 1` (llama.cpp's `direction.N` is our point `N + 1`). The vectors point from compliance
+//! to refusal: a negative strength removes refusals.
 
 use std::collections::{BTreeMap, HashMap};
+
+use crate::fit_metadata::FitMetadata;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
@@ -12,6 +17,21 @@ use safetensors::{Dtype, SafeTensors};
 use thiserror::Error;
 
 const TENSOR_NAME: &str = "vectors";
+const FIT_KEY: &str = "fit";
+const LEGACY_FIT_KEYS: [&str; 12] = [
+    "method",
+    "ridge",
+    "lambda_per_point",
+    "norm_per_point",
+    "residual_norm_per_point",
+    "heldout_auc_per_point",
+    "recommended_points",
+    "n_refusal",
+    "n_compliance",
+    "sign",
+    "protected_cosine_per_point",
+    "surviving_fraction_per_point",
+];
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SteeringVectors {
@@ -19,7 +39,10 @@ pub struct SteeringVectors {
     pub vectors: Vec<f32>,
     pub n_points: usize,
     pub d: usize,
+    /// Where the activations came from (model, model_sha256, position, format).
     pub metadata: BTreeMap<String, String>,
+    /// How they were fitted; `None` for vectors made elsewhere.
+    pub fit: Option<FitMetadata>,
 }
 
 #[derive(Debug, Error)]
@@ -47,6 +70,13 @@ pub enum VectorFileError {
         index: usize,
         value: f32,
     },
+    #[error("the fit metadata describes {found} points, but the vectors have {n_points}")]
+    FitPoints { found: usize, n_points: usize },
+    #[error("these steering vectors carry no fit metadata (they were imported from llama.cpp, or fitted by an earlier version), so they have no {needed}; refit them with `refusal-steer fit`, or {instead}")]
+    NotFitted {
+        needed: &'static str,
+        instead: &'static str,
+    },
     #[error("steering vectors have {have_points} points of dimension {have_d}, but the model has {want_points} points (blocks + 1) of dimension {want_d}; use vectors fitted on this model")]
     WrongModel {
         have_points: usize,
@@ -69,9 +99,28 @@ impl SteeringVectors {
             n_points,
             d,
             metadata,
+            fit: None,
         };
         this.validate()?;
         Ok(this)
+    }
+
+    /// These vectors with how they were fitted (one entry per point).
+    pub fn with_fit(mut self, fit: FitMetadata) -> Result<Self, VectorFileError> {
+        self.fit = Some(fit);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The fit metadata, or an error naming what is `needed` from it and what to do `instead`.
+    pub fn require_fit(
+        &self,
+        needed: &'static str,
+        instead: &'static str,
+    ) -> Result<&FitMetadata, VectorFileError> {
+        self.fit
+            .as_ref()
+            .ok_or(VectorFileError::NotFitted { needed, instead })
     }
 
     /// Checks the invariants [`SteeringVectors::new`] establishes (the fields are public).
@@ -87,13 +136,19 @@ impl SteeringVectors {
                 d,
             });
         }
-        match self.vectors.iter().position(|v| !v.is_finite()) {
-            Some(i) => Err(VectorFileError::NonFinite {
+        if let Some(i) = self.vectors.iter().position(|v| !v.is_finite()) {
+            return Err(VectorFileError::NonFinite {
                 point: i / d,
                 index: i % d,
                 value: self.vectors[i],
+            });
+        }
+        match &self.fit {
+            Some(fit) if fit.points.len() != n_points => Err(VectorFileError::FitPoints {
+                found: fit.points.len(),
+                n_points,
             }),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 
@@ -133,7 +188,12 @@ impl SteeringVectors {
         let bytes: Vec<u8> = self.vectors.iter().flat_map(|v| v.to_le_bytes()).collect();
         let view = TensorView::new(Dtype::F32, vec![self.n_points, self.d], &bytes)
             .map_err(|e| invalid(format!("cannot describe the tensor: {e}")))?;
-        let metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        let mut metadata: HashMap<String, String> = self.metadata.clone().into_iter().collect();
+        if let Some(fit) = &self.fit {
+            let json = serde_json::to_string(fit)
+                .map_err(|e| invalid(format!("cannot serialise the fit metadata: {e}")))?;
+            metadata.insert(FIT_KEY.to_string(), json);
+        }
         let file = safetensors::serialize([(TENSOR_NAME, view)], Some(metadata))
             .map_err(|e| invalid(format!("cannot serialise: {e}")))?;
         // Through a temporary file, so a kill never leaves a torn vector file behind.
@@ -190,19 +250,36 @@ impl SteeringVectors {
             .collect();
         let (_, header) =
             SafeTensors::read_metadata(bytes).map_err(|e| format!("unreadable header ({e})"))?;
-        let metadata = header
+        let mut metadata: BTreeMap<String, String> = header
             .metadata()
             .clone()
             .unwrap_or_default()
             .into_iter()
             .collect();
-        Self::new(vectors, n_points, d, metadata).map_err(|e| e.to_string())
+        let fit = match metadata.remove(FIT_KEY) {
+            Some(json) => Some(serde_json::from_str(&json).map_err(|e| {
+                format!("its fit metadata is not understood ({e}); refit it with this version")
+            })?),
+            // Earlier versions stored the fit as loose strings ("method", "ridge", ...): the
+            // vectors still steer, but what was measured is not read back.
+            None => {
+                metadata.retain(|key, _| !LEGACY_FIT_KEYS.contains(&key.as_str()));
+                None
+            }
+        };
+        let vectors = Self::new(vectors, n_points, d, metadata).map_err(|e| e.to_string())?;
+        match fit {
+            Some(fit) => vectors.with_fit(fit).map_err(|e| e.to_string()),
+            None => Ok(vectors),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fit_metadata::{PointFit, Protection};
+    use crate::{Method, Ridge};
 
     fn example() -> SteeringVectors {
         // Values chosen to exercise the bits: subnormals, negative zero, extremes.
@@ -217,11 +294,28 @@ mod tests {
             -3.25,
             7.0,
         ];
-        let metadata = BTreeMap::from([
-            ("method".to_string(), "wrmd".to_string()),
-            ("kappa".to_string(), "0.1".to_string()),
-        ]);
-        SteeringVectors::new(values, 3, 3, metadata).unwrap()
+        let metadata = BTreeMap::from([("model".to_string(), "tiny".to_string())]);
+        let point = |auc| PointFit {
+            norm: 1.0,
+            residual_norm: 2.0,
+            lambda: Some(0.1),
+            heldout_auc: auc,
+            protected: Some(Protection {
+                cosine: 0.5,
+                surviving_fraction: 0.75,
+            }),
+        };
+        let fit = FitMetadata {
+            method: Method::Wrmd,
+            ridge: Ridge::Relative(0.1),
+            n_refusal: 2,
+            n_compliance: 3,
+            points: vec![point(None), point(Some(0.5)), point(Some(0.75))],
+        };
+        SteeringVectors::new(values, 3, 3, metadata)
+            .unwrap()
+            .with_fit(fit)
+            .unwrap()
     }
 
     #[test]
@@ -234,9 +328,36 @@ mod tests {
         let bits = |v: &SteeringVectors| v.vectors.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&loaded), bits(&original));
         assert_eq!(
-            (loaded.n_points, loaded.d, &loaded.metadata),
-            (3, 3, &original.metadata)
+            (loaded.n_points, loaded.d, &loaded.metadata, &loaded.fit),
+            (3, 3, &original.metadata, &original.fit)
         );
+    }
+
+    #[test]
+    fn fit_metadata_must_cover_every_point_and_be_of_this_version() {
+        let mut fit = example().fit.unwrap();
+        fit.points.pop();
+        let unfitted = SteeringVectors::new(vec![0.0; 9], 3, 3, BTreeMap::new()).unwrap();
+        assert!(matches!(
+            unfitted.clone().with_fit(fit),
+            Err(VectorFileError::FitPoints {
+                found: 2,
+                n_points: 3
+            })
+        ));
+        let err = unfitted.require_fit("residual norms", "use --alpha-profile uniform");
+        assert!(err.unwrap_err().to_string().contains("no residual norms"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.safetensors");
+        let old = BTreeMap::from([("method".to_string(), "wrmd".to_string())]);
+        SteeringVectors::new(vec![0.0; 9], 3, 3, old)
+            .unwrap()
+            .save(&path)
+            .unwrap();
+        // A file of an earlier version still steers; what it measured is not read back.
+        let loaded = SteeringVectors::load(&path).unwrap();
+        assert!(loaded.fit.is_none() && loaded.metadata.is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use super::methods::{Fitted, FittedVectors};
 use super::train::Scores;
 use super::Ctx;
 use crate::analysis_report::write_report;
-use crate::fitting::{fit_points, mean_difference, metadata_list, FitOptions};
+use crate::fitting::{fit_points, mean_difference, FitOptions};
 use crate::gate::Gate;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
@@ -23,7 +23,7 @@ pub struct Fit {
     pub gate: Gate,
     pub train_classes: TrainClasses,
     /// Held-out AUC per point, per fitted file (by name).
-    pub heldout_auc: BTreeMap<String, Vec<f64>>,
+    pub heldout_auc: BTreeMap<String, Vec<Option<f64>>>,
 }
 
 /// Stage 4. Everything steered is discarded first if its inputs changed (the folder's rule).
@@ -44,16 +44,14 @@ pub fn fit(
     });
     ctx.folder
         .discard_steering_if_changed(&inputs.to_string(), log)?;
-    let (vectors, train_classes) = fit_vectors(ctx, acts, &scores.confidence)?;
+    let (vectors, train_classes) = fit_vectors(ctx, acts, &scores.confidence, log)?;
     // For hand experiments with `--gate` (the gated recipes carry it themselves).
     super::folder::write_atomic(&ctx.folder.gate(), &serde_json::to_string(&gate)?)?;
     let heldout_auc = vectors
         .iter()
         .map(|(f, v)| {
-            Ok((
-                f.name().to_string(),
-                metadata_list(v, "heldout_auc_per_point")?,
-            ))
+            let fit = v.require_fit("held-out AUCs", "rerun `run` in a new folder")?;
+            Ok((f.name().to_string(), fit.heldout_aucs()))
         })
         .collect::<Result<BTreeMap<_, _>>>()?;
     analysis(ctx, acts, &scores.confidence, &vectors, log)?;
@@ -132,11 +130,14 @@ fn topic_gate(ctx: &Ctx, acts: &Activations) -> Result<Gate> {
 }
 
 /// MD and WRMD on the target (and contrast) train prompts, and WRMD with the safety
-/// direction (harmful minus benign train prompts) removed. Reuses saved vectors.
+/// direction (harmful minus benign train prompts) removed. Reuses saved vectors; refits one that
+/// cannot be read or has no fit metadata (fitting is deterministic, so a file from an earlier
+/// version comes back the same and the answers steered with it stay valid).
 fn fit_vectors(
     ctx: &Ctx,
     acts: &Activations,
     confidence: &HashMap<String, f64>,
+    log: &mut dyn FnMut(&str),
 ) -> Result<(FittedVectors, TrainClasses)> {
     let h = &acts.header;
     let set_of = |i: usize| h.sets[i].as_deref().unwrap_or("");
@@ -211,8 +212,17 @@ fn fit_vectors(
     for fitted in Fitted::ALL {
         let path = ctx.folder.vectors(fitted);
         if path.exists() {
-            out.insert(fitted, SteeringVectors::load(&path)?);
-            continue;
+            match SteeringVectors::load(&path) {
+                Ok(vectors) if vectors.fit.is_some() => {
+                    out.insert(fitted, vectors);
+                    continue;
+                }
+                Ok(_) => log(&format!(
+                    "refitting {}: it has no fit metadata (an earlier version wrote it)",
+                    path.display()
+                )),
+                Err(e) => log(&format!("refitting: {e}")),
+            }
         }
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
         let options = FitOptions {

@@ -57,7 +57,7 @@ pub struct RunReport {
     pub judge: String,
     pub direction: Direction,
     pub train_classes: BTreeMap<String, (usize, usize, usize)>,
-    pub heldout_auc: BTreeMap<String, Vec<f64>>,
+    pub heldout_auc: BTreeMap<String, Vec<Option<f64>>>,
     /// The topic gate of the gated methods: how its direction was fitted, its point and
     /// held-out AUC.
     #[serde(default)]

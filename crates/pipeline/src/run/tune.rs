@@ -13,10 +13,10 @@ use super::outcome::{target_metric, Trial, Tuned};
 use super::{Ctx, Splits};
 use crate::config::{Direction, TuneConfig};
 use crate::evaluate::{mean_kl, rate, Assessed, Judges, SetRate};
-use crate::fitting::metadata_list;
 use crate::steering::SteerMode;
 use anyhow::Result;
 use refusal_steer_data::Prompt;
+use refusal_steer_steer::best_points;
 use std::collections::BTreeMap;
 
 /// The sets whose refusal rates a trial measures.
@@ -96,7 +96,10 @@ fn tune_method(
     let vectors = &fit.vectors[&method.vectors];
     let points = match method.mode {
         SteerMode::AblateAdd => (1..vectors.n_points).collect(),
-        _ => steered_points(&metadata_list(vectors, "heldout_auc_per_point")?, tune),
+        _ => {
+            let fit = vectors.require_fit("held-out AUCs", "rerun `run` in a new folder")?;
+            steered_points(&fit.heldout_aucs(), tune)
+        }
     };
     let name = method.name;
     if method.gated {
@@ -257,16 +260,10 @@ fn broken_limit(
 
 /// Steered points: held-out AUC within `auc_margin` of the best, from `min_depth` of the
 /// depth on (earlier points carry token identity more than meaning).
-pub fn steered_points(heldout_auc: &[f64], tune: &TuneConfig) -> Vec<usize> {
+pub fn steered_points(heldout_auc: &[Option<f64>], tune: &TuneConfig) -> Vec<usize> {
     let n_layers = heldout_auc.len() - 1;
     let first = ((tune.min_depth * n_layers as f64).ceil() as usize).max(1);
-    let best = heldout_auc[first..]
-        .iter()
-        .copied()
-        .fold(f64::MIN, f64::max);
-    (first..heldout_auc.len())
-        .filter(|&p| heldout_auc[p] >= best - tune.auc_margin)
-        .collect()
+    best_points(heldout_auc, first, tune.auc_margin)
 }
 
 #[cfg(test)]
@@ -359,7 +356,11 @@ mod tests {
 
     #[test]
     fn steered_points_are_deep_enough_and_near_the_best_auc() {
-        let auc = [0.5, 1.0, 0.7, 0.9, 0.96, 0.99, 0.93];
+        let auc = [0.5, 1.0, 0.7, 0.9, 0.96, 0.99, 0.93].map(Some);
         assert_eq!(steered_points(&auc, &tune()), vec![4, 5]);
+        // A point without a held-out AUC is never steered.
+        let mut missing = auc;
+        missing[4] = None;
+        assert_eq!(steered_points(&missing, &tune()), vec![5]);
     }
 }

@@ -60,6 +60,11 @@ impl<'a> Samples<'a> {
         self.classes.len()
     }
 
+    /// The activations, row-major `(n, d)`.
+    pub fn data(&self) -> &'a [f32] {
+        self.x
+    }
+
     /// Width of a row `d`.
     pub fn dim(&self) -> usize {
         self.d
