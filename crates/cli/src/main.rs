@@ -10,6 +10,7 @@ mod fit;
 mod generate;
 mod judge;
 mod run;
+mod serve;
 mod steering;
 
 use anyhow::{Context, Result};
@@ -61,6 +62,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Chat interactively, streaming the answers.
     Chat(chat::ChatArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API, each request choosing its recipe.
+    Serve(serve::ServeArgs),
     /// Record the residual stream at every point for each prompt. Resumable.
     Capture(capture::CaptureArgs),
     /// Fit one steering vector per point from activations and labels.
@@ -205,6 +208,7 @@ fn run(command: Command) -> Result<()> {
         Command::Run(args) => run::run(args)?,
         Command::Generate(args) => generate::run(args)?,
         Command::Chat(args) => chat::run(args)?,
+        Command::Serve(args) => serve::run(args)?,
         Command::Capture(args) => capture::run(args)?,
         Command::Fit(args) => fit::run(args)?,
         Command::Analyze(args) => analyze::run(args)?,
