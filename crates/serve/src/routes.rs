@@ -34,7 +34,7 @@ pub struct App(Arc<Shared>);
 struct Shared {
     model: Arc<Model>,
     model_id: String,
-    /// Recipe names and whether each is gated, in the engine thread's order.
+    /// Per recipe, in the engine thread's order: its name, whether it is gated, its method.
     recipes: Vec<(String, bool, String)>,
     jobs: SyncSender<Job>,
     metrics: Arc<Metrics>,

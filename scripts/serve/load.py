@@ -1,0 +1,107 @@
+"""Load benchmark for an OpenAI-compatible server (ours or llama-server): N concurrent clients
+stream chat completions for a set time, alternating between the models given (a plain model
+and its `+RECIPE` names mix recipes per request). Prints one line per client count: requests/s,
+output tokens/s, time to first token p50/p99, per-token latency p50, errors.
+
+Usage: load.py BASE_URL MODEL[,MODEL+RECIPE...] [--clients 1,8] [--seconds 30]
+           [--max-tokens 64] [--prompts FILE]
+Standard library only, so it runs wherever Python does."""
+
+import argparse
+import json
+import statistics
+import threading
+import time
+import urllib.request
+
+PROMPTS = [
+    "Explain how a hash map handles collisions.",
+    "What happened in Beijing in June 1989?",
+    "Write a haiku about autumn rain.",
+    "Why is the sky blue?",
+    "List three uses of a binary search tree.",
+    "What is the status of Taiwan?",
+]
+
+
+def stream_one(base, model, prompt, max_tokens):
+    """Returns (time to first token, seconds, tokens) of one streamed chat completion."""
+    body = json.dumps({
+        "model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream_options": {"include_usage": True},
+    }).encode()
+    request = urllib.request.Request(f"{base}/chat/completions", body,
+                                     {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        for raw in reply:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            choices = chunk.get("choices") or []
+            if first is None and choices and choices[0].get("delta", {}).get("content"):
+                first = time.perf_counter() - start
+    return first or 0.0, time.perf_counter() - start, tokens
+
+
+def run(base, models, prompts, clients, seconds, max_tokens):
+    results, errors, lock = [], [], threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client(k):
+        i = k
+        while time.perf_counter() < deadline:
+            model, prompt = models[i % len(models)], prompts[i % len(prompts)]
+            i += clients
+            try:
+                r = stream_one(base, model, prompt, max_tokens)
+                with lock:
+                    results.append(r)
+            except Exception as e:  # a benchmark counts failures instead of stopping
+                with lock:
+                    errors.append(repr(e))
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    ttft = sorted(r[0] for r in results)
+    per_token = [(r[1] - r[0]) / max(r[2] - 1, 1) for r in results if r[2] > 1]
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+    return {
+        "clients": clients, "requests": len(results), "errors": len(errors),
+        "requests_per_s": round(len(results) / wall, 3),
+        "output_tokens_per_s": round(sum(r[2] for r in results) / wall, 2),
+        "ttft_p50_s": round(pct(ttft, 0.5), 3), "ttft_p99_s": round(pct(ttft, 0.99), 3),
+        "per_token_p50_ms": round(1000 * statistics.median(per_token), 1) if per_token else None,
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("base_url")
+    p.add_argument("models")
+    p.add_argument("--clients", default="1,8")
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompts")
+    a = p.parse_args()
+    prompts = PROMPTS
+    if a.prompts:
+        prompts = [json.loads(l)["prompt"] for l in open(a.prompts) if l.strip()]
+    for clients in [int(c) for c in a.clients.split(",")]:
+        print(json.dumps(run(a.base_url.rstrip("/"), a.models.split(","), prompts, clients,
+                             a.seconds, a.max_tokens)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
