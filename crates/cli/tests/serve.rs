@@ -68,7 +68,10 @@ fn the_openai_python_client_works_against_the_server() {
         .find_map(|w| w.strip_prefix("http://"))
         .unwrap_or_else(|| panic!("no address in {line:?}"));
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/serve/openai_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/serve/openai_client.py"
+    );
     let out = Command::new("python3")
         .arg(script)
         .arg(format!("http://{url}/v1"))

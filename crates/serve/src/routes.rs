@@ -331,13 +331,15 @@ impl App {
                 .and_then(|rest| rest.strip_prefix('+'))
             {
                 Some(name) => Some(self.recipe_index(name, "model")?),
-                None => return Err(ApiError::status(
-                    StatusCode::NOT_FOUND,
-                    format!(
+                None => {
+                    return Err(ApiError::status(
+                        StatusCode::NOT_FOUND,
+                        format!(
                         "model {m:?} is not served here; GET /v1/models lists {:?} and {:?}+RECIPE",
                         s.model_id, s.model_id
                     ),
-                )),
+                    ))
+                }
             },
         };
         let by_field = field

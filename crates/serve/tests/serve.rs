@@ -123,6 +123,8 @@ fn post(path: &str, body: &Value) -> (u16, Value) {
     )
 }
 
+// ureq's own error type, as its callers match on it.
+#[allow(clippy::result_large_err)]
 fn send(url: &str, body: &Value) -> Result<ureq::Response, ureq::Error> {
     ureq::post(url)
         .set("Content-Type", "application/json")
