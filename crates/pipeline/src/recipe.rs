@@ -23,6 +23,7 @@ use crate::gate::{Gate, GateMethod};
 use crate::steering::{SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
 use refusal_steer_engine::{Action, Hooks, Intervention, Model, Rows};
+use refusal_steer_steer::linalg;
 use refusal_steer_steer::protect::orthonormal_basis;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -340,12 +341,7 @@ impl Recipe {
                 if b.point != a.point {
                     continue;
                 }
-                let dot: f64 = a
-                    .direction
-                    .iter()
-                    .zip(&b.direction)
-                    .map(|(&x, &y)| f64::from(x) * f64::from(y))
-                    .sum();
+                let dot = linalg::dot(&a.direction, &b.direction);
                 let want = if std::ptr::eq(a, b) { 1.0 } else { 0.0 };
                 if (dot - want).abs() > 1e-3 {
                     return Err(format!(

@@ -34,8 +34,8 @@ pub struct App(Arc<Shared>);
 struct Shared {
     model: Arc<Model>,
     model_id: String,
-    /// Per recipe, in the engine thread's order: its name, whether it is gated, its method.
-    recipes: Vec<(String, bool, String)>,
+    /// The recipes, shared with the engine thread (requests pick them by index).
+    served: Arc<Vec<Served>>,
     jobs: SyncSender<Job>,
     metrics: Arc<Metrics>,
     default_max_tokens: usize,
@@ -52,36 +52,25 @@ impl App {
         options: &ServeOptions,
     ) -> Self {
         let model = Arc::new(model);
-        let recipes = served
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    s.recipe.gate.is_some(),
-                    s.recipe.made_by.method.clone(),
-                )
-            })
-            .collect();
+        let served = Arc::new(served);
         let metrics = Arc::new(Metrics::default());
         let (jobs, queue) = std::sync::mpsc::sync_channel(options.queue);
-        let (engine_model, engine_metrics, max_rows) =
-            (model.clone(), metrics.clone(), options.max_rows);
+        let (engine_model, engine_served, engine_metrics, max_rows) = (
+            model.clone(),
+            served.clone(),
+            metrics.clone(),
+            options.max_rows,
+        );
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                scheduler::run(
-                    engine_model,
-                    Arc::new(served),
-                    queue,
-                    max_rows,
-                    engine_metrics,
-                )
+                scheduler::run(engine_model, engine_served, queue, max_rows, engine_metrics)
             })
             .expect("the engine thread starts");
         App(Arc::new(Shared {
             model,
             model_id,
-            recipes,
+            served,
             jobs,
             metrics,
             default_max_tokens: options.default_max_tokens,
@@ -138,13 +127,17 @@ async fn models(State(app): State<App>) -> Json<Value> {
     let mut data = vec![
         json!({"id": s.model_id, "object": "model", "created": 0, "owned_by": "refusal-steer"}),
     ];
-    for (name, gated, method) in &s.recipes {
+    for served in s.served.iter() {
         data.push(json!({
-            "id": format!("{}+{name}", s.model_id),
+            "id": format!("{}+{}", s.model_id, served.name),
             "object": "model",
             "created": 0,
             "owned_by": "refusal-steer",
-            "steering": {"recipe": name, "gated": gated, "method": method},
+            "steering": {
+                "recipe": served.name,
+                "gated": served.recipe.gate.is_some(),
+                "method": served.recipe.made_by.method,
+            },
         }));
     }
     Json(json!({"object": "list", "data": data}))
@@ -157,19 +150,17 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-/// The body as JSON, or the 4xx that says why it is not.
-fn body<T>(app: &App, body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| {
-        app.0.metrics.rejected(e.status().as_u16());
-        ApiError::status(e.status(), e.body_text())
-    })
+/// The body as JSON, or the 4xx that says why it is not (counted by [`App::answer`]).
+fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b)
+        .map_err(|e| ApiError::status(e.status(), e.body_text()))
 }
 
 async fn chat(
     State(app): State<App>,
     request: Result<Json<ChatRequest>, JsonRejection>,
 ) -> Response {
-    let prepared = body(&app, request).and_then(|r| app.prepare_chat(r));
+    let prepared = body(request).and_then(|r| app.prepare_chat(r));
     app.answer(prepared, Kind::Chat).await
 }
 
@@ -177,7 +168,7 @@ async fn completions(
     State(app): State<App>,
     request: Result<Json<CompletionRequest>, JsonRejection>,
 ) -> Response {
-    let prepared = body(&app, request).and_then(|r| app.prepare_completion(r));
+    let prepared = body(request).and_then(|r| app.prepare_completion(r));
     app.answer(prepared, Kind::Completion).await
 }
 
@@ -365,7 +356,7 @@ impl App {
     }
 
     fn recipe_index(&self, name: &str, param: &'static str) -> Result<usize, ApiError> {
-        let names: Vec<&str> = self.0.recipes.iter().map(|(n, _, _)| n.as_str()).collect();
+        let names: Vec<&str> = self.0.served.iter().map(|s| s.name.as_str()).collect();
         names.iter().position(|n| *n == name).ok_or_else(|| {
             let mut e = ApiError::bad(
                 param,

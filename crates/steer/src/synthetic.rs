@@ -103,12 +103,8 @@ pub(crate) fn noise_classes(d: usize, n: usize, seed: u64) -> Dataset {
 
 /// Angle in degrees between a fitted vector and a reference direction (180 when opposite).
 pub(crate) fn angle_degrees(v: &[f32], reference: &[f64]) -> f64 {
-    let dot: f64 = v
-        .iter()
-        .zip(reference)
-        .map(|(&a, b)| f64::from(a) * b)
-        .sum();
-    let norm_v = v.iter().map(|&a| f64::from(a).powi(2)).sum::<f64>().sqrt();
+    let dot = crate::linalg::dot_f64(v, reference);
+    let norm_v = crate::linalg::norm(v);
     let norm_r = reference.iter().map(|b| b * b).sum::<f64>().sqrt();
     (dot / (norm_v * norm_r))
         .clamp(-1.0, 1.0)
