@@ -4,9 +4,9 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_steer_data::activations::Activations;
-use refusal_steer_data::record_id;
+use refusal_steer_data::{read_prompts, record_id};
 use refusal_steer_pipeline::fitting::{
-    classes, fit_points, mean_difference, principal_directions_per_point, FitOptions,
+    classes, fit_points, mean_difference, principal_directions_per_point, FitOptions, Strata,
 };
 use refusal_steer_steer::{Class, Method, Ridge};
 use std::collections::HashMap;
@@ -50,6 +50,11 @@ pub struct FitArgs {
     /// the other side's mean (the behaviour's subspace beyond its mean difference).
     #[arg(long, default_value_t = 0, requires = "protect", value_name = "K")]
     protect_pcs: usize,
+    /// The prompts the activations were captured from (JSONL, as given to `capture`): the
+    /// classes are then balanced by each prompt's language (its script), so refused English
+    /// and answered Chinese prompts do not make the vector an English → Chinese one.
+    #[arg(long, num_args = 1..)]
+    prompts: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
 }
@@ -175,6 +180,15 @@ pub fn run(args: FitArgs) -> Result<()> {
         threshold: args.threshold,
         folds: args.folds,
         seed: args.seed,
+        balance: if args.prompts.is_empty() {
+            None
+        } else {
+            let mut prompts = Vec::new();
+            for path in &args.prompts {
+                prompts.extend(read_prompts(path)?);
+            }
+            Some(Strata::prompt_scripts(&h.ids, &prompts)?)
+        },
     };
     let mut vectors = fit_points(
         &acts,

@@ -229,6 +229,8 @@ fn capture_fit_and_steer_chain_through_files() {
         "md",
         "--folds",
         "3",
+        "--prompts",
+        &p("prompts.jsonl"),
         "--out",
         &p("v.safetensors"),
     ]);
@@ -247,8 +249,12 @@ fn capture_fit_and_steer_chain_through_files() {
         )
     );
     // The two prompt families differ, so later points separate them on held-out folds.
-    let aucs = vectors.fit.as_ref().unwrap().heldout_aucs();
+    let fitted = vectors.fit.as_ref().unwrap();
+    let aucs = fitted.heldout_aucs();
     assert!(aucs[1..].iter().all(|&a| a.unwrap() > 0.9), "{aucs:?}");
+    // Balanced by the prompts' script: all Latin here, so the fit is the unbalanced one.
+    let balance = fitted.balance.as_ref().unwrap();
+    assert_eq!(balance.rows["Latin"], [6, 6]);
 
     let answer = |alpha: &str, out: &str| {
         let r = refusal_steer(&[

@@ -96,7 +96,7 @@ fn weighted_letters(text: &str) -> impl Iterator<Item = (Script, f64)> + '_ {
 
 /// The script with the most weighted letters: "如何破解Shadowsocks?" is a Chinese question,
 /// though it has as many Latin letters as Han characters.
-fn main_script(text: &str) -> Option<Script> {
+pub fn main_script(text: &str) -> Option<Script> {
     let mut totals: Vec<(Script, f64)> = Vec::new();
     for (script, weight) in weighted_letters(text) {
         let script = script_group(script);

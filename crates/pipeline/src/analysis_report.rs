@@ -371,6 +371,7 @@ mod tests {
             ridge: refusal_steer_steer::Ridge::Relative(1.0),
             n_refusal: n,
             n_compliance: n,
+            balance: None,
             points: vec![
                 refusal_steer_steer::PointFit {
                     norm: 1.0,

@@ -38,12 +38,20 @@ pub struct RunConfig {
     pub batch: usize,
     /// Ridge strength relative to each layer's scale (lambda = kappa * trace(Sigma) / d).
     pub kappa: f64,
+    /// Fit the vectors on classes balanced by the prompts' language (main script), so that
+    /// refused English and answered Chinese prompts do not teach "answer in Chinese".
+    #[serde(default = "yes")]
+    pub balance_language: bool,
     pub tune: TuneConfig,
     pub sets: Sets,
 }
 
 fn default_judge_threshold() -> f64 {
     0.5
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn no_penalty() -> f32 {

@@ -4,13 +4,15 @@
 
 use anyhow::{Context, Result};
 use refusal_steer_data::activations::Activations;
+use refusal_steer_data::Prompt;
+use refusal_steer_judge::language::main_script;
 use refusal_steer_steer::linalg::{cosine, norm};
 use refusal_steer_steer::protect::{principal_directions, project_out_span};
 use refusal_steer_steer::{
-    fit, k_fold_auc, Class, FitError, FitMetadata, Method, PointFit, Protection, Ridge, Samples,
-    SteeringVectors,
+    fit, k_fold_auc, Balance, Class, FitError, FitMetadata, Method, PointFit, Protection, Ridge,
+    Samples, SteeringVectors,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Debug, Clone)]
 pub struct FitOptions {
@@ -21,6 +23,79 @@ pub struct FitOptions {
     /// Folds of the held-out AUC per point.
     pub folds: usize,
     pub seed: u64,
+    /// Balance the classes over these strata (e.g. the prompts' languages); `None`: as they are.
+    pub balance: Option<Strata>,
+}
+
+/// A stratum per activation row, for fits balanced over them ([`Samples::with_strata`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Strata {
+    /// What a stratum is, for the fit metadata ("prompt script").
+    pub by: String,
+    pub names: Vec<String>,
+    /// Per row, an index into `names`.
+    pub of_row: Vec<usize>,
+}
+
+impl Strata {
+    /// Groups rows by a label each: strata are named by the label, in first-seen order.
+    pub fn from_labels(by: &str, labels: &[String]) -> Self {
+        let mut names: Vec<String> = Vec::new();
+        let of_row = labels
+            .iter()
+            .map(|label| match names.iter().position(|n| n == label) {
+                Some(i) => i,
+                None => {
+                    names.push(label.clone());
+                    names.len() - 1
+                }
+            })
+            .collect();
+        Self {
+            by: by.to_string(),
+            names,
+            of_row,
+        }
+    }
+
+    /// Each row's prompt by its main script ("Latin", "Mandarin"): the strata that keep a fit
+    /// whose refused prompts are mostly English and answered ones mostly Chinese from
+    /// learning "answer in Chinese" as "comply".
+    pub fn prompt_scripts(ids: &[String], prompts: &[Prompt]) -> Result<Self> {
+        let text: HashMap<&str, &str> = prompts
+            .iter()
+            .map(|p| (p.id.as_str(), p.prompt.as_str()))
+            .collect();
+        let labels = ids
+            .iter()
+            .map(|id| {
+                let prompt = text.get(id.as_str()).with_context(|| {
+                    format!(
+                        "activation row {id} has no prompt; give the prompts it was captured from"
+                    )
+                })?;
+                Ok(
+                    main_script(prompt)
+                        .map_or_else(|| "none".to_string(), |s| s.name().to_string()),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self::from_labels("prompt script", &labels))
+    }
+
+    /// Per stratum name, the rows of each class (refusal, compliance).
+    fn rows(&self, classes: &[Class]) -> BTreeMap<String, [usize; 2]> {
+        let mut rows: BTreeMap<String, [usize; 2]> = BTreeMap::new();
+        for (&stratum, class) in self.of_row.iter().zip(classes) {
+            let slot = match class {
+                Class::Refusal => 0,
+                Class::Compliance => 1,
+                Class::Unused => continue,
+            };
+            rows.entry(self.names[stratum].clone()).or_default()[slot] += 1;
+        }
+        rows
+    }
 }
 
 /// Per row of the activations file: its refusal confidence c, or None to leave it out.
@@ -108,6 +183,14 @@ pub fn fit_points(
     );
     let classes = classes(c, options.threshold);
     let weights: Vec<f64> = c.iter().map(|c| c.map_or(0.0, f64::abs)).collect();
+    if let Some(strata) = &options.balance {
+        anyhow::ensure!(
+            strata.of_row.len() == h.ids.len(),
+            "{} strata for {} activation rows",
+            strata.of_row.len(),
+            h.ids.len()
+        );
+    }
     let count = |k: Class| classes.iter().filter(|&&c| c == k).count();
     let used: Vec<usize> = (0..classes.len())
         .filter(|&i| classes[i] != Class::Unused)
@@ -123,7 +206,10 @@ pub fn fit_points(
             .map(|&i| norm(&x[i * d..(i + 1) * d]))
             .sum::<f64>()
             / used.len().max(1) as f64;
-        let samples = Samples::new(&x, d, &classes, &weights)?;
+        let mut samples = Samples::new(&x, d, &classes, &weights)?;
+        if let Some(strata) = &options.balance {
+            samples = samples.with_strata(&strata.of_row)?;
+        }
         let fitted = match fit(&samples, options.method, options.ridge) {
             Ok(f) => f,
             // Every prompt ends with the same template token, so at the embeddings (and only
@@ -192,6 +278,10 @@ pub fn fit_points(
         n_refusal: count(Class::Refusal),
         n_compliance: count(Class::Compliance),
         points,
+        balance: options.balance.as_ref().map(|strata| Balance {
+            by: strata.by.clone(),
+            rows: strata.rows(&classes),
+        }),
     };
     let mut provenance = BTreeMap::new();
     for key in ["model", "model_sha256", "position", "format"] {
@@ -282,6 +372,7 @@ pub(crate) mod tests {
             threshold: 0.1,
             folds: 5,
             seed: 0,
+            balance: None,
         };
         let v = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap();
         let at2 = v.point(2).unwrap();
@@ -310,6 +401,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn balanced_fits_record_their_strata_and_a_mismatched_count_is_an_error() {
+        let (n, d) = (20, 8);
+        let acts = planted(n, d, &unit(d, 2), 4.0, 3);
+        let c: Vec<Option<f64>> = (0..n)
+            .map(|i| Some(if i < n / 2 { 1.0 } else { -1.0 }))
+            .collect();
+        // Rows 0-1 and 10-15 "Mandarin", the rest "Latin".
+        let labels: Vec<String> = (0..n)
+            .map(|i| {
+                if i < 2 || (10..16).contains(&i) {
+                    "Mandarin"
+                } else {
+                    "Latin"
+                }
+                .into()
+            })
+            .collect();
+        let strata = Strata::from_labels("prompt script", &labels);
+        assert_eq!(strata.names, ["Mandarin", "Latin"]);
+        let mut options = FitOptions {
+            method: Method::Wrmd,
+            ridge: Ridge::Relative(1.0),
+            threshold: 0.1,
+            folds: 2,
+            seed: 0,
+            balance: Some(strata.clone()),
+        };
+        let v = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap();
+        let balance = v.fit.as_ref().unwrap().balance.clone().unwrap();
+        assert_eq!(balance.by, "prompt script");
+        assert_eq!(balance.rows["Mandarin"], [2, 6]);
+        assert_eq!(balance.rows["Latin"], [8, 4]);
+        assert!(cosine(v.point(2).unwrap(), &unit(d, 2)).unwrap() > 0.9);
+        options.balance = Some(Strata {
+            of_row: strata.of_row[1..].to_vec(),
+            ..strata
+        });
+        let err = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap_err();
+        assert!(
+            err.to_string().contains("19 strata for 20 activation rows"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn too_few_prompts_of_a_class_is_a_clear_error() {
         let acts = planted(6, 4, &unit(4, 0), 3.0, 2);
         let c = vec![Some(1.0), Some(1.0), Some(1.0), Some(1.0), Some(1.0), None];
@@ -319,6 +455,7 @@ pub(crate) mod tests {
             threshold: 0.1,
             folds: 2,
             seed: 0,
+            balance: None,
         };
         let err = fit_points(&acts, &c, &options, &[], &mut |_| {}).unwrap_err();
         assert!(format!("{err:#}").contains("compliance"), "{err:#}");

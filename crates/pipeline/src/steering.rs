@@ -197,6 +197,7 @@ mod tests {
             ridge: Ridge::Relative(1.0),
             n_refusal: 1,
             n_compliance: 1,
+            balance: None,
             points: vec![point(0.0, 10.0), point(2.0, 100.0), point(5.0, 50.0)],
         };
         // Norms 0, 2 and 5.

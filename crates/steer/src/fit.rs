@@ -5,6 +5,7 @@
 
 mod samples;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -167,11 +168,7 @@ pub(crate) fn fit_rows(
             return Err(FitError::TooFewRows { class, found: 0 });
         }
     }
-    let groups = Groups {
-        samples,
-        refusal,
-        compliance,
-    };
+    let groups = Groups::new(samples, refusal, compliance);
     let (vector, lambda) = match method {
         Method::Md => (groups.mean_difference(Weighting::Uniform)?, None),
         Method::Rmd => {
@@ -199,9 +196,9 @@ pub(crate) fn fit_rows(
 
 #[derive(Clone, Copy)]
 enum Weighting {
-    Uniform,
+    Uniform = 0,
     /// Each row counts with its confidence `u` (WRMD).
-    Confidence,
+    Confidence = 1,
 }
 
 /// The refusal and compliance rows of one fit.
@@ -209,14 +206,27 @@ struct Groups<'s, 'a> {
     samples: &'s Samples<'a>,
     refusal: &'s [usize],
     compliance: &'s [usize],
+    /// Per row, the strata's balance factor, by [`Weighting`] (uniform, confidence).
+    balance: [Vec<f64>; 2],
 }
 
-impl Groups<'_, '_> {
-    fn weight(&self, row: usize, weighting: Weighting) -> f64 {
-        match weighting {
-            Weighting::Uniform => 1.0,
-            Weighting::Confidence => self.samples.weights()[row],
+impl<'s, 'a> Groups<'s, 'a> {
+    fn new(samples: &'s Samples<'a>, refusal: &'s [usize], compliance: &'s [usize]) -> Self {
+        let balance = [Weighting::Uniform, Weighting::Confidence].map(|weighting| {
+            balance_factors(samples, refusal, compliance, |row| {
+                base_weight(samples, row, weighting)
+            })
+        });
+        Self {
+            samples,
+            refusal,
+            compliance,
+            balance,
         }
+    }
+
+    fn weight(&self, row: usize, weighting: Weighting) -> f64 {
+        base_weight(self.samples, row, weighting) * self.balance[weighting as usize][row]
     }
 
     /// Weighted mean of `rows` and their total weight.
@@ -332,6 +342,59 @@ impl Groups<'_, '_> {
         }
         Ok(v)
     }
+}
+
+fn base_weight(samples: &Samples<'_>, row: usize, weighting: Weighting) -> f64 {
+    match weighting {
+        Weighting::Uniform => 1.0,
+        Weighting::Confidence => samples.weights()[row],
+    }
+}
+
+/// Per row, the factor that gives each stratum the same share of the refusal weight and of the
+/// compliance weight: the mean of its two shares. A stratum that only one class has cannot be
+/// balanced, so its rows get 0; without strata, or with no stratum in both classes, every
+/// factor is 1 (with one stratum, exactly 1: the fit is the unbalanced one, bit for bit).
+fn balance_factors(
+    samples: &Samples<'_>,
+    refusal: &[usize],
+    compliance: &[usize],
+    weight: impl Fn(usize) -> f64,
+) -> Vec<f64> {
+    let mut factors = vec![1.0; samples.n_rows()];
+    let Some(strata) = samples.strata() else {
+        return factors;
+    };
+    let totals = |rows: &[usize]| {
+        let mut by_stratum = BTreeMap::<usize, f64>::new();
+        for &row in rows {
+            *by_stratum.entry(strata[row]).or_default() += weight(row);
+        }
+        by_stratum
+    };
+    let (w_r, w_c) = (totals(refusal), totals(compliance));
+    let shared: Vec<usize> = w_r
+        .iter()
+        .filter(|&(s, &w)| w > 0.0 && w_c.get(s).is_some_and(|&w| w > 0.0))
+        .map(|(&s, _)| s)
+        .collect();
+    if shared.is_empty() {
+        return factors;
+    }
+    let total = |w: &BTreeMap<usize, f64>| shared.iter().map(|s| w[s]).sum::<f64>();
+    let (t_r, t_c) = (total(&w_r), total(&w_c));
+    for (rows, w, t) in [(refusal, &w_r, t_r), (compliance, &w_c, t_c)] {
+        for &row in rows {
+            let s = strata[row];
+            factors[row] = if shared.contains(&s) {
+                let target = (w_r[&s] / t_r + w_c[&s] / t_c) / 2.0;
+                target / (w[&s] / t)
+            } else {
+                0.0
+            };
+        }
+    }
+    factors
 }
 
 fn difference(a: &[f64], b: &[f64]) -> Vec<f64> {
@@ -522,5 +585,72 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("md, rmd, wrmd, pca"));
+    }
+
+    /// Refusal along axis 0; a language offset along axis 1 that the classes are split along
+    /// (most refusals stratum 0, most compliances stratum 1), as in a run whose refused topic
+    /// prompts are English and whose answered ones Chinese.
+    fn confounded(seed: u64) -> (Vec<f32>, Vec<Class>, Vec<f64>, Vec<usize>) {
+        let d = 8;
+        let mut rng = crate::rng::SplitMix64::new(seed);
+        let (mut x, mut classes, mut weights, mut strata) = (vec![], vec![], vec![], vec![]);
+        for (class, stratum, n) in [
+            (Class::Refusal, 0, 18),
+            (Class::Refusal, 1, 2),
+            (Class::Compliance, 0, 5),
+            (Class::Compliance, 1, 6),
+        ] {
+            for _ in 0..n {
+                for j in 0..d {
+                    let signal = match (j, class) {
+                        (0, Class::Refusal) => 0.5,
+                        (0, _) => -0.5,
+                        (1, _) => 4.0 * stratum as f64,
+                        _ => 0.0,
+                    };
+                    x.push((signal + 0.3 * (rng.next_f64() - 0.5)) as f32);
+                }
+                classes.push(class);
+                weights.push(0.5 + 0.5 * rng.next_f64());
+                strata.push(stratum);
+            }
+        }
+        (x, classes, weights, strata)
+    }
+
+    #[test]
+    fn balancing_strata_takes_a_confounded_offset_out_of_the_direction() {
+        let (x, classes, weights, strata) = confounded(3);
+        let truth = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let plain = Samples::new(&x, 8, &classes, &weights).unwrap();
+        let balanced = plain.with_strata(&strata).unwrap();
+        for method in [Method::Md, Method::Wrmd] {
+            let angle = |samples: &Samples| {
+                angle_degrees(
+                    &fit(samples, method, Ridge::Relative(1.0)).unwrap().vector,
+                    &truth,
+                )
+            };
+            let (before, after) = (angle(&plain), angle(&balanced));
+            // WRMD's ridge already discounts the offset (it is the compliance rows' largest
+            // variance), MD not at all.
+            let floor = if method == Method::Md { 45.0 } else { 8.0 };
+            assert!(before > floor, "{method}: {before:.1} degrees unbalanced");
+            assert!(
+                after < before / 3.0,
+                "{method}: {after:.1} degrees balanced"
+            );
+        }
+        // One stratum: the unbalanced fit, bit for bit.
+        let one = vec![7; strata.len()];
+        let single = plain.with_strata(&one).unwrap();
+        for method in Method::ALL {
+            let fitted = |s: &Samples| fit(s, method, Ridge::Relative(1.0)).unwrap().vector;
+            assert_eq!(fitted(&plain), fitted(&single), "{method}");
+        }
+        assert!(matches!(
+            plain.with_strata(&strata[1..]),
+            Err(FitError::LengthMismatch { what: "strata", .. })
+        ));
     }
 }

@@ -7,6 +7,7 @@
 //! recipe's added part) have none.
 
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::fit::{Method, Ridge};
 use crate::separability::best_points;
@@ -25,6 +26,20 @@ pub struct FitMetadata {
     pub n_compliance: usize,
     /// One per point, point 0 (the embeddings) first.
     pub points: Vec<PointFit>,
+    /// Strata the classes were balanced over (`None`: not balanced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Balance>,
+}
+
+/// How a fit balanced its classes over strata ([`crate::Samples::with_strata`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Balance {
+    /// What a stratum is, e.g. "prompt script".
+    pub by: String,
+    /// Per stratum, its refusal and compliance rows. A stratum with rows in one class only
+    /// is left out of the fit (nothing to balance it against).
+    pub rows: BTreeMap<String, [usize; 2]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +118,10 @@ mod tests {
                 point(None),
                 point(Some(0.885)),
             ],
+            balance: Some(Balance {
+                by: "prompt script".into(),
+                rows: BTreeMap::from([("Latin".into(), [3, 2]), ("Mandarin".into(), [0, 2])]),
+            }),
         }
     }
 

@@ -30,7 +30,7 @@ pub use control_vector::{
     export_control_vector, import_control_vector, ControlVector, ControlVectorError,
 };
 pub use fit::{fit, Class, FitError, FitReport, FittedVector, Method, Ridge, Samples};
-pub use fit_metadata::{FitMetadata, PointFit, Protection};
+pub use fit_metadata::{Balance, FitMetadata, PointFit, Protection};
 pub use separability::{
     auc, best_points, k_fold_auc, k_fold_heldout, pearson, projections, HeldOut, SeparabilityError,
 };

@@ -310,6 +310,7 @@ mod tests {
             ridge: Ridge::Relative(0.1),
             n_refusal: 2,
             n_compliance: 3,
+            balance: None,
             points: vec![point(None), point(Some(0.5)), point(Some(0.75))],
         };
         SteeringVectors::new(values, 3, 3, metadata)

@@ -5,10 +5,11 @@ use super::methods::{Fitted, FittedVectors};
 use super::train::Scores;
 use super::Ctx;
 use crate::analysis_report::write_report;
-use crate::fitting::{fit_points, mean_difference, FitOptions};
+use crate::fitting::{fit_points, mean_difference, FitOptions, Strata};
 use crate::gate::Gate;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
+use refusal_steer_data::Prompt;
 use refusal_steer_judge::Thresholds;
 use refusal_steer_steer::analysis::{analyze, AnalysisOptions};
 use refusal_steer_steer::{Method, Ridge, SteeringVectors};
@@ -30,13 +31,20 @@ pub struct Fit {
 pub fn fit(
     ctx: &Ctx,
     acts: &Activations,
+    train: &[Prompt],
     scores: &Scores,
     log: &mut dyn FnMut(&str),
 ) -> Result<Fit> {
     let gate = topic_gate(ctx, acts)?;
+    let balance = ctx
+        .config
+        .balance_language
+        .then(|| Strata::prompt_scripts(&acts.header.ids, train))
+        .transpose()?;
     let inputs = serde_json::json!({
         "gate": gate,
         "scores": scores.records,
+        "balance_language": ctx.config.balance_language,
         "kappa": ctx.config.kappa,
         "seed": ctx.config.seed,
         "direction": ctx.config.direction,
@@ -44,7 +52,7 @@ pub fn fit(
     });
     ctx.folder
         .discard_steering_if_changed(&inputs.to_string(), log)?;
-    let (vectors, train_classes) = fit_vectors(ctx, acts, &scores.confidence, log)?;
+    let (vectors, train_classes) = fit_vectors(ctx, acts, &scores.confidence, balance, log)?;
     // For hand experiments with `--gate` (the gated recipes carry it themselves).
     super::folder::write_atomic(&ctx.folder.gate(), &serde_json::to_string(&gate)?)?;
     let heldout_auc = vectors
@@ -137,6 +145,7 @@ fn fit_vectors(
     ctx: &Ctx,
     acts: &Activations,
     confidence: &HashMap<String, f64>,
+    balance: Option<Strata>,
     log: &mut dyn FnMut(&str),
 ) -> Result<(FittedVectors, TrainClasses)> {
     let h = &acts.header;
@@ -203,6 +212,7 @@ fn fit_vectors(
             threshold,
             folds: harmful.len().min(benign.len()).clamp(2, 5),
             seed: ctx.config.seed,
+            balance: balance.clone(),
         },
         &[],
         &mut |_| {},
@@ -234,6 +244,7 @@ fn fit_vectors(
             threshold,
             folds,
             seed: ctx.config.seed,
+            balance: balance.clone(),
         };
         let protect: Vec<&[f32]> = if fitted == Fitted::WrmdProtected {
             vec![&mean_dir, &discriminant.vectors]

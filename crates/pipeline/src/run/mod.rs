@@ -100,7 +100,7 @@ impl Runner<'_> {
         let acts = train::capture_activations(&ctx, &train)?;
         timings.lap("capture")?;
         log("stage 4/6: fitting vectors");
-        let fit = fit::fit(&ctx, &acts, &scores, log)?;
+        let fit = fit::fit(&ctx, &acts, &train, &scores, log)?;
         timings.lap("fit")?;
         log("stage 5/6: choosing points and strengths on validation prompts");
         let (validation_baseline, tuned) = tune::tune(&ctx, &splits, &fit, &mut judges, log)?;

@@ -221,6 +221,7 @@ fn fit_settings_come_from_the_fit_metadata() {
         ridge: Ridge::Relative(0.25),
         n_refusal: 1,
         n_compliance: 1,
+        balance: None,
         points: vec![PointFit {
             norm: 1.0,
             residual_norm: 1.0,

@@ -11,6 +11,7 @@ pub struct Samples<'a> {
     d: usize,
     classes: &'a [Class],
     weights: &'a [f64],
+    strata: Option<&'a [usize]>,
 }
 
 impl<'a> Samples<'a> {
@@ -52,7 +53,30 @@ impl<'a> Samples<'a> {
             d,
             classes,
             weights,
+            strata: None,
         })
+    }
+
+    /// Gives each row a stratum (e.g. its prompt's language). Weighted fits then give every
+    /// stratum the same share of the refusal and of the compliance weight, so a difference
+    /// between strata that the classes happen to be split along (English refused, Chinese
+    /// answered) does not enter the direction.
+    pub fn with_strata(self, strata: &'a [usize]) -> Result<Self, FitError> {
+        if strata.len() != self.n_rows() {
+            return Err(FitError::LengthMismatch {
+                what: "strata",
+                found: strata.len(),
+                rows: self.n_rows(),
+            });
+        }
+        Ok(Self {
+            strata: Some(strata),
+            ..self
+        })
+    }
+
+    pub fn strata(&self) -> Option<&'a [usize]> {
+        self.strata
     }
 
     /// Number of rows `n`.
