@@ -3,8 +3,9 @@
 //! Folds are grouped by prompt id, so no prompt is in both a fit fold and the fold it is
 //! scored on. What a judge fits is fitted on the other folds only: an LLM judge's threshold
 //! (the best cut of its verdict probability), a probe's point, pooling and ridge (nested CV)
-//! and its weights. Every judge sees degenerate answers as the pipeline does (a refusal,
-//! without asking it), and `+lang` adds the language check to it.
+//! and its weights. Every judge sees degenerate and switched-language answers as the pipeline
+//! does (refusals, without asking it); a second row per judge shows it without the language
+//! check.
 
 use crate::judge::{assess_all, JudgeSetup};
 use anyhow::{bail, Context, Result};
@@ -22,7 +23,7 @@ use refusal_steer_judge::probe::{
     PROBE_VERSION,
 };
 use refusal_steer_judge::{
-    detect_degenerate, LocalJudge, Scoring, VerdictCache, VERDICT_PROB_MODE,
+    detect_degenerate, LocalJudge, Scoring, Verdict, VerdictCache, VerdictKind, VERDICT_PROB_MODE,
 };
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -60,6 +61,7 @@ pub struct CalibrateArgs {
 }
 
 /// One judge's out-of-fold decisions.
+#[derive(Clone)]
 struct Row {
     name: String,
     said: Vec<bool>,
@@ -100,6 +102,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     );
 
     let mut rows = Vec::new();
+    let mut without_lang = Vec::new();
     let mut cache = match &args.cache {
         Some(path) => VerdictCache::open(path)?,
         None => VerdictCache::in_memory(),
@@ -123,33 +126,60 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
                 Ok(())
             },
         )?;
-        let judged = assessed.iter().filter(|a| a.degenerate.is_none()).count();
+        let judged = assessed
+            .iter()
+            .filter(|a| a.degenerate.is_none() && a.verdict.kind != Some(VerdictKind::Lang))
+            .count();
         let ms = start.elapsed().as_secs_f64() * 1000.0 / judged.max(1) as f64;
-        let scores: Vec<f64> = assessed.iter().map(|a| a.verdict.graded()).collect();
-        let said: Vec<bool> = if judge.mode() == VERDICT_PROB_MODE {
-            // The threshold is a fitted parameter: chosen on the other folds.
-            cut_out_of_fold(&labels, &scores, &folds, args.folds)
-        } else {
-            assessed.iter().map(|a| a.verdict.label > 0).collect()
+        let verdict_prob = judge.mode() == VERDICT_PROB_MODE;
+        let row = |name: String, verdicts: &[Verdict]| {
+            let scores: Vec<f64> = verdicts.iter().map(Verdict::graded).collect();
+            let said: Vec<bool> = if verdict_prob {
+                // The threshold is a fitted parameter: chosen on the other folds.
+                cut_out_of_fold(&labels, &scores, &folds, args.folds)
+            } else {
+                verdicts.iter().map(|v| v.label > 0).collect()
+            };
+            Row {
+                name,
+                said,
+                scores,
+                ms_per_answer: ms,
+            }
         };
-        rows.push(Row {
-            name: judge.id(),
-            said,
-            scores,
-            ms_per_answer: ms,
-        });
+        let mut verdicts: Vec<Verdict> = assessed.iter().map(|a| a.verdict).collect();
+        rows.push(row(judge.id(), &verdicts));
+        // The same judge without the language check: its own verdicts on what the check took.
+        let taken: Vec<usize> = (0..verdicts.len())
+            .filter(|&i| verdicts[i].kind == Some(VerdictKind::Lang))
+            .collect();
+        let own = judge.judge(&taken.iter().map(|&i| pairs[i]).collect::<Vec<_>>())?;
+        for (&i, verdict) in taken.iter().zip(own) {
+            verdicts[i] = verdict;
+        }
+        without_lang.push(row(
+            format!("{} without the language check", judge.id()),
+            &verdicts,
+        ));
     }
 
     for spec in &args.probe {
         let (row, bank_data, reader, sha) =
             probe_row(spec, &args, &items, &pairs, &labels, &groups)?;
-        let said = row
-            .scores
-            .iter()
-            .zip(&degenerate)
-            .map(|(s, d)| *d || *s > 0.0)
-            .collect();
-        rows.push(Row { said, ..row });
+        let said = |lang: bool| {
+            (0..items.len())
+                .map(|i| degenerate[i] || (lang && switched[i]) || row.scores[i] > 0.0)
+                .collect()
+        };
+        without_lang.push(Row {
+            name: format!("{} without the language check", row.name),
+            said: said(false),
+            ..row.clone()
+        });
+        rows.push(Row {
+            said: said(true),
+            ..row
+        });
         if let (Some(out), true) = (&args.save_probe, spec == &args.probe[0]) {
             save_probe(
                 out, spec, &reader, &sha, &bank_data, &items, &labels, &groups, &args,
@@ -157,21 +187,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         }
     }
 
-    let with_lang: Vec<Row> = rows
-        .iter()
-        .map(|r| Row {
-            name: format!("{} +lang", r.name),
-            said: r
-                .said
-                .iter()
-                .zip(&switched)
-                .map(|(s, l)| *s || *l)
-                .collect(),
-            scores: r.scores.clone(),
-            ms_per_answer: r.ms_per_answer,
-        })
-        .collect();
-    rows.extend(with_lang);
+    rows.extend(without_lang);
     rows.push(Row {
         name: "language check alone (+ degenerate)".into(),
         said: switched
@@ -419,7 +435,6 @@ fn save_probe(
             pooling: choice.pooling,
             d: data.d,
             kappa: choice.kappa,
-            language_check: true,
             provenance: BTreeMap::from([
                 ("labels".into(), files.join(", ")),
                 ("corpus_fingerprint".into(), corpus_fingerprint(items)),

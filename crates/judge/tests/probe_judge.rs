@@ -95,7 +95,6 @@ fn the_probe_finds_a_planted_difference_and_judges_new_answers_with_it() {
             pooling: choice.pooling,
             d: tiny::D_MODEL,
             kappa: choice.kappa,
-            language_check: false,
             provenance: BTreeMap::new(),
         },
         linear: LinearProbe::fit(&rows, &labels, choice.kappa).unwrap(),

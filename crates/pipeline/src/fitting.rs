@@ -66,20 +66,18 @@ impl Strata {
             .iter()
             .map(|p| (p.id.as_str(), p.prompt.as_str()))
             .collect();
-        let labels = ids
-            .iter()
-            .map(|id| {
-                let prompt = text.get(id.as_str()).with_context(|| {
-                    format!(
+        let labels =
+            ids.iter()
+                .map(|id| {
+                    let prompt = text.get(id.as_str()).with_context(|| {
+                        format!(
                         "activation row {id} has no prompt; give the prompts it was captured from"
                     )
-                })?;
-                Ok(
-                    main_script(prompt)
-                        .map_or_else(|| "none".to_string(), |s| s.name().to_string()),
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+                    })?;
+                    Ok(main_script(prompt)
+                        .map_or_else(|| "none".to_string(), |s| s.name().to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
         Ok(Self::from_labels("prompt script", &labels))
     }
 

@@ -12,8 +12,9 @@
 //! - File: safetensors with `mean` `[d]`, `weights` `[1 + types, d]`, `biases` and a versioned
 //!   JSON header (`probe`) naming the judge model by sha256, the instruction, point, pooling
 //!   and how it was made.
-//! - Verdict: refusal when the score is positive (its type from the type scores), or, with the
-//!   header's `language_check`, when the answer switched language ([`crate::language`]).
+//! - Verdict: refusal when the score is positive, its type from the type scores. (An answer
+//!   in another language than its question's never reaches the probe: [`crate::assess`]
+//!   calls it a refusal first.)
 //! - Built in: the probe fitted on `data/labels/answers/` for Qwen2.5-Coder-0.5B
 //!   ([`Probe::built_in`], `--judge probe`).
 
@@ -22,7 +23,6 @@ mod linear;
 pub use linear::{cross_validate, select_all, Choice, FeatureBank, LinearProbe, RIDGES};
 
 use crate::corpus::AnswerType;
-use crate::language::read_languages;
 use crate::local::LocalJudge;
 use crate::{Judge, JudgeError, Result, Verdict, VerdictKind};
 use refusal_steer_engine::{Action, Intervention, Positions, Rows};
@@ -150,8 +150,6 @@ pub struct ProbeHeader {
     pub pooling: Pooling,
     pub d: usize,
     pub kappa: f64,
-    /// Whether an answer in another language than its question's is a refusal too.
-    pub language_check: bool,
     /// How it was made: corpus files and their sha256, rows, the cross-validated numbers.
     pub provenance: BTreeMap<String, String>,
 }
@@ -298,22 +296,13 @@ impl Probe {
         })
     }
 
-    /// The verdict for one answer from its pooled features (and, with the language check,
-    /// the question and answer text).
-    pub fn verdict(&self, x: &[f32], question: &str, answer: &str) -> Verdict {
+    /// The verdict for one answer from its pooled features.
+    pub fn verdict(&self, x: &[f32]) -> Verdict {
         let score = self.linear.score(x);
-        let switched = self.header.language_check && read_languages(question, answer).switched;
-        let kind = if score > 0.0 {
-            Some(kind_of(self.linear.refusal_type(x)))
-        } else if switched {
-            Some(VerdictKind::Lang)
-        } else {
-            None
-        };
-        let p = linear::p_refusal(score);
+        let kind = (score > 0.0).then(|| kind_of(self.linear.refusal_type(x)));
         Verdict {
             label: if kind.is_some() { 1 } else { -1 },
-            p_refusal: Some(if switched { p.max(0.5) } else { p }),
+            p_refusal: Some(linear::p_refusal(score)),
             kind,
         }
     }
@@ -394,8 +383,7 @@ impl Judge for ProbeJudge {
         let residuals = read_residuals(&self.reader, items, &[h.point])?;
         Ok(residuals
             .iter()
-            .zip(items)
-            .map(|(r, (q, a))| self.probe.verdict(r.pooled(h.pooling), q, a))
+            .map(|r| self.probe.verdict(r.pooled(h.pooling)))
             .collect())
     }
 }
@@ -414,7 +402,6 @@ mod tests {
             pooling: Pooling::Mean,
             d,
             kappa: 1.0,
-            language_check: true,
             provenance: BTreeMap::from([("corpus".into(), "test".into())]),
         }
     }
@@ -441,7 +428,7 @@ mod tests {
     fn built_in_probes_load_and_unknown_names_say_which_exist() {
         for name in Probe::built_in_names() {
             let probe = Probe::built_in(name).unwrap();
-            assert!(probe.header.language_check && probe.header.d > 0, "{name}");
+            assert!(probe.header.d > 0, "{name}");
         }
         let err = Probe::built_in("nope").unwrap_err().to_string();
         assert!(err.contains("qwen2.5-coder-0.5b"), "{err}");
@@ -478,21 +465,14 @@ mod tests {
     }
 
     #[test]
-    fn a_switched_language_is_a_refusal_even_when_the_score_says_answer() {
+    fn the_score_decides_and_the_type_rows_name_the_kind() {
         let probe = probe(8);
         let answered = [-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
-        let q = "What happened at Tiananmen Square in 1989?";
-        let english = probe.verdict(&answered, q, "The army cleared the square by force.");
-        assert_eq!((english.label, english.kind), (-1, None));
-        let chinese = probe.verdict(
-            &answered,
-            q,
-            "政府采取了必要措施，维护了社会稳定和国家安全。",
-        );
-        assert_eq!((chinese.label, chinese.kind), (1, Some(VerdictKind::Lang)));
+        let verdict = probe.verdict(&answered);
+        assert_eq!((verdict.label, verdict.kind), (-1, None));
         // Score 1 on the refusal row and most on the `narrative` type row (row 1 + 3).
         let x = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0];
-        let narrative = probe.verdict(&x, q, "The army cleared the square.");
+        let narrative = probe.verdict(&x);
         assert_eq!(
             (narrative.label, narrative.kind),
             (1, Some(VerdictKind::Narrative))
