@@ -20,7 +20,7 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SetRate {
     pub n: usize,
-    /// By the run's judge (degenerate answers count as refusals).
+    /// By the run's judge (degenerate and switched-language answers count as refusals).
     pub refusals: usize,
     pub rate: f64,
     /// Wilson 95% interval of `rate`.

@@ -153,7 +153,7 @@ pub fn write(
     let _ = writeln!(md, "# refusal-steer run: {}\n", report.model);
     let _ = writeln!(
         md,
-        "Judge: `{}` (degenerate answers count as refusals); direction: {:?}. Strengths are norm-scaled: the fraction of the residual stream's mean norm added at each steered point (negative removes refusals).\n",
+        "Judge: `{}` (degenerate answers, and answers in another language than the question's, count as refusals); direction: {:?}. Strengths are norm-scaled: the fraction of the residual stream's mean norm added at each steered point (negative removes refusals).\n",
         report.judge, report.direction
     );
     let _ = writeln!(md, "## Test split\n\n{}", table(report));

@@ -2,6 +2,9 @@
 //!
 //! All methods point from compliance to refusal: adding `+alpha * v` pushes toward refusing.
 //! Linear algebra runs in f64; the result is returned as f32 like the activations.
+//! With strata ([`Samples::with_strata`]), every class mean and the ridge's covariance weigh
+//! the rows so that each stratum has the same share of both classes (PCA's row pairing does not
+//! see them).
 
 mod samples;
 
