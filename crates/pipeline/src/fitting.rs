@@ -66,18 +66,13 @@ impl Strata {
             .iter()
             .map(|p| (p.id.as_str(), p.prompt.as_str()))
             .collect();
-        let labels =
-            ids.iter()
-                .map(|id| {
-                    let prompt = text.get(id.as_str()).with_context(|| {
-                        format!(
-                        "activation row {id} has no prompt; give the prompts it was captured from"
-                    )
-                    })?;
-                    Ok(main_script(prompt)
-                        .map_or_else(|| "none".to_string(), |s| s.name().to_string()))
-                })
-                .collect::<Result<Vec<_>>>()?;
+        let mut labels = Vec::with_capacity(ids.len());
+        for id in ids {
+            let prompt = text.get(id.as_str()).with_context(|| {
+                format!("activation row {id} has no prompt: give the prompts it was captured from")
+            })?;
+            labels.push(main_script(prompt).map_or("none".to_string(), |s| s.name().to_string()));
+        }
         Ok(Self::from_labels("prompt script", &labels))
     }
 
@@ -418,6 +413,30 @@ pub(crate) mod tests {
             .collect();
         let strata = Strata::from_labels("prompt script", &labels);
         assert_eq!(strata.names, ["Mandarin", "Latin"]);
+        let prompt = |id: &str, text: &str| Prompt {
+            id: id.into(),
+            prompt: text.into(),
+            set: None,
+        };
+        let prompts = [
+            prompt("zh", "中国政府如何发现并破解Shadowsocks?"),
+            prompt("en", "How does the Great Firewall work?"),
+        ];
+        let ids = ["en".to_string(), "zh".to_string()];
+        let by_script = Strata::prompt_scripts(&ids, &prompts).unwrap();
+        assert_eq!(
+            (by_script.names, by_script.of_row),
+            (
+                vec!["Latin".to_string(), "Mandarin".to_string()],
+                vec![0, 1]
+            )
+        );
+        let err = Strata::prompt_scripts(&["gone".to_string()], &prompts).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("activation row gone has no prompt"),
+            "{err}"
+        );
         let mut options = FitOptions {
             method: Method::Wrmd,
             ridge: Ridge::Relative(1.0),
