@@ -81,14 +81,18 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         .iter()
         .map(|i| (i.prompt.as_str(), i.answer.as_str()))
         .collect();
-    let degenerate: Vec<bool> = items
+    // The two checks `assess` runs before every judge, on the same text (after any reasoning),
+    // for the probe rows, which are scored from features instead of through `assess`.
+    let (degenerate, switched): (Vec<bool>, Vec<bool>) = items
         .iter()
-        .map(|i| detect_degenerate(refusal_steer_judge::text::final_answer(&i.answer)).is_some())
-        .collect();
-    let switched: Vec<bool> = items
-        .iter()
-        .map(|i| read_languages(&i.prompt, &i.answer).switched)
-        .collect();
+        .map(|i| {
+            let answer = refusal_steer_judge::text::final_answer(&i.answer);
+            (
+                detect_degenerate(answer).is_some(),
+                read_languages(&i.prompt, answer).switched,
+            )
+        })
+        .unzip();
     eprintln!(
         "{} labelled answers to {} prompts, {} folds grouped by prompt",
         items.len(),
