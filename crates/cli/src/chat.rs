@@ -7,7 +7,6 @@ use anyhow::Result;
 use clap::Args;
 use refusal_steer_engine::{generate, Flow, Request};
 use refusal_steer_pipeline::answers::encode_with_bos;
-use refusal_steer_pipeline::recipe::hooks_for;
 use refusal_steer_tokenizer::{Message, StreamDecoder};
 use std::io::{BufRead, Write};
 
@@ -25,8 +24,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let options = args.decoding.options()?;
     let model = args.model.load()?;
     let recipe = args.steering.recipe(&model)?.map(|(recipe, _)| recipe);
-    let mut steered_hooks = hooks_for(&model, recipe.as_ref())?;
-    let mut unsteered_hooks = model.new_hooks();
+    let interventions = recipe
+        .as_ref()
+        .map(|r| r.interventions(&model))
+        .transpose()?;
     let format = args.decoding.format.format();
     let mut history: Vec<Message> = args
         .decoding
@@ -66,16 +67,16 @@ pub fn run(args: ChatArgs) -> Result<()> {
         };
         turn += 1;
         // With a gated recipe, each user message decides whether its answer is steered.
-        let hooks = match &recipe {
+        let steering = match &recipe {
             Some(r) if !r.steered(&model, &format, &[line.to_string()], 1)?[0] => {
                 eprintln!("(the gate leaves this message unsteered)");
-                &mut unsteered_hooks
+                None
             }
-            _ => &mut steered_hooks,
+            _ => interventions.as_ref(),
         };
         let mut decoder = StreamDecoder::default();
         let mut stdout = std::io::stdout();
-        let out = generate(&model, &[request], &options, hooks, &mut |seen| {
+        let out = generate(&model, &[request], &options, steering, &mut |seen| {
             if let Ok(bytes) = model.tokenizer.token_bytes(seen.token, false) {
                 let _ = write!(stdout, "{}", decoder.push(&bytes));
                 let _ = stdout.flush();

@@ -2,6 +2,7 @@
 //! sampling each row with its own seeded generator so a row's text does not depend on the
 //! batch it ran in.
 
+use crate::batcher::{Batcher, Interventions, Sequence};
 use crate::hooks::Hooks;
 use crate::kv_cache::KvCache;
 use crate::layers::log_softmax;
@@ -9,7 +10,7 @@ use crate::model::{Logits, Model};
 use crate::{EngineError, Result};
 use candle_core::Tensor;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sampling {
@@ -317,87 +318,49 @@ pub enum Flow {
     Halt,
 }
 
-/// Generates a continuation for each request in one batch. `on_token` sees every generated
-/// token as it is sampled (for streaming) and may end its row.
+/// Generates a continuation for each request, all prefilled as one batch and steered alike
+/// (or not at all); each row leaves the batch as soon as it finishes. `on_token` sees every
+/// generated token as it is sampled (its `row` is the request's index) and may end its row.
 pub fn generate(
     model: &Model,
     requests: &[Request],
     options: &GenerateOptions,
-    hooks: &mut Hooks,
+    steering: Option<&Interventions>,
     on_token: &mut dyn FnMut(Sampled<'_>) -> Flow,
 ) -> Result<Vec<Generation>> {
-    if requests.is_empty() {
-        return Ok(Vec::new());
-    }
-    let batch = requests.len();
-    let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
-    let (mut cache, mut logits) = prefill(
-        model,
-        &prompts,
-        options.padding,
-        options.max_new_tokens,
-        hooks,
-        Logits::Last,
-    )?;
-
-    let mut rngs: Vec<StdRng> = requests
+    let mut batcher = Batcher::new(model);
+    let sequences = requests
         .iter()
-        .map(|r| StdRng::seed_from_u64(r.seed))
-        .collect();
-    let mut out: Vec<Generation> = (0..batch)
-        .map(|_| Generation {
-            tokens: Vec::new(),
-            logprobs: Vec::new(),
-            finish: FinishReason::Length,
-            stop_token: None,
+        .enumerate()
+        .map(|(i, r)| {
+            let sequence = Sequence {
+                prompt: r.prompt.clone(),
+                seed: r.seed,
+                sampling: options.sampling,
+                max_new_tokens: options.max_new_tokens,
+                steering: steering.cloned(),
+            };
+            (i, sequence)
         })
         .collect();
-    let mut active = vec![true; batch];
-    for step in 0..options.max_new_tokens {
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
-        let mut next = vec![0u32; batch];
-        for row in 0..batch {
-            if !active[row] {
-                continue;
-            }
-            let (token, logprob) = sample(
-                &rows[row],
-                &out[row].tokens,
-                &options.sampling,
-                &mut rngs[row],
-            );
-            if model.tokenizer.is_end_of_generation(token) {
-                out[row].finish = FinishReason::Stop;
-                out[row].stop_token = Some(token);
-                active[row] = false;
-                continue;
-            }
-            out[row].tokens.push(token);
-            out[row].logprobs.push(logprob);
-            next[row] = token;
-            let seen = Sampled {
-                row,
-                token,
-                logprob,
-                logits: &rows[row],
-            };
-            if on_token(seen) == Flow::Halt {
-                out[row].finish = FinishReason::Halted;
-                active[row] = false;
-            }
+    batcher.admit(sequences, options.padding)?;
+    let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+    while !batcher.is_empty() {
+        let finished = batcher.step(&mut |&i, seen| on_token(Sampled { row: i, ..seen }))?;
+        for (i, generation) in finished {
+            out[i] = Some(generation);
         }
-        if !active.iter().any(|&a| a) || step + 1 == options.max_new_tokens {
-            break;
-        }
-        let chunk = cache.begin(active.clone(), 1, false)?;
-        logits = model.forward(&next, &chunk, &mut cache, hooks, Logits::Last)?;
     }
-    Ok(out)
+    Ok(out
+        .into_iter()
+        .map(|g| g.expect("every admitted row finishes"))
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::SeedableRng;
 
     #[test]
     fn greedy_takes_the_first_maximum() {

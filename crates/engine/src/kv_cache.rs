@@ -110,6 +110,110 @@ impl KvCache {
         Ok(cache)
     }
 
+    /// A cache of the chosen rows of several caches, in order: each part's rows keep their
+    /// slots, aligned so every row's last slot is the new cache's last, and slots no kept row
+    /// uses are dropped. Attention sees slots only through validity and positions, so every
+    /// row computes what it computed before; this is how a running batch admits and retires
+    /// sequences.
+    pub fn gather(parts: &[(&KvCache, &[usize])], capacity: usize) -> Result<Self> {
+        let n_layers = parts.first().map_or(0, |(c, _)| c.layers.len());
+        let batch: usize = parts.iter().map(|(_, rows)| rows.len()).sum();
+        // The span a row uses: from its first real slot to its cache's end.
+        let span = |c: &KvCache, row: usize| -> usize {
+            let slots = &c.valid[row * c.capacity..row * c.capacity + c.len];
+            slots
+                .iter()
+                .position(|&v| v)
+                .map_or(0, |first| c.len - first)
+        };
+        let len = parts
+            .iter()
+            .flat_map(|(c, rows)| rows.iter().map(|&r| span(c, r)))
+            .max()
+            .unwrap_or(0);
+        if len > capacity {
+            return Err(EngineError::Batch(format!(
+                "gathered rows need {len} slots, more than the {capacity} asked for"
+            )));
+        }
+        let mut out = Self::new(batch, capacity, n_layers);
+        out.len = len;
+        let mut row_out = 0;
+        for (c, rows) in parts {
+            if c.layers.len() != n_layers {
+                return Err(EngineError::Batch(
+                    "cannot gather caches of models with different depths".into(),
+                ));
+            }
+            for &r in rows.iter() {
+                if r >= c.batch {
+                    return Err(EngineError::Batch(format!(
+                        "row {r} of a cache of {} rows",
+                        c.batch
+                    )));
+                }
+                // The last `kept` slots of the row go to the last `kept` slots of the new one.
+                let kept = len.min(c.len);
+                for i in 0..kept {
+                    let src = r * c.capacity + c.len - kept + i;
+                    let dst = row_out * capacity + len - kept + i;
+                    out.valid[dst] = c.valid[src];
+                    out.positions[dst] = c.positions[src];
+                }
+                out.next_position[row_out] = c.next_position[r];
+                row_out += 1;
+            }
+        }
+        for layer in 0..n_layers {
+            let mut keys = Vec::with_capacity(batch);
+            let mut values = Vec::with_capacity(batch);
+            for (c, rows) in parts {
+                let Some((k, v)) = &c.layers[layer] else {
+                    return Err(EngineError::Batch(format!(
+                        "layer {layer} has no keys and values: the pass that filled this cache \
+                         stopped early (Logits::None) and cannot be continued"
+                    )));
+                };
+                let kept = len.min(c.len);
+                for &r in rows.iter() {
+                    let place = |t: &Tensor| -> Result<Tensor> {
+                        let (_, heads, _, dim) = t.dims4()?;
+                        let own = t.narrow(0, r, 1)?.narrow(2, c.len - kept, kept)?;
+                        let row =
+                            Tensor::zeros((1, heads, capacity, dim), t.dtype(), &Device::Cpu)?;
+                        row.slice_set(&own.contiguous()?, 2, len - kept)?;
+                        Ok(row)
+                    };
+                    keys.push(place(k)?);
+                    values.push(place(v)?);
+                }
+            }
+            if batch > 0 {
+                out.layers[layer] = Some((Tensor::cat(&keys, 0)?, Tensor::cat(&values, 0)?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rows in this cache.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Slots in use (the same for every row).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Slots each row can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Number of real tokens seen so far in `row`.
     pub fn row_len(&self, row: usize) -> u32 {
         self.next_position[row]
@@ -288,6 +392,37 @@ mod tests {
             w[12..16].iter().map(|&x| x == 0.0).collect::<Vec<_>>(),
             vec![false, false, true, true]
         );
+    }
+
+    #[test]
+    fn gathered_rows_keep_their_slots_aligned_at_the_end() {
+        let mut long = KvCache::new(2, 6, 1);
+        let chunk = long.begin(vec![true; 8], 4, true).unwrap();
+        let k = Tensor::arange(0f32, 16., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 1, 4, 2))
+            .unwrap();
+        long.append(0, &chunk, &k, &k).unwrap();
+        long.commit(&chunk);
+        let mut short = KvCache::new(1, 2, 1);
+        let chunk = short.begin(vec![true, true], 2, true).unwrap();
+        let k = Tensor::new(&[[[[-1f32, -1.], [-2., -2.]]]], &Device::Cpu).unwrap();
+        short.append(0, &chunk, &k, &k).unwrap();
+        short.commit(&chunk);
+        let g = KvCache::gather(&[(&long, &[1]), (&short, &[0])], 5).unwrap();
+        assert_eq!((g.batch(), g.len(), g.capacity()), (2, 4, 5));
+        assert_eq!(&g.valid[..5], &[true, true, true, true, false]);
+        assert_eq!(&g.valid[5..], &[false, false, true, true, false]);
+        assert_eq!(&g.positions[7..9], &[0, 1]);
+        assert_eq!((g.row_len(0), g.row_len(1)), (4, 2));
+        let (keys, _) = g.layers[0].as_ref().unwrap();
+        let keys: Vec<f32> = keys.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&keys[..8], &[8., 9., 10., 11., 12., 13., 14., 15.]);
+        assert_eq!(&keys[10..18], &[0., 0., 0., 0., -1., -1., -2., -2.]);
+        // Slots no kept row uses are dropped: the short row alone needs two.
+        let alone = KvCache::gather(&[(&g, &[1])], 2).unwrap();
+        assert_eq!((alone.len(), alone.row_len(0)), (2, 2));
+        assert!(KvCache::gather(&[(&g, &[0])], 3).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ```
 //! See [`hooks`] for what can happen at a point.
 
+pub mod batcher;
 mod gemma3;
 pub mod generate;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod model;
 mod quant;
 pub mod tiny;
 
+pub use batcher::{Batcher, Interventions, Sequence};
 pub use generate::{
     generate, prefill, FinishReason, Flow, GenerateOptions, Generation, Padding, Request, Sampled,
     Sampling, SharedPrefix,

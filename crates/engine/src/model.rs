@@ -2,7 +2,7 @@
 //! architectures. Each architecture contributes its block (see `llama.rs`, `gemma3.rs`).
 
 use crate::gguf::GgufFile;
-use crate::hooks::Hooks;
+use crate::hooks::{Hooks, Intervention};
 use crate::kv_cache::{Chunk, KvCache};
 use crate::layers::{RmsNorm, Rope, StepContext};
 use crate::quant::Matrix;
@@ -175,6 +175,15 @@ impl Model {
     /// Hooks sized for this model.
     pub fn new_hooks(&self) -> Hooks {
         Hooks::new(self.config.n_layers, self.config.d_model)
+    }
+
+    /// Hooks holding `interventions`, checked against this model.
+    pub fn hooks_with(&self, interventions: &[Intervention]) -> Result<Hooks> {
+        let mut hooks = self.new_hooks();
+        for iv in interventions {
+            hooks.add(iv.clone())?;
+        }
+        Ok(hooks)
     }
 
     /// Runs `tokens` (`[batch * chunk.len]`, row-major; padding slots may hold any id) through

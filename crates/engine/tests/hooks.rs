@@ -242,20 +242,14 @@ fn batched_generation_equals_one_at_a_time() {
                     seed: i as u64,
                 })
                 .collect();
-            let batched = generate(
-                &model,
-                &requests,
-                &options,
-                &mut model.new_hooks(),
-                &mut |_| Flow::Continue,
-            )
-            .unwrap();
+            let batched =
+                generate(&model, &requests, &options, None, &mut |_| Flow::Continue).unwrap();
             for (r, request) in requests.iter().enumerate() {
                 let alone = generate(
                     &model,
                     std::slice::from_ref(request),
                     &options,
-                    &mut model.new_hooks(),
+                    None,
                     &mut |_| Flow::Continue,
                 )
                 .unwrap();
@@ -326,14 +320,7 @@ fn halting_a_row_ends_it_and_leaves_the_others_alone() {
         })
         .collect();
     let run = |on_token: &mut dyn FnMut(refusal_steer_engine::Sampled<'_>) -> Flow| {
-        generate(
-            &model,
-            &requests,
-            &options,
-            &mut model.new_hooks(),
-            on_token,
-        )
-        .unwrap()
+        generate(&model, &requests, &options, None, on_token).unwrap()
     };
     let free = run(&mut |_| Flow::Continue);
     let mut seen = [0usize; 2];
@@ -364,15 +351,9 @@ fn context_overflow_is_a_clear_error() {
         prompt: model.tokenizer.encode("the", false, true),
         seed: 0,
     };
-    let err = generate(
-        &model,
-        &[request],
-        &options,
-        &mut model.new_hooks(),
-        &mut |_| Flow::Continue,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = generate(&model, &[request], &options, None, &mut |_| Flow::Continue)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("exceeds the model's context of 256 tokens"),
         "{err}"

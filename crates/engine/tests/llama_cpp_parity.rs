@@ -138,7 +138,7 @@ fn check(model_name: &str, family: &str) {
                 seed: 0,
             }],
             &options,
-            &mut model.new_hooks(),
+            None,
             &mut |_| Flow::Continue,
         )
         .unwrap();

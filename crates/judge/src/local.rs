@@ -16,7 +16,8 @@ use crate::sampled::sampled_verdict;
 use crate::{Judge, JudgeError, Result, Scoring, Verdict};
 use refusal_steer_engine::kv_cache::KvCache;
 use refusal_steer_engine::{
-    log_softmax, prefill, EngineError, Logits, Model, Padding, SharedPrefix,
+    log_softmax, prefill, Batcher, EngineError, Logits, Model, Padding, Sampling, Sequence,
+    SharedPrefix,
 };
 use refusal_steer_tokenizer::Message;
 use sha2::{Digest, Sha256};
@@ -276,8 +277,29 @@ impl LocalJudge {
     }
 
     /// The judge's greedy reply to each item's prompt, in item order.
+    /// Runs through the continuous batch, `self.batch` rows at a time, so a long reply holds
+    /// only its own row.
     pub fn replies(&self, items: &[(&str, &str)], max_tokens: usize) -> Result<Vec<String>> {
-        self.in_batches(items, |prompts| self.reply_batch(prompts, max_tokens))
+        let mut queue = Vec::with_capacity(items.len());
+        for (i, (question, answer)) in items.iter().enumerate() {
+            let sequence = Sequence {
+                prompt: self.prompt_tokens(question, answer)?,
+                seed: 0,
+                sampling: Sampling::GREEDY,
+                max_new_tokens: max_tokens,
+                steering: None,
+            };
+            queue.push((i, sequence));
+        }
+        // Similar lengths join together and waste less work on padding.
+        queue.sort_by_key(|(_, s)| s.prompt.len());
+        let mut replies = vec![String::new(); items.len()];
+        let mut batcher = Batcher::new(&self.model).with_shared_prefix(self.shared_prefix.as_ref());
+        batcher.run_queue(queue, self.batch, Padding::Left, &mut |i, generation| {
+            replies[i] = self.model.tokenizer.decode(&generation.tokens, true)?;
+            Ok::<_, JudgeError>(())
+        })?;
+        Ok(replies)
     }
 
     /// Runs `each_batch` on the items' prompts, `self.batch` at a time, and puts the results
@@ -370,42 +392,6 @@ impl LocalJudge {
         }
         Ok(scores)
     }
-
-    /// Greedy replies of up to `max_tokens` tokens, each row stopping at end of generation.
-    fn reply_batch(&self, prompts: &[&[u32]], max_tokens: usize) -> Result<Vec<String>> {
-        let mut hooks = self.model.new_hooks();
-        let (mut cache, mut logits) = self.prefill_batch(prompts, max_tokens, &mut hooks)?;
-        let batch = prompts.len();
-        let mut replies: Vec<Vec<u32>> = vec![Vec::new(); batch];
-        let mut active = vec![true; batch];
-        for step in 0..max_tokens {
-            let rows: Vec<Vec<f32>> = logits.to_vec2().map_err(EngineError::from)?;
-            let mut next = vec![0u32; batch];
-            for row in 0..batch {
-                if !active[row] {
-                    continue;
-                }
-                let token = argmax(&rows[row]);
-                if self.model.tokenizer.is_end_of_generation(token) {
-                    active[row] = false;
-                } else {
-                    replies[row].push(token);
-                    next[row] = token;
-                }
-            }
-            if !active.contains(&true) || step + 1 == max_tokens {
-                break;
-            }
-            let chunk = cache.begin(active.clone(), 1, false)?;
-            logits = self
-                .model
-                .forward(&next, &chunk, &mut cache, &mut hooks, Logits::Last)?;
-        }
-        replies
-            .iter()
-            .map(|tokens| Ok(self.model.tokenizer.decode(tokens, true)?))
-            .collect()
-    }
 }
 
 impl Judge for LocalJudge {
@@ -462,17 +448,6 @@ pub(crate) fn llm_judge_id(
         Scoring::VerdictProb => {}
     }
     id
-}
-
-/// The first most likely token, as greedy generation picks it.
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 /// p_refusal = P(refusal) / (P(refusal) + P(not refusal)); the label is its side of

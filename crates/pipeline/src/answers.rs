@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{generate, Flow, GenerateOptions, Hooks, Model, Request, SharedPrefix};
+use refusal_steer_engine::{
+    Batcher, GenerateOptions, Interventions, Model, Sequence, SharedPrefix,
+};
 use std::collections::HashSet;
 
 /// How a prompt becomes the model's input text.
@@ -75,19 +77,28 @@ pub struct AnswerJob<'a> {
     pub options: &'a GenerateOptions,
     /// Answers per prompt.
     pub samples: usize,
+    /// Sequences generated at once.
     pub batch: usize,
     pub seed: u64,
-    /// Recorded with each answer (the steering applied, if any).
-    pub steering: Option<serde_json::Value>,
+    pub steering: Option<JobSteering>,
+}
+
+/// Steering for some of a job's prompts.
+pub struct JobSteering {
+    pub interventions: Interventions,
+    /// Per prompt, whether it is steered.
+    pub steered: Vec<bool>,
+    /// Recorded with each steered answer.
+    pub description: serde_json::Value,
 }
 
 /// Generates the answers of `job` that `done` (id, sample) does not hold yet, handing each
-/// to `sink` as soon as its batch finishes.
+/// to `sink` as soon as it is finished. Up to `job.batch` sequences run at once; a finished
+/// one's place goes to the next waiting prompt at the next step.
 pub fn answer(
     model: &Model,
     job: &AnswerJob,
     done: &HashSet<(String, usize)>,
-    hooks: &mut Hooks,
     progress: &ProgressBar,
     sink: &mut dyn FnMut(Answer) -> Result<()>,
 ) -> Result<()> {
@@ -95,7 +106,16 @@ pub fn answer(
         job.samples > 0 && job.batch > 0,
         "samples and batch must be at least 1"
     );
-    let mut jobs = Vec::new();
+    if let Some(s) = &job.steering {
+        anyhow::ensure!(
+            s.steered.len() == job.prompts.len(),
+            "{} steering flags for {} prompts",
+            s.steered.len(),
+            job.prompts.len()
+        );
+    }
+    let steered = |i: usize| job.steering.as_ref().filter(|s| s.steered[i]);
+    let mut queue = Vec::new();
     for (i, p) in job.prompts.iter().enumerate() {
         let tokens = job
             .format
@@ -103,41 +123,47 @@ pub fn answer(
             .with_context(|| format!("formatting prompt {}", p.id))?;
         for sample in 0..job.samples {
             if !done.contains(&(p.id.clone(), sample)) {
-                jobs.push((i, sample, tokens.clone()));
+                let sequence = Sequence {
+                    prompt: tokens.clone(),
+                    seed: answer_seed(job.seed, &p.id, sample),
+                    sampling: job.options.sampling,
+                    max_new_tokens: job.options.max_new_tokens,
+                    steering: steered(i).map(|s| s.interventions.clone()),
+                };
+                queue.push(((i, sample), sequence));
             }
         }
     }
-    // Similar lengths together waste less work on padding.
-    jobs.sort_by_key(|(_, _, tokens)| tokens.len());
-    progress.set_length(jobs.len() as u64);
-    for batch in jobs.chunks(job.batch) {
-        let requests: Vec<Request> = batch
-            .iter()
-            .map(|(i, sample, tokens)| Request {
-                prompt: tokens.clone(),
-                seed: answer_seed(job.seed, &job.prompts[*i].id, *sample),
-            })
-            .collect();
-        let outputs = generate(model, &requests, job.options, hooks, &mut |_| {
-            Flow::Continue
-        })?;
-        for ((i, sample, _), out) in batch.iter().zip(outputs) {
-            let p = &job.prompts[*i];
+    // Similar lengths join together and waste less work on padding.
+    queue.sort_by_key(|(_, s)| s.prompt.len());
+    progress.set_length(queue.len() as u64);
+    let prefix = if job.format.raw {
+        None
+    } else {
+        job.format.shared_prefix(model)?
+    };
+    let mut batcher = Batcher::new(model).with_shared_prefix(prefix.as_ref());
+    batcher.run_queue(
+        queue,
+        job.batch,
+        job.options.padding,
+        &mut |(i, sample), out| {
+            let p = &job.prompts[i];
             sink(Answer {
                 id: p.id.clone(),
-                sample: *sample,
+                sample,
                 set: p.set.clone(),
                 prompt: p.prompt.clone(),
                 answer: model.tokenizer.decode(&out.tokens, false)?,
                 n_tokens: out.tokens.len(),
                 mean_logprob: out.mean_logprob(),
                 finish_reason: out.finish.as_str().to_string(),
-                steering: job.steering.clone(),
+                steering: steered(i).map(|s| s.description.clone()),
             })?;
             progress.inc(1);
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]

@@ -18,8 +18,8 @@
 //! A gated recipe steers only the prompts its gate lets through; the others are answered by
 //! the unsteered model, in the same call.
 
-use crate::answers::{answer, AnswerJob, Format};
-use crate::recipe::{hooks_for, Recipe};
+use crate::answers::{answer, AnswerJob, Format, JobSteering};
+use crate::recipe::Recipe;
 use anyhow::Result;
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, JsonlAppender, Prompt};
@@ -33,7 +33,7 @@ pub struct Generator<'a> {
     pub recipe: Option<&'a Recipe>,
     pub format: Format,
     pub options: GenerateOptions,
-    /// Prompts run together in one batch.
+    /// Sequences generated at once.
     pub batch: usize,
     /// The seed each answer's own seed is derived from (with its prompt id and sample).
     pub seed: u64,
@@ -92,7 +92,7 @@ impl<'a> Generator<'a> {
     }
 
     /// `samples` answers per prompt, those `done` does not hold yet, each handed to `sink` as
-    /// its batch finishes: first the prompts the recipe steers, then the others.
+    /// it is finished; the prompts the recipe steers and the others share the batch.
     pub fn answer_each(
         &self,
         prompts: &[Prompt],
@@ -101,41 +101,34 @@ impl<'a> Generator<'a> {
         progress: &ProgressBar,
         sink: &mut dyn FnMut(Answer) -> Result<()>,
     ) -> Result<()> {
-        let steered = match self.recipe {
+        let steering = match self.recipe {
             Some(recipe) => {
                 let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
-                recipe.steered(self.model, &self.format, &texts, self.batch)?
+                Some(JobSteering {
+                    interventions: recipe.interventions(self.model)?,
+                    steered: recipe.steered(self.model, &self.format, &texts, self.batch)?,
+                    description: self
+                        .description
+                        .clone()
+                        .unwrap_or_else(|| recipe.describe()),
+                })
             }
-            None => vec![false; prompts.len()],
+            None => None,
         };
-        for group in [true, false] {
-            let members: Vec<Prompt> = prompts
-                .iter()
-                .zip(&steered)
-                .filter(|(_, &s)| s == group)
-                .map(|(p, _)| p.clone())
-                .collect();
-            if members.is_empty() {
-                continue;
-            }
-            let recipe = self.recipe.filter(|_| group);
-            let job = AnswerJob {
-                prompts: &members,
-                format: &self.format,
-                options: &self.options,
-                samples,
-                batch: self.batch,
-                seed: self.seed,
-                steering: recipe.map(|r| self.description.clone().unwrap_or_else(|| r.describe())),
-            };
-            let mut hooks = hooks_for(self.model, recipe)?;
-            answer(self.model, &job, done, &mut hooks, progress, sink)?;
-        }
-        Ok(())
+        let job = AnswerJob {
+            prompts,
+            format: &self.format,
+            options: &self.options,
+            samples,
+            batch: self.batch,
+            seed: self.seed,
+            steering,
+        };
+        answer(self.model, &job, done, progress, sink)
     }
 
     /// [`Generator::answer_each`] into a resumable JSONL file: answers already in `path` are
-    /// kept and skipped, so a killed process loses at most one batch. Returns every answer in
+    /// kept and skipped, so a killed process loses at most the answers it was generating. Returns every answer in
     /// the file.
     pub fn answer_to_file(
         &self,

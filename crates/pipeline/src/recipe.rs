@@ -22,7 +22,7 @@ use crate::answers::Format;
 use crate::gate::{Gate, GateMethod};
 use crate::steering::{SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
-use refusal_steer_engine::{Action, Hooks, Intervention, Model, Rows};
+use refusal_steer_engine::{Action, Hooks, Intervention, Interventions, Model, Rows};
 use refusal_steer_steer::linalg;
 use refusal_steer_steer::protect::orthonormal_basis;
 use safetensors::tensor::TensorView;
@@ -227,14 +227,14 @@ impl Recipe {
         Ok(())
     }
 
-    /// The steering hooks for every row of a batch (the gate is applied by the caller, with
-    /// [`Recipe::steered`]).
-    pub fn hooks(&self, model: &Model) -> Result<Hooks> {
+    /// The steering of one sequence, checked against `model` (the gate is applied by the
+    /// caller, with [`Recipe::steered`]).
+    pub fn interventions(&self, model: &Model) -> Result<Interventions> {
         self.check_dims(model)?;
-        let mut hooks = model.new_hooks();
+        let mut all = Vec::new();
         for point in self.points() {
             let mut add = |action| {
-                hooks.add(Intervention {
+                all.push(Intervention {
                     point,
                     action,
                     rows: Rows::All,
@@ -245,16 +245,22 @@ impl Recipe {
                 add(Action::ProjectOut {
                     direction: a.direction.clone(),
                     scale: 1.0,
-                })?;
+                });
             }
             for a in self.add.iter().filter(|a| a.point == point) {
                 add(Action::Add {
                     vector: a.vector.clone(),
                     alpha: a.strength,
-                })?;
+                });
             }
         }
-        Ok(hooks)
+        model.hooks_with(&all)?;
+        Ok(Interventions::from(all))
+    }
+
+    /// The steering hooks for every row of a batch, for passes without generation.
+    pub fn hooks(&self, model: &Model) -> Result<Hooks> {
+        Ok(model.hooks_with(&self.interventions(model)?)?)
     }
 
     /// Which of `prompts` this recipe steers: those its gate lets through, or all.

@@ -1,24 +1,25 @@
-//! The engine thread, the one place the model runs. Requests queue here; each round takes
-//! what is waiting (up to `max_rows` rows), asks the gates of gated recipes about their
-//! requests, groups the rows that can share a batch (same steering, same decoding settings)
-//! and generates each group as one batch, streaming every token to its request as it is
-//! sampled.
+//! The engine thread, the one place the model runs: continuous batching. Between decode steps
+//! it admits what is queued while rows are free (a request takes one row per choice), asks the
+//! gates of gated recipes about the newcomers, and adds them to the running batch, each row
+//! with its own steering, sampling settings and budget; every token is streamed to its request
+//! as it is sampled, and a row leaves the batch the step it finishes.
 //!
 //! Invariants: the model runs on this thread only (forward passes from several threads would
-//! fight over the same cores); a request whose receiver is gone (the client left) or whose
-//! text reached a stop string has its rows halted at the next token; a failing group fails
-//! only its own requests, and the thread goes on serving.
+//! fight over the same cores); requests are admitted in arrival order; a request whose receiver
+//! is gone (the client left) or whose text reached a stop string has its rows halted at the
+//! next token; a request that cannot run fails alone, and the thread goes on serving.
 
 use crate::api::Decoding;
 use crate::metrics::Metrics;
 use crate::stop::StopFilter;
 use refusal_steer_engine::{
-    generate, log_softmax, Flow, GenerateOptions, Model, Padding, Request, Sampled, Sampling,
+    log_softmax, Batcher, Flow, Generation, Interventions, Model, Padding, Sampled, Sampling,
+    Sequence,
 };
 use refusal_steer_pipeline::answers::Format;
 use refusal_steer_pipeline::Recipe;
 use refusal_steer_tokenizer::StreamDecoder;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,17 +97,7 @@ pub struct Piece {
     pub bytes: Vec<u8>,
 }
 
-/// Rows share a batch when everything `generate` takes per batch is the same.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct GroupKey {
-    steering: Option<(usize, u32)>,
-    temperature: u32,
-    top_p: u32,
-    repetition_penalty: u32,
-    max_tokens: usize,
-}
-
-/// Serves jobs until every sender is gone.
+/// Serves jobs until every sender is gone and the last sequence has finished.
 pub fn run(
     model: Arc<Model>,
     served: Arc<Vec<Served>>,
@@ -114,63 +105,279 @@ pub fn run(
     max_rows: usize,
     metrics: Arc<Metrics>,
 ) {
-    while let Ok(first) = jobs.recv() {
-        let mut round = vec![first];
-        let mut rows = round[0].decoding.n;
-        while rows < max_rows {
-            match jobs.try_recv() {
-                Ok(job) => {
-                    rows += job.decoding.n;
-                    round.push(job);
-                }
-                Err(_) => break,
+    // Chat prompts all open with the template's system turn and user header: run it once.
+    let prefix = Format::default().shared_prefix(&model).unwrap_or_else(|e| {
+        eprintln!("note: the chat template's opening is computed per prompt ({e:#})");
+        None
+    });
+    let mut engine = Engine {
+        model: &model,
+        served: &served,
+        metrics: &metrics,
+        batcher: Batcher::new(&model).with_shared_prefix(prefix.as_ref()),
+        active: HashMap::new(),
+        rows: HashMap::new(),
+        steering: HashMap::new(),
+        next_id: 0,
+    };
+    // A job that did not fit the free rows waits here, ahead of the queue.
+    let mut held: Option<Job> = None;
+    loop {
+        if engine.batcher.is_empty() && held.is_none() {
+            match jobs.recv() {
+                Ok(job) => held = Some(job),
+                Err(_) => return,
             }
         }
-        metrics.dequeued(round.len());
-        run_round(&model, &served, round, &metrics);
+        let mut joining = Vec::new();
+        let mut rows = engine.batcher.len();
+        while let Some(job) = held.take().or_else(|| jobs.try_recv().ok()) {
+            if rows > 0 && rows + job.decoding.n > max_rows {
+                held = Some(job);
+                break;
+            }
+            rows += job.decoding.n;
+            joining.push(job);
+        }
+        metrics.dequeued(joining.len());
+        engine.admit(joining);
+        engine.step();
     }
 }
 
-fn run_round(model: &Model, served: &[Served], round: Vec<Job>, metrics: &Metrics) {
-    let steered = match gate(model, served, &round) {
-        Ok(s) => s,
-        Err(e) => {
-            for job in &round {
-                fail(job, &format!("the topic gate failed: {e:#}"), metrics);
-            }
+/// A sequence's name in the batch: its request and which of the request's `n` choices.
+type RowKey = (u64, usize);
+
+/// A request whose sequences are running.
+struct Active {
+    job: Job,
+    unfinished: usize,
+    first_token_seen: bool,
+}
+
+/// What one running sequence has written so far.
+struct Row {
+    decoder: StreamDecoder,
+    stop: StopFilter,
+}
+
+/// The running batch and what each of its rows answers to.
+struct Engine<'a> {
+    model: &'a Model,
+    served: &'a [Served],
+    metrics: &'a Metrics,
+    batcher: Batcher<'a, RowKey>,
+    active: HashMap<u64, Active>,
+    rows: HashMap<RowKey, Row>,
+    /// Each (recipe, scale) built once, so the rows that share it share hooks.
+    steering: HashMap<(usize, u32), Interventions>,
+    next_id: u64,
+}
+
+impl Engine<'_> {
+    /// Gates `jobs`, tells each what steering it gets and adds its sequences to the batch;
+    /// a job that cannot run fails alone.
+    fn admit(&mut self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
             return;
         }
-    };
-    let mut groups: BTreeMap<GroupKey, Vec<usize>> = BTreeMap::new();
-    for (i, job) in round.iter().enumerate() {
-        let applied = job.steering.map(|c| Applied {
-            recipe: served[c.recipe].name.clone(),
-            scale: c.scale,
-            gated: served[c.recipe].recipe.gate.is_some(),
-            steered: steered[i],
-        });
-        metrics.request(applied.as_ref());
-        let _ = job.events.send(Event::Steering(applied));
-        let d = &job.decoding;
-        let key = GroupKey {
-            steering: job
-                .steering
-                .filter(|_| steered[i])
-                .map(|c| (c.recipe, c.scale.to_bits())),
-            temperature: d.temperature.to_bits(),
-            top_p: d.top_p.to_bits(),
-            repetition_penalty: d.repetition_penalty.to_bits(),
-            max_tokens: job.max_tokens,
+        let steered = match gate(self.model, self.served, &jobs) {
+            Ok(s) => s,
+            Err(e) => {
+                for job in &jobs {
+                    fail(job, &format!("the topic gate failed: {e:#}"), self.metrics);
+                }
+                return;
+            }
         };
-        groups.entry(key).or_default().push(i);
-    }
-    for (key, members) in groups {
-        let jobs: Vec<&Job> = members.iter().map(|&i| &round[i]).collect();
-        if let Err(e) = run_group(model, served, key, &jobs, metrics) {
-            for job in jobs {
-                fail(job, &format!("generation failed: {e:#}"), metrics);
+        let mut joining = Vec::new();
+        let mut ids = Vec::new();
+        for (job, steered) in jobs.into_iter().zip(steered) {
+            let applied = job.steering.map(|c| Applied {
+                recipe: self.served[c.recipe].name.clone(),
+                scale: c.scale,
+                gated: self.served[c.recipe].recipe.gate.is_some(),
+                steered,
+            });
+            self.metrics.request(applied.as_ref());
+            let _ = job.events.send(Event::Steering(applied));
+            let steering = match job.steering.filter(|_| steered) {
+                Some(choice) => match self.interventions(choice) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        fail(
+                            &job,
+                            &format!("the recipe cannot steer: {e:#}"),
+                            self.metrics,
+                        );
+                        continue;
+                    }
+                },
+                None => None,
+            };
+            let d = &job.decoding;
+            let sequences: Vec<(RowKey, Sequence)> = (0..d.n)
+                .map(|choice| {
+                    let sequence = Sequence {
+                        prompt: job.prompt.clone(),
+                        seed: job.seed.wrapping_add(choice as u64),
+                        sampling: Sampling {
+                            temperature: d.temperature,
+                            top_p: d.top_p,
+                            top_k: 0,
+                            repetition_penalty: d.repetition_penalty,
+                        },
+                        max_new_tokens: job.max_tokens,
+                        steering: steering.clone(),
+                    };
+                    ((self.next_id, choice), sequence)
+                })
+                .collect();
+            if let Err(e) = sequences
+                .iter()
+                .try_for_each(|(_, s)| self.batcher.check(s))
+            {
+                fail(&job, &format!("the request cannot run: {e}"), self.metrics);
+                continue;
+            }
+            for (key, _) in &sequences {
+                let stop = StopFilter::new(job.decoding.stop.clone());
+                let decoder = StreamDecoder::default();
+                self.rows.insert(*key, Row { decoder, stop });
+            }
+            let unfinished = sequences.len();
+            let first_token_seen = false;
+            self.active.insert(
+                self.next_id,
+                Active {
+                    job,
+                    unfinished,
+                    first_token_seen,
+                },
+            );
+            ids.push(self.next_id);
+            self.next_id += 1;
+            joining.extend(sequences);
+        }
+        if let Err(e) = self.batcher.admit(joining, Padding::Left) {
+            for id in ids {
+                self.drop_request(id, &format!("generation failed: {e}"));
             }
         }
+    }
+
+    /// The steering of a served recipe at a scale, built once.
+    fn interventions(&mut self, choice: Choice) -> anyhow::Result<Interventions> {
+        let key = (choice.recipe, choice.scale.to_bits());
+        if let Some(s) = self.steering.get(&key) {
+            return Ok(s.clone());
+        }
+        let recipe = self.served[choice.recipe]
+            .recipe
+            .clone()
+            .scaled(choice.scale);
+        let interventions = recipe.interventions(self.model)?;
+        self.steering.insert(key, interventions.clone());
+        Ok(interventions)
+    }
+
+    /// One token for every running sequence, streamed to its request; finished sequences
+    /// leave the batch.
+    fn step(&mut self) {
+        if self.batcher.is_empty() {
+            return;
+        }
+        let (model, metrics) = (self.model, self.metrics);
+        let (active, rows) = (&mut self.active, &mut self.rows);
+        let started = Instant::now();
+        let mut generated = 0;
+        let finished = self.batcher.step(&mut |key, seen| {
+            generated += 1;
+            let (Some(request), Some(row)) = (active.get_mut(&key.0), rows.get_mut(key)) else {
+                return Flow::Halt;
+            };
+            let job = &request.job;
+            if job.events.is_closed() {
+                return Flow::Halt;
+            }
+            if !request.first_token_seen {
+                request.first_token_seen = true;
+                metrics.first_token(job.queued.elapsed());
+            }
+            let bytes = model
+                .tokenizer
+                .token_bytes(seen.token, false)
+                .unwrap_or_default();
+            let (text, stopped) = row.stop.push(&row.decoder.push(&bytes));
+            let logprob = job.logprobs.map(|k| token_logprob(model, &seen, &bytes, k));
+            let _ = job.events.send(Event::Token {
+                choice: key.1,
+                text,
+                logprob,
+            });
+            if stopped {
+                Flow::Halt
+            } else {
+                Flow::Continue
+            }
+        });
+        metrics.generated(generated, started.elapsed());
+        match finished {
+            Ok(finished) => {
+                for (key, generation) in finished {
+                    self.finish(key, &generation);
+                }
+            }
+            Err(e) => {
+                // A failed step leaves no row able to go on.
+                self.batcher.clear();
+                let ids: Vec<u64> = self.active.keys().copied().collect();
+                for id in ids {
+                    self.drop_request(id, &format!("generation failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Sends a finished sequence's last text and its end; the request ends with its last.
+    fn finish(&mut self, key: RowKey, generation: &Generation) {
+        let (Some(mut row), Some(request)) = (self.rows.remove(&key), self.active.get_mut(&key.0))
+        else {
+            return;
+        };
+        let rest = row.decoder.finish();
+        let (mut text, _) = row.stop.push(&rest);
+        text.push_str(&row.stop.finish());
+        let events = &request.job.events;
+        if !text.is_empty() {
+            let logprob = None;
+            let _ = events.send(Event::Token {
+                choice: key.1,
+                text,
+                logprob,
+            });
+        }
+        let _ = events.send(Event::Done {
+            choice: key.1,
+            finish: if row.stop.stopped() {
+                "stop"
+            } else {
+                generation.finish.as_str()
+            },
+            completion_tokens: generation.tokens.len(),
+        });
+        request.unfinished -= 1;
+        if request.unfinished == 0 {
+            self.active.remove(&key.0);
+        }
+    }
+
+    /// Fails request `id` and forgets its rows (which must already be out of the batch).
+    fn drop_request(&mut self, id: u64, message: &str) {
+        if let Some(request) = self.active.remove(&id) {
+            fail(&request.job, message, self.metrics);
+        }
+        self.rows.retain(|(row_id, _), _| *row_id != id);
     }
 }
 
@@ -180,16 +387,16 @@ fn fail(job: &Job, message: &str, metrics: &Metrics) {
 }
 
 /// Per job, whether its steering applies: a gated recipe's gate must let its text through.
-fn gate(model: &Model, served: &[Served], round: &[Job]) -> anyhow::Result<Vec<bool>> {
-    let mut steered = vec![true; round.len()];
+fn gate(model: &Model, served: &[Served], jobs: &[Job]) -> anyhow::Result<Vec<bool>> {
+    let mut steered = vec![true; jobs.len()];
     for (index, s) in served.iter().enumerate() {
-        let asking: Vec<usize> = (0..round.len())
-            .filter(|&i| round[i].steering.is_some_and(|c| c.recipe == index))
+        let asking: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].steering.is_some_and(|c| c.recipe == index))
             .collect();
         if asking.is_empty() || s.recipe.gate.is_none() {
             continue;
         }
-        let texts: Vec<String> = asking.iter().map(|&i| round[i].gate_text.clone()).collect();
+        let texts: Vec<String> = asking.iter().map(|&i| jobs[i].gate_text.clone()).collect();
         let pass = s
             .recipe
             .steered(model, &Format::default(), &texts, texts.len())?;
@@ -198,117 +405,6 @@ fn gate(model: &Model, served: &[Served], round: &[Job]) -> anyhow::Result<Vec<b
         }
     }
     Ok(steered)
-}
-
-/// What one row of a batch has written so far.
-struct Row<'a> {
-    job: &'a Job,
-    /// The job's index in the group.
-    index: usize,
-    choice: usize,
-    decoder: StreamDecoder,
-    stop: StopFilter,
-}
-
-fn run_group(
-    model: &Model,
-    served: &[Served],
-    key: GroupKey,
-    jobs: &[&Job],
-    metrics: &Metrics,
-) -> anyhow::Result<()> {
-    let mut hooks = match key.steering {
-        Some((recipe, scale)) => served[recipe]
-            .recipe
-            .clone()
-            .scaled(f32::from_bits(scale))
-            .hooks(model)?,
-        None => model.new_hooks(),
-    };
-    let first = &jobs[0].decoding;
-    let options = GenerateOptions {
-        max_new_tokens: key.max_tokens,
-        sampling: Sampling {
-            temperature: first.temperature,
-            top_p: first.top_p,
-            top_k: 0,
-            repetition_penalty: first.repetition_penalty,
-        },
-        padding: Padding::Left,
-    };
-    let mut rows = Vec::new();
-    let mut requests = Vec::new();
-    for (index, job) in jobs.iter().enumerate() {
-        for choice in 0..job.decoding.n {
-            rows.push(Row {
-                job,
-                index,
-                choice,
-                decoder: StreamDecoder::default(),
-                stop: StopFilter::new(job.decoding.stop.clone()),
-            });
-            requests.push(Request {
-                prompt: job.prompt.clone(),
-                seed: job.seed.wrapping_add(choice as u64),
-            });
-        }
-    }
-    let started = Instant::now();
-    let mut first_token_seen = vec![false; jobs.len()];
-    let generations = generate(model, &requests, &options, &mut hooks, &mut |seen| {
-        let row = &mut rows[seen.row];
-        if row.job.events.is_closed() {
-            return Flow::Halt;
-        }
-        if !first_token_seen[row.index] {
-            first_token_seen[row.index] = true;
-            metrics.first_token(row.job.queued.elapsed());
-        }
-        let bytes = model
-            .tokenizer
-            .token_bytes(seen.token, false)
-            .unwrap_or_default();
-        let (text, stopped) = row.stop.push(&row.decoder.push(&bytes));
-        let logprob = row
-            .job
-            .logprobs
-            .map(|k| token_logprob(model, &seen, &bytes, k));
-        let _ = row.job.events.send(Event::Token {
-            choice: row.choice,
-            text,
-            logprob,
-        });
-        if stopped {
-            Flow::Halt
-        } else {
-            Flow::Continue
-        }
-    })?;
-    let mut generated = 0;
-    for (row, generation) in rows.iter_mut().zip(&generations) {
-        generated += generation.tokens.len();
-        let rest = row.decoder.finish();
-        let (mut text, _) = row.stop.push(&rest);
-        text.push_str(&row.stop.finish());
-        if !text.is_empty() {
-            let _ = row.job.events.send(Event::Token {
-                choice: row.choice,
-                text,
-                logprob: None,
-            });
-        }
-        let _ = row.job.events.send(Event::Done {
-            choice: row.choice,
-            finish: if row.stop.stopped() {
-                "stop"
-            } else {
-                generation.finish.as_str()
-            },
-            completion_tokens: generation.tokens.len(),
-        });
-    }
-    metrics.generated(generated, started.elapsed());
-    Ok(())
 }
 
 /// The sampled token's log-probability and the `k` most likely tokens at its step.
