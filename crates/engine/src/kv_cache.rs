@@ -7,7 +7,7 @@
 //! allocated once for the whole generation.
 
 use crate::{EngineError, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Layout, Storage, Tensor};
 
 /// The new slots of one forward call.
 #[derive(Debug, Clone)]
@@ -271,14 +271,8 @@ impl KvCache {
     }
 
     /// Writes this chunk's keys and values `[batch, kv_heads, chunk.len, head_dim]` for `layer`
-    /// and returns all keys and values so far (contiguous).
-    pub fn append(
-        &mut self,
-        layer: usize,
-        chunk: &Chunk,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
+    /// into their slots.
+    pub fn append(&mut self, layer: usize, chunk: &Chunk, k: &Tensor, v: &Tensor) -> Result<()> {
         if self.layers[layer].is_none() {
             if chunk.start > 0 {
                 return Err(EngineError::Batch(format!(
@@ -294,53 +288,105 @@ impl KvCache {
         let (ck, cv) = self.layers[layer].as_ref().expect("allocated above");
         ck.slice_set(&k.contiguous()?, 2, chunk.start)?;
         cv.slice_set(&v.contiguous()?, 2, chunk.start)?;
-        let total = chunk.start + chunk.len;
-        Ok((
-            ck.narrow(2, 0, total)?.contiguous()?,
-            cv.narrow(2, 0, total)?.contiguous()?,
+        Ok(())
+    }
+
+    /// Calls `read` with `layer`'s keys and values, each `[batch, kv_heads, capacity, head_dim]`
+    /// row-major, read in place.
+    pub fn read_layer<R>(&self, layer: usize, read: impl FnOnce(&[f32], &[f32]) -> R) -> Result<R> {
+        let Some((k, v)) = &self.layers[layer] else {
+            return Err(EngineError::Batch(format!(
+                "layer {layer} has no keys and values yet"
+            )));
+        };
+        let (k_storage, k_layout) = k.storage_and_layout();
+        let (v_storage, v_layout) = v.storage_and_layout();
+        Ok(read(
+            as_f32(&k_storage, k_layout)?,
+            as_f32(&v_storage, v_layout)?,
         ))
     }
 
-    /// Additive attention mask `[batch, 1, 1, chunk.len, chunk.start + chunk.len]`: a query sees
-    /// real earlier-or-equal tokens of its own row (within `window` positions, if given).
-    /// A padding query sees only itself, so its (ignored) softmax stays finite.
-    pub fn mask(&self, chunk: &Chunk, window: Option<usize>) -> Result<Tensor> {
-        let total = chunk.start + chunk.len;
-        let mut mask = vec![f32::NEG_INFINITY; self.batch * chunk.len * total];
+    /// Which slots each query of `chunk` attends to: the real slots of its own row up to its
+    /// own, within `window` positions if given. A row's positions grow with its real slots, so
+    /// each query sees one run of them; a padding query sees only its own slot, which keeps its
+    /// (ignored) output finite.
+    pub fn visible(&self, chunk: &Chunk, window: Option<usize>) -> Visible {
+        let mut slots = Vec::with_capacity(self.batch);
+        let mut keys = Vec::with_capacity(self.batch * chunk.len);
         for row in 0..self.batch {
-            let key = |j: usize| -> (bool, u32) {
-                if j < chunk.start {
-                    let s = row * self.capacity + j;
-                    (self.valid[s], self.positions[s])
-                } else {
-                    let s = chunk.slot(row, j - chunk.start);
-                    (chunk.valid[s], chunk.positions[s])
-                }
-            };
-            for i in 0..chunk.len {
-                let q = chunk.slot(row, i);
-                let out =
-                    &mut mask[(row * chunk.len + i) * total..(row * chunk.len + i + 1) * total];
-                let query_slot = chunk.start + i;
-                if !chunk.valid[q] {
-                    out[query_slot] = 0.0;
-                    continue;
-                }
-                let qpos = chunk.positions[q];
-                for (j, m) in out.iter_mut().enumerate().take(query_slot + 1) {
-                    let (valid, kpos) = key(j);
-                    let in_window = window.is_none_or(|w| (qpos - kpos) < w as u32);
-                    if valid && kpos <= qpos && in_window {
-                        *m = 0.0;
-                    }
+            let mut real: Vec<(u32, u32)> = Vec::new();
+            for j in 0..chunk.start {
+                let s = row * self.capacity + j;
+                if self.valid[s] {
+                    real.push((j as u32, self.positions[s]));
                 }
             }
+            for i in 0..chunk.len {
+                let s = chunk.slot(row, i);
+                if chunk.valid[s] {
+                    real.push(((chunk.start + i) as u32, chunk.positions[s]));
+                }
+            }
+            for i in 0..chunk.len {
+                let s = chunk.slot(row, i);
+                let own = (chunk.start + i) as u32;
+                if !chunk.valid[s] {
+                    keys.push(Keys::Own(own));
+                    continue;
+                }
+                let qpos = chunk.positions[s];
+                let end = real.partition_point(|&(slot, _)| slot <= own);
+                let start = window.map_or(0, |w| {
+                    real[..end].partition_point(|&(_, kpos)| qpos - kpos >= w as u32)
+                });
+                keys.push(Keys::Run(start, end));
+            }
+            slots.push(real.into_iter().map(|(slot, _)| slot).collect());
         }
-        Ok(Tensor::from_vec(
-            mask,
-            (self.batch, 1, 1, chunk.len, total),
-            &Device::Cpu,
-        )?)
+        Visible {
+            slots,
+            keys,
+            queries: chunk.len,
+        }
+    }
+}
+
+/// The slots a query attends to, as [`KvCache::visible`] finds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keys {
+    /// Real slots `start..end` of its row, in slot order.
+    Run(usize, usize),
+    /// A padding query: its own slot only.
+    Own(u32),
+}
+
+/// A contiguous f32 CPU tensor's data.
+fn as_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<f32>()?[start..end]),
+        _ => Err(EngineError::Batch(
+            "the key/value cache is not a contiguous f32 buffer on the CPU".into(),
+        )),
+    }
+}
+
+/// For each row, its real slots in order, and for each query of a chunk, the ones it sees.
+#[derive(Debug, Clone)]
+pub struct Visible {
+    slots: Vec<Vec<u32>>,
+    /// `[batch * queries]`
+    keys: Vec<Keys>,
+    queries: usize,
+}
+
+impl Visible {
+    /// The slots query `i` of `row` attends to, in slot order.
+    pub fn slots(&self, row: usize, i: usize) -> &[u32] {
+        match &self.keys[row * self.queries + i] {
+            Keys::Run(start, end) => &self.slots[row][*start..*end],
+            Keys::Own(slot) => std::slice::from_ref(slot),
+        }
     }
 }
 
@@ -364,34 +410,31 @@ mod tests {
     }
 
     #[test]
-    fn mask_hides_padding_future_and_out_of_window_tokens() {
-        let cache = KvCache::new(1, 4, 1);
-        let chunk = cache.begin(vec![false, true, true, true], 4, true).unwrap();
-        let m: Vec<f32> = cache
-            .mask(&chunk, None)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
+    fn queries_see_their_rows_real_earlier_slots_within_the_window() {
+        let mut cache = KvCache::new(2, 6, 1);
+        // Row 0 is left-padded by one slot; row 1 by two.
+        let chunk = cache
+            .begin(
+                vec![false, true, true, true, false, false, true, true],
+                4,
+                true,
+            )
             .unwrap();
-        let open: Vec<Vec<bool>> = m
-            .chunks(4)
-            .map(|r| r.iter().map(|&x| x == 0.0).collect())
-            .collect();
-        assert_eq!(open[0], vec![true, false, false, false]); // padding query sees itself only
-        assert_eq!(open[1], vec![false, true, false, false]);
-        assert_eq!(open[3], vec![false, true, true, true]);
-        let w: Vec<f32> = cache
-            .mask(&chunk, Some(2))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(
-            w[12..16].iter().map(|&x| x == 0.0).collect::<Vec<_>>(),
-            vec![false, false, true, true]
-        );
+        let v = cache.visible(&chunk, None);
+        assert_eq!(v.slots(0, 0), &[0]); // a padding query sees itself only
+        assert_eq!(v.slots(0, 1), &[1]);
+        assert_eq!(v.slots(0, 3), &[1, 2, 3]);
+        assert_eq!(v.slots(1, 1), &[1]);
+        assert_eq!(v.slots(1, 3), &[2, 3]);
+        let w = cache.visible(&chunk, Some(2));
+        assert_eq!(w.slots(0, 3), &[2, 3]);
+        assert_eq!(w.slots(1, 2), &[2]);
+        // A decode step sees the committed slots as well as its own.
+        cache.commit(&chunk);
+        let step = cache.begin(vec![true, true], 1, false).unwrap();
+        assert_eq!(cache.visible(&step, None).slots(0, 0), &[1, 2, 3, 4]);
+        assert_eq!(cache.visible(&step, None).slots(1, 0), &[2, 3, 4]);
+        assert_eq!(cache.visible(&step, Some(3)).slots(0, 0), &[2, 3, 4]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Building blocks shared by the architectures. Each struct mirrors a group of GGUF tensors.
 
+use crate::attention::attend;
 use crate::gguf::GgufFile;
-use crate::kv_cache::{Chunk, KvCache};
+use crate::kv_cache::{Chunk, KvCache, Visible};
 use crate::quant::Matrix;
 use crate::Result;
 use candle_core::{Device, Tensor};
@@ -157,10 +158,10 @@ impl Mlp {
 pub struct StepContext<'a> {
     pub chunk: &'a Chunk,
     pub cache: &'a mut KvCache,
-    /// Causal mask over the whole context.
-    pub mask: Tensor,
-    /// Causal mask restricted to the sliding window, for architectures that have one.
-    pub window_mask: Option<Tensor>,
+    /// The slots each query attends to.
+    pub visible: Visible,
+    /// The same within the sliding window, for architectures that have one.
+    pub window_visible: Option<Visible>,
     /// cos/sin per rope (an architecture may use two thetas).
     pub rope_tables: Vec<(Tensor, Tensor)>,
 }
@@ -240,22 +241,12 @@ impl Attention {
         let (cos, sin) = &ctx.rope_tables[wiring.rope_table];
         let q = (wiring.rope.apply(&q, cos, sin)? * self.scale)?;
         let k = wiring.rope.apply(&k, cos, sin)?;
-        let (k, v) = ctx.cache.append(wiring.layer, ctx.chunk, &k, &v)?;
-        let total = k.dim(2)?;
-        // Group the query heads that share a key/value head: [b, kvh, group * t, hd].
-        let group = h / kvh;
-        let q = q.reshape((b, kvh, group * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, kvh, group, t, total))?;
-        let mask = match (wiring.sliding, &ctx.window_mask) {
-            (true, Some(m)) => m,
-            _ => &ctx.mask,
+        ctx.cache.append(wiring.layer, ctx.chunk, &k, &v)?;
+        let visible = match (wiring.sliding, &ctx.window_visible) {
+            (true, Some(w)) => w,
+            _ => &ctx.visible,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mask)?)?;
-        let out = probs.reshape((b, kvh, group * t, total))?.matmul(&v)?;
-        let out = out
-            .reshape((b, h, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, h * hd))?;
+        let out = attend(&q, ctx.cache, wiring.layer, kvh, visible)?;
         self.o.forward(&out)
     }
 }

@@ -5,6 +5,7 @@
 //! ```
 //! See [`hooks`] for what can happen at a point.
 
+mod attention;
 pub mod batcher;
 mod gemma3;
 pub mod generate;

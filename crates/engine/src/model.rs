@@ -236,8 +236,8 @@ impl Model {
         }
         let mut ctx = StepContext {
             chunk,
-            mask: cache.mask(chunk, None)?,
-            window_mask: d.window.map(|w| cache.mask(chunk, Some(w))).transpose()?,
+            visible: cache.visible(chunk, None),
+            window_visible: d.window.map(|w| cache.visible(chunk, Some(w))),
             rope_tables: d
                 .ropes
                 .iter()

@@ -62,14 +62,23 @@ impl Kind {
 /// A weight matrix used by a projection: our kernels where candle's are slow, candle's otherwise.
 pub enum Matrix {
     Own(QuantMatrix),
-    Candle(QMatMul),
+    Candle {
+        matmul: QMatMul,
+        /// candle multiplies Q6_K by one activation row with another kernel than by several,
+        /// and the two round differently; a lone row is run with a zero row beside it so that
+        /// a row's bits do not depend on its batch.
+        pad_lone_rows: bool,
+    },
 }
 
 impl Matrix {
     pub fn new(t: QTensor) -> Result<Self> {
         Ok(match QuantMatrix::from_qtensor(&t)? {
             Some(m) => Matrix::Own(m),
-            None => Matrix::Candle(QMatMul::from_qtensor(t)?),
+            None => Matrix::Candle {
+                pad_lone_rows: t.dtype() == GgmlDType::Q6K,
+                matmul: QMatMul::from_qtensor(t)?,
+            },
         })
     }
 
@@ -77,7 +86,18 @@ impl Matrix {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Matrix::Own(m) => m.forward(x),
-            Matrix::Candle(m) => Ok(m.forward(x)?),
+            Matrix::Candle {
+                matmul,
+                pad_lone_rows,
+            } => {
+                let rows = x.elem_count() / x.dim(x.rank() - 1)?;
+                if *pad_lone_rows && rows == 1 {
+                    let pair = Tensor::cat(&[x, &x.zeros_like()?], 0)?;
+                    Ok(matmul.forward(&pair)?.narrow(0, 0, 1)?)
+                } else {
+                    Ok(matmul.forward(x)?)
+                }
+            }
         }
     }
 }
@@ -816,6 +836,39 @@ mod tests {
                         .to_vec2()
                         .unwrap();
                     assert_eq!(&part[r - start], row, "{dtype:?} row {r} in {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn candle_types_give_a_row_the_same_bits_alone_or_in_a_batch() {
+        // Shapes that take candle's repacked kernels (columns a multiple of 256) and others.
+        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+            for (rows, cols) in [(64, 512), (256, 1536), (40, 768)] {
+                let q = QTensor::quantize(&weights(rows, cols, 6), dtype).unwrap();
+                let m = Matrix::new(q).unwrap();
+                let batch = (weights(40, cols, 7) * 2.0).unwrap();
+                let alone: Vec<Vec<f32>> = (0..40)
+                    .map(|r| {
+                        let row = batch.narrow(0, r, 1).unwrap().unsqueeze(0).unwrap();
+                        m.forward(&row)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap()
+                    })
+                    .collect();
+                for n in [2, 3, 8, 16, 32, 33, 40] {
+                    let together: Vec<Vec<f32>> = m
+                        .forward(&batch.narrow(0, 0, n).unwrap())
+                        .unwrap()
+                        .to_vec2()
+                        .unwrap();
+                    for (r, row) in together.iter().enumerate() {
+                        assert_eq!(row, &alone[r], "{dtype:?} {rows}x{cols}, row {r} of {n}");
+                    }
                 }
             }
         }
