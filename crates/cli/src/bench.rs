@@ -10,6 +10,7 @@ use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
+use refusal_steer_engine::kv_cache::KvCache;
 use refusal_steer_engine::{Hooks, Logits, Model};
 use refusal_steer_pipeline::recipe::hooks_for;
 use std::time::Instant;
@@ -24,6 +25,10 @@ pub struct BenchArgs {
     /// Tokens decoded one at a time.
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Tokens already in the cache when each test starts (run untimed), as llama-bench's -d:
+    /// what decode and prefill cost deep into a long conversation.
+    #[arg(long, default_value_t = 0)]
+    depth: usize,
     /// Timed repetitions of each test (after one warm-up).
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
@@ -40,16 +45,33 @@ fn tokens(model: &Model, n: usize) -> Vec<u32> {
         .collect()
 }
 
-fn prefill(model: &Model, ids: &[u32], mut hooks: Hooks) -> Result<f64> {
-    let mut cache = model.new_cache(1, ids.len());
+/// A one-row cache holding `depth` tokens, unsteered, with room for `more`.
+fn cache_at_depth(model: &Model, depth: usize, more: usize) -> Result<KvCache> {
+    let mut cache = model.new_cache(1, depth + more);
+    if depth > 0 {
+        let chunk = cache.begin(vec![true; depth], depth, true)?;
+        let ids = tokens(model, depth);
+        model.forward(
+            &ids,
+            &chunk,
+            &mut cache,
+            &mut model.new_hooks(),
+            Logits::Last,
+        )?;
+    }
+    Ok(cache)
+}
+
+fn prefill(model: &Model, ids: &[u32], depth: usize, mut hooks: Hooks) -> Result<f64> {
+    let mut cache = cache_at_depth(model, depth, ids.len())?;
     let chunk = cache.begin(vec![true; ids.len()], ids.len(), true)?;
     let start = Instant::now();
     model.forward(ids, &chunk, &mut cache, &mut hooks, Logits::Last)?;
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn decode(model: &Model, ids: &[u32], mut hooks: Hooks) -> Result<f64> {
-    let mut cache = model.new_cache(1, ids.len());
+fn decode(model: &Model, ids: &[u32], depth: usize, mut hooks: Hooks) -> Result<f64> {
+    let mut cache = cache_at_depth(model, depth, ids.len())?;
     let start = Instant::now();
     for &id in ids {
         let chunk = cache.begin(vec![true], 1, false)?;
@@ -95,7 +117,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let steered = recipe.is_some();
     let mut results = Vec::new();
     let mut ratios = Vec::new();
-    type Run = fn(&Model, &[u32], Hooks) -> Result<f64>;
+    type Run = fn(&Model, &[u32], usize, Hooks) -> Result<f64>;
     for (test, n, run) in [
         ("pp", args.prompt_tokens, prefill as Run),
         ("tg", args.gen_tokens, decode as Run),
@@ -106,25 +128,29 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let ids = tokens(&model, n);
         let with_steering = || hooks_for(&model, recipe.as_ref());
         // Warm-up, then the timed repetitions, plain and steered interleaved.
-        run(&model, &ids, model.new_hooks())?;
+        run(&model, &ids, args.depth, model.new_hooks())?;
         if steered {
-            run(&model, &ids, with_steering()?)?;
+            run(&model, &ids, args.depth, with_steering()?)?;
         }
         let (mut plain, mut steered_times) = (Vec::new(), Vec::new());
         for _ in 0..args.repetitions.max(1) {
-            plain.push(run(&model, &ids, model.new_hooks())?);
+            plain.push(run(&model, &ids, args.depth, model.new_hooks())?);
             if steered {
-                steered_times.push(run(&model, &ids, with_steering()?)?);
+                steered_times.push(run(&model, &ids, args.depth, with_steering()?)?);
             }
         }
-        let (plain_record, plain_median) = record(format!("{test}{n}"), n, &plain);
+        let test = match args.depth {
+            0 => format!("{test}{n}"),
+            depth => format!("{test}{n}@d{depth}"),
+        };
+        let (plain_record, plain_median) = record(test.clone(), n, &plain);
         results.push(plain_record);
         if steered {
             let (steered_record, steered_median) =
-                record(format!("{test}{n}+steer"), n, &steered_times);
+                record(format!("{test}+steer"), n, &steered_times);
             results.push(steered_record);
             ratios.push(serde_json::json!({
-                "test": format!("{test}{n}"),
+                "test": test,
                 "steered_over_plain": steered_median / plain_median,
             }));
         }

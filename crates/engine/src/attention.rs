@@ -26,35 +26,53 @@ pub fn attend(
     let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; batch * len * heads * dim];
     cache.read_layer(layer, |keys, values| {
-        // One task per (row, query, head): the output's own row-major order.
-        out.par_chunks_mut(dim)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (index, o)| {
-                let head = index % heads;
-                let i = (index / heads) % len;
-                let row = index / (heads * len);
-                let query = &q[((row * heads + head) * len + i) * dim..][..dim];
-                let base = (row * kv_heads + head / group) * capacity;
+        // One task per (row, query, key/value head), for the query heads that share it: each
+        // key and value is loaded once for all of them. The output is `[batch, len, heads,
+        // dim]`, so a task's heads are one contiguous run.
+        out.par_chunks_mut(group * dim).enumerate().for_each_init(
+            Vec::new,
+            |scores, (index, o)| {
+                let kv_head = index % kv_heads;
+                let i = (index / kv_heads) % len;
+                let row = index / (kv_heads * len);
+                let query = |g: usize| {
+                    let head = kv_head * group + g;
+                    &q[((row * heads + head) * len + i) * dim..][..dim]
+                };
+                let base = (row * kv_heads + kv_head) * capacity;
                 let slots = visible.slots(row, i);
+                // scores[j * group + g]: head g against slot j.
                 scores.clear();
-                scores.extend(slots.iter().map(|&s| {
+                for &s in slots {
                     let at = (base + s as usize) * dim;
-                    dot(query, &keys[at..at + dim])
-                }));
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for (&s, score) in slots.iter().zip(scores.iter_mut()) {
-                    let weight = (*score - max).exp();
-                    sum += weight;
-                    let at = (base + s as usize) * dim;
-                    for (o, &v) in o.iter_mut().zip(&values[at..at + dim]) {
-                        *o += weight * v;
+                    let key = &keys[at..at + dim];
+                    scores.extend((0..group).map(|g| dot(query(g), key)));
+                }
+                let mut max = vec![f32::NEG_INFINITY; group];
+                for per_slot in scores.chunks_exact(group) {
+                    for (m, &x) in max.iter_mut().zip(per_slot) {
+                        *m = m.max(x);
                     }
                 }
-                for o in o.iter_mut() {
-                    *o /= sum;
+                let mut sum = vec![0f32; group];
+                for (&s, per_slot) in slots.iter().zip(scores.chunks_exact(group)) {
+                    let at = (base + s as usize) * dim;
+                    let value = &values[at..at + dim];
+                    for (g, o) in o.chunks_exact_mut(dim).enumerate() {
+                        let weight = (per_slot[g] - max[g]).exp();
+                        sum[g] += weight;
+                        for (o, &v) in o.iter_mut().zip(value) {
+                            *o += weight * v;
+                        }
+                    }
                 }
-            });
+                for (o, total) in o.chunks_exact_mut(dim).zip(sum) {
+                    for o in o.iter_mut() {
+                        *o /= total;
+                    }
+                }
+            },
+        );
     })?;
     Ok(Tensor::from_vec(
         out,
