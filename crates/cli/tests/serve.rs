@@ -1,6 +1,7 @@
 //! `refusal-steer serve` as a user starts it, spoken to by the official `openai` Python package
 //! (installed by `.ci/run`): scripts/serve/openai_client.py checks chat, streaming, logprobs,
-//! `n`, completions, a recipe chosen by model name, an error and the model list.
+//! `n`, completions, a recipe chosen by model name, an error and the model list; then
+//! scripts/serve/load.py keeps 8 clients streaming for 30 s and no request may fail.
 
 use refusal_steer_engine::{tiny, Model};
 use refusal_steer_pipeline::recipe::{ModelIdentity, Provenance};
@@ -85,5 +86,20 @@ fn the_openai_python_client_works_against_the_server() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(summary["models"], serde_json::json!(["tiny", "tiny+push"]));
+
+    // Under load (8 clients streaming, plain and steered mixed, for 30 s): no request fails.
+    let load = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/serve/load.py");
+    let out = Command::new("python3")
+        .arg(load)
+        .arg(format!("http://{url}/v1"))
+        .args(["tiny,tiny+push", "--clients", "8", "--seconds", "30"])
+        .args(["--max-tokens", "16"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["requests"].as_u64().unwrap() >= 8, "{report}");
     drop(server);
 }
