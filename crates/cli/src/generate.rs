@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     /// Answers per prompt.
     #[arg(long, default_value_t = 1)]
     samples: usize,
-    /// Prompts run together in one batch.
+    /// Answers generated at once (continuous batching: a finished one's row goes to the next).
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[command(flatten)]
