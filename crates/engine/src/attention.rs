@@ -129,6 +129,12 @@ mod tests {
             .collect()
     }
 
+    /// A tensor's data cut into rows of `dim`.
+    fn rows(t: &Tensor, dim: usize) -> Vec<Vec<f32>> {
+        let data: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        data.chunks(dim).map(<[f32]>::to_vec).collect()
+    }
+
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
             .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0)
@@ -156,22 +162,7 @@ mod tests {
             .unwrap()
             .to_vec1()
             .unwrap();
-        let k_rows: Vec<Vec<f32>> = k
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .chunks(dim)
-            .map(<[f32]>::to_vec)
-            .collect();
-        let v_rows: Vec<Vec<f32>> = v
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .chunks(dim)
-            .map(<[f32]>::to_vec)
-            .collect();
+        let (k_rows, v_rows) = (rows(&k, dim), rows(&v, dim));
         for row in 0..batch {
             for i in 0..len {
                 let real = row == 0 || i >= 2;

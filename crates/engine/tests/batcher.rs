@@ -2,20 +2,14 @@
 //! any step, with their own steering and sampling, generate exactly what they generate alone.
 
 use refusal_steer_engine::{
-    generate, tiny, Action, Batcher, FinishReason, Flow, GenerateOptions, Generation, Intervention,
+    generate, Action, Batcher, FinishReason, Flow, GenerateOptions, Generation, Intervention,
     Interventions, Model, Padding, Positions, Request, Rows, Sampling, Sequence, SharedPrefix,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-fn model() -> (tempfile::TempDir, Model) {
-    std::env::set_var("RAYON_NUM_THREADS", "1");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    tiny::write(&path).unwrap();
-    let model = Model::load(&path).unwrap();
-    (dir, model)
-}
+mod common;
+use common::model;
 
 fn steering(model: &Model, point: usize, positions: Positions) -> Interventions {
     let vector = (0..model.config.d_model)

@@ -6,14 +6,8 @@ use refusal_steer_engine::{
     Model, Padding, Positions, Request, Rows, Sampling, SharedPrefix,
 };
 
-fn model() -> (tempfile::TempDir, Model) {
-    std::env::set_var("RAYON_NUM_THREADS", "1");
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    tiny::write(&path).unwrap();
-    let model = Model::load(&path).unwrap();
-    (dir, model)
-}
+mod common;
+use common::model;
 
 const PROMPTS: [&str; 3] = ["the cat sat", "in an hour there", "a"];
 
