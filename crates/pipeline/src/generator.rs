@@ -128,8 +128,8 @@ impl<'a> Generator<'a> {
     }
 
     /// [`Generator::answer_each`] into a resumable JSONL file: answers already in `path` are
-    /// kept and skipped, so a killed process loses at most the answers it was generating. Returns every answer in
-    /// the file.
+    /// kept and skipped, so a killed process loses at most the answers it was generating.
+    /// Returns every answer in the file.
     pub fn answer_to_file(
         &self,
         prompts: &[Prompt],
