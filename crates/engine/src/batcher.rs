@@ -251,16 +251,18 @@ impl<'m, K> Batcher<'m, K> {
         Ok(finished)
     }
 
-    /// Runs `queue` to its end in order, keeping up to `rows` sequences running: a finished
-    /// sequence's row goes to the next waiting one at the next step. Each finished sequence
-    /// is handed to `done` as soon as it finishes.
+    /// Runs `queue` to its end, shortest prompts first (rows of similar lengths waste less on
+    /// padding), keeping up to `rows` sequences running: a finished sequence's row goes to the
+    /// next waiting one at the next step. Each finished sequence is handed to `done` as soon
+    /// as it finishes.
     pub fn run_queue<E: From<EngineError>>(
         &mut self,
-        queue: Vec<(K, Sequence)>,
+        mut queue: Vec<(K, Sequence)>,
         rows: usize,
         padding: Padding,
         done: &mut dyn FnMut(K, Generation) -> std::result::Result<(), E>,
     ) -> std::result::Result<(), E> {
+        queue.sort_by_key(|(_, s)| s.prompt.len());
         let mut queue = queue.into_iter().peekable();
         while queue.peek().is_some() || !self.is_empty() {
             let free = rows.max(1).saturating_sub(self.len());

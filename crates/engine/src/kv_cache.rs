@@ -4,7 +4,8 @@
 //! Every row of a batch shares the same slots (the cache is rectangular); padding slots are
 //! never attended to, and positions count only a row's real tokens, so a padded row computes
 //! exactly what it would compute alone. Keys and values are written in place into buffers
-//! allocated once for the whole generation.
+//! allocated once per cache, and read there by attention; a running batch moves its rows into
+//! a new cache ([`KvCache::gather`]) only when rows join or leave.
 
 use crate::{EngineError, Result};
 use candle_core::{Device, Layout, Storage, Tensor};
@@ -354,7 +355,7 @@ impl KvCache {
 
 /// The slots a query attends to, as [`KvCache::visible`] finds them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keys {
+enum Keys {
     /// Real slots `start..end` of its row, in slot order.
     Run(usize, usize),
     /// A padding query: its own slot only.

@@ -291,8 +291,6 @@ impl LocalJudge {
             };
             queue.push((i, sequence));
         }
-        // Similar lengths join together and waste less work on padding.
-        queue.sort_by_key(|(_, s)| s.prompt.len());
         let mut replies = vec![String::new(); items.len()];
         let mut batcher = Batcher::new(&self.model).with_shared_prefix(self.shared_prefix.as_ref());
         batcher.run_queue(queue, self.batch, Padding::Left, &mut |i, generation| {

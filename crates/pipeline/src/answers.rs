@@ -134,8 +134,6 @@ pub fn answer(
             }
         }
     }
-    // Similar lengths join together and waste less work on padding.
-    queue.sort_by_key(|(_, s)| s.prompt.len());
     progress.set_length(queue.len() as u64);
     let prefix = if job.format.raw {
         None
