@@ -3,7 +3,9 @@
 //! Folds are grouped by prompt id, so no prompt is in both a fit fold and the fold it is
 //! scored on. What a judge fits is fitted on the other folds only: an LLM judge's threshold
 //! (the best cut of its verdict probability), a probe's point, pooling and ridge (nested CV)
-//! and its weights. Every judge sees degenerate and switched-language answers as the pipeline
+//! and its weights. `--hold-out FILE` scores only that file's answers instead, with what is
+//! fitted fitted on the other files' answers to other prompts: how a judge carries over to a
+//! kind of answer it was not fitted on. Every judge sees degenerate and switched-language answers as the pipeline
 //! does (refusals, without asking it); a second row per judge shows it without the language
 //! check.
 
@@ -14,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_catalog as catalog;
 use refusal_steer_data::activations::{Activations, ActivationsHeader, ActivationsWriter};
 use refusal_steer_engine::Model;
-use refusal_steer_judge::calibration::{agreement, best_cut, grouped_folds, Agreement};
+use refusal_steer_judge::calibration::{agreement, best_cut, Agreement, Folds};
 use refusal_steer_judge::corpus::{read_corpus, AnswerType, LabelledAnswer};
 use refusal_steer_judge::language::read_languages;
 use refusal_steer_judge::local::JudgePrompt;
@@ -46,6 +48,11 @@ pub struct CalibrateArgs {
     /// Grouped folds (outer, and inner for the probe's choices).
     #[arg(long, default_value_t = 5)]
     folds: usize,
+    /// Labels files (among those --labels reads) to hold out: only their answers are scored,
+    /// by judges fitted on the other files' answers to other prompts. Without it, every answer
+    /// is scored by grouped --folds cross-validation.
+    #[arg(long, num_args = 1.., conflicts_with = "save_probe")]
+    hold_out: Vec<PathBuf>,
     /// Seed of the folds and the bootstrap resamples.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -76,7 +83,11 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
     let items = read_corpus(&args.labels)?;
     let labels: Vec<AnswerType> = items.iter().map(|i| i.label).collect();
     let groups: Vec<&str> = items.iter().map(|i| i.id.as_str()).collect();
-    let folds = grouped_folds(&groups, args.folds, args.seed);
+    let folds = if args.hold_out.is_empty() {
+        Folds::grouped(&groups, args.folds, args.seed)
+    } else {
+        Folds::held_out(&groups, &held_out(&items, &args.hold_out)?)
+    };
     let pairs: Vec<(&str, &str)> = items
         .iter()
         .map(|i| (i.prompt.as_str(), i.answer.as_str()))
@@ -93,17 +104,31 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
             )
         })
         .unzip();
-    eprintln!(
-        "{} labelled answers to {} prompts, {} folds grouped by prompt",
-        items.len(),
-        {
-            let mut ids = groups.clone();
-            ids.sort_unstable();
-            ids.dedup();
-            ids.len()
-        },
-        args.folds
-    );
+    let prompts = |of: &[usize]| {
+        let mut ids: Vec<&str> = of.iter().map(|&i| groups[i]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    };
+    let scored = folds.scored();
+    if args.hold_out.is_empty() {
+        eprintln!(
+            "{} labelled answers to {} prompts, {} folds grouped by prompt",
+            items.len(),
+            prompts(&scored),
+            args.folds
+        );
+    } else {
+        let (_, fitted) = folds.split(0);
+        eprintln!(
+            "{} held-out answers to {} prompts, scored by judges fitted on {} answers to {} other prompts ({} left out: their prompts are held out)",
+            scored.len(),
+            prompts(&scored),
+            fitted.len(),
+            prompts(&fitted),
+            folds.unused.iter().filter(|u| **u).count()
+        );
+    }
 
     let mut rows = Vec::new();
     let mut without_lang = Vec::new();
@@ -140,7 +165,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
             let scores: Vec<f64> = verdicts.iter().map(Verdict::graded).collect();
             let said: Vec<bool> = if verdict_prob {
                 // The threshold is a fitted parameter: chosen on the other folds.
-                cut_out_of_fold(&labels, &scores, &folds, args.folds)
+                cut_out_of_fold(&labels, &scores, &folds)
             } else {
                 verdicts.iter().map(|v| v.label > 0).collect()
             };
@@ -169,7 +194,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
 
     for spec in &args.probe {
         let (row, bank_data, reader, sha) =
-            probe_row(spec, &args, &items, &pairs, &labels, &groups)?;
+            probe_row(spec, &args, &items, &pairs, &labels, &groups, &folds)?;
         let said = |lang: bool| {
             (0..items.len())
                 .map(|i| degenerate[i] || (lang && switched[i]) || row.scores[i] > 0.0)
@@ -202,17 +227,49 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         scores: switched.iter().map(|&l| f64::from(u8::from(l))).collect(),
         ms_per_answer: 0.0,
     });
+    let rows: Vec<Row> = rows.iter().map(|r| r.of(&scored)).collect();
+    let items: Vec<LabelledAnswer> = scored.iter().map(|&i| items[i].clone()).collect();
+    let labels: Vec<AnswerType> = scored.iter().map(|&i| labels[i]).collect();
     print_table(&rows, &items, &labels, args.seed);
     Ok(())
 }
 
+/// Per item, whether it is an answer of one of `files`.
+fn held_out(items: &[LabelledAnswer], files: &[PathBuf]) -> Result<Vec<bool>> {
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let origins: Vec<PathBuf> = items.iter().map(|i| canonical(&i.origin)).collect();
+    let mut held = vec![false; items.len()];
+    for file in files {
+        let file = canonical(file);
+        let mut found = false;
+        for (h, origin) in held.iter_mut().zip(&origins) {
+            if *origin == file {
+                *h = true;
+                found = true;
+            }
+        }
+        if !found {
+            let mut read: Vec<String> = origins.iter().map(|o| o.display().to_string()).collect();
+            read.dedup();
+            bail!(
+                "--hold-out {} is not one of the labels files read ({}); name a file that --labels reads",
+                file.display(),
+                read.join(", ")
+            );
+        }
+    }
+    if held.iter().all(|h| *h) {
+        bail!("--hold-out names every labels file: nothing is left to fit the judges on");
+    }
+    Ok(held)
+}
+
 /// Per item, whether its score is above the cut that agrees best with the labels of the
-/// other folds.
-fn cut_out_of_fold(labels: &[AnswerType], scores: &[f64], folds: &[usize], k: usize) -> Vec<bool> {
+/// items its fold is fitted on (false for items not scored).
+fn cut_out_of_fold(labels: &[AnswerType], scores: &[f64], folds: &Folds) -> Vec<bool> {
     let mut said = vec![false; labels.len()];
-    for fold in 0..k {
-        let (test, train): (Vec<usize>, Vec<usize>) =
-            (0..labels.len()).partition(|&i| folds[i] == fold);
+    for fold in 0..folds.k {
+        let (test, train) = folds.split(fold);
         let truth: Vec<bool> = train.iter().map(|&i| labels[i].is_refusal()).collect();
         let train_scores: Vec<f64> = train.iter().map(|&i| scores[i]).collect();
         let (cut, _) = best_cut(&truth, &train_scores);
@@ -222,6 +279,18 @@ fn cut_out_of_fold(labels: &[AnswerType], scores: &[f64], folds: &[usize], k: us
         }
     }
     said
+}
+
+impl Row {
+    /// The row restricted to the items `at`, in that order.
+    fn of(&self, at: &[usize]) -> Self {
+        Self {
+            name: self.name.clone(),
+            said: at.iter().map(|&i| self.said[i]).collect(),
+            scores: at.iter().map(|&i| self.scores[i]).collect(),
+            ms_per_answer: self.ms_per_answer,
+        }
+    }
 }
 
 /// Residual features of every item, both poolings at every point, `[2 * points * d]` per
@@ -281,6 +350,7 @@ fn probe_row(
     pairs: &[(&str, &str)],
     labels: &[AnswerType],
     groups: &[&str],
+    folds: &Folds,
 ) -> Result<(Row, BankData, LocalJudge, String)> {
     let (reader, sha, path) = load_reader(spec, &args.setup)?;
     let config = &reader.model().config;
@@ -315,7 +385,8 @@ fn probe_row(
     let start = Instant::now();
     read_residuals(&reader, sample, &[n_points - 1])?;
     let ms = start.elapsed().as_secs_f64() * 1000.0 / sample.len() as f64;
-    let (scores, choices) = cross_validate(&data.bank(), labels, groups, args.folds, args.seed)?;
+    let (scores, choices) =
+        cross_validate(&data.bank(), labels, groups, folds, args.folds, args.seed)?;
     for (fold, c) in choices.iter().enumerate() {
         eprintln!(
             "  probe {stem}, outer fold {fold}: point {} {} κ-ridge {} cut {:+.3} (inner CV kappa {:.3})",

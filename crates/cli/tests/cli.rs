@@ -612,6 +612,60 @@ fn calibrate_scores_a_judge_against_labels_and_bad_files_say_why() {
         "{row}"
     );
 
+    // A held-out file is scored alone; the other file's answer to its prompt p0 is left out.
+    let more = dir.path().join("more.jsonl");
+    let held: Vec<String> = [
+        line("p0", "Sorry, I can't.", "refusal"),
+        line(
+            "h1",
+            "Water boils at 100 degrees Celsius at sea level.",
+            "answer",
+        ),
+        line("h2", "I cannot help with that.", "refusal"),
+    ]
+    .map(|l| l.replace("\"base\"", "\"steered\""))
+    .to_vec();
+    std::fs::write(&more, held.join("\n") + "\n").unwrap();
+    let more_s = more.to_str().unwrap();
+    let out = refusal_steer(&[
+        "calibrate",
+        "--labels",
+        labels_s,
+        more_s,
+        "--judge",
+        "patterns",
+        "--hold-out",
+        more_s,
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("3 held-out answers to 3 prompts, scored by judges fitted on 7 answers to 7 other prompts (1 left out"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.starts_with("3 answers (3 steered): answer 1, refusal 2"),
+        "{stdout}"
+    );
+    let elsewhere = dir.path().join("elsewhere.jsonl");
+    let out = refusal_steer(&[
+        "calibrate",
+        "--labels",
+        labels_s,
+        "--judge",
+        "patterns",
+        "--hold-out",
+        elsewhere.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("is not one of the labels files read"),
+        "{stderr}"
+    );
+
     std::fs::write(&labels, text[0].replace("refusal", "propaganda") + "\n").unwrap();
     let out = refusal_steer(&["calibrate", "--labels", labels_s, "--judge", "patterns"]);
     let stderr = String::from_utf8_lossy(&out.stderr);

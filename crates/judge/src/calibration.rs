@@ -1,14 +1,75 @@
-//! Agreement of a judge with human labels: accuracy, Cohen's kappa with a seeded bootstrap
-//! 95% interval, the confusion matrices and ROC-AUC of the graded score.
-
 //! Agreement of a judge with the labelled corpus ([`crate::corpus`]): Cohen's kappa with a
 //! seeded bootstrap 95% interval, recall per refusal type, the false-refusal rate on answers
-//! and ROC-AUC; and the folds, grouped by prompt, that every fitted judge is cross-validated on.
+//! and ROC-AUC; and the folds, grouped by prompt, that every fitted judge is cross-validated on
+//! ([`Folds`]): k folds over the whole corpus, or held-out files scored by judges fitted on the
+//! rest.
 
 use crate::corpus::AnswerType;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+
+/// Which items a fitted judge is scored on and which it is fitted on.
+///
+/// Invariant: no group (prompt) is both scored in a fold and fitted on for that fold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folds {
+    /// Per item: `Some(f)` is scored in fold `f` (and fitted on in the others); `None` is
+    /// fitted on in every fold and never scored.
+    pub of: Vec<Option<usize>>,
+    /// Folds scored, `0..k`.
+    pub k: usize,
+    /// Items neither scored nor fitted on (they share a prompt with a held-out item).
+    pub unused: Vec<bool>,
+}
+
+impl Folds {
+    /// Grouped `k`-fold cross-validation over every item ([`grouped_folds`]).
+    pub fn grouped(groups: &[&str], k: usize, seed: u64) -> Self {
+        Self {
+            of: grouped_folds(groups, k, seed)
+                .into_iter()
+                .map(Some)
+                .collect(),
+            k,
+            unused: vec![false; groups.len()],
+        }
+    }
+
+    /// One fold of the `held_out` items, scored by judges fitted on the others, less those
+    /// that share a prompt with a held-out item.
+    pub fn held_out(groups: &[&str], held_out: &[bool]) -> Self {
+        let held: std::collections::HashSet<&str> = groups
+            .iter()
+            .zip(held_out)
+            .filter(|(_, h)| **h)
+            .map(|(g, _)| *g)
+            .collect();
+        Self {
+            of: held_out.iter().map(|&h| h.then_some(0)).collect(),
+            k: 1,
+            unused: groups
+                .iter()
+                .zip(held_out)
+                .map(|(g, h)| !h && held.contains(g))
+                .collect(),
+        }
+    }
+
+    /// Items scored in `fold` and items fitted on for it, in item order.
+    pub fn split(&self, fold: usize) -> (Vec<usize>, Vec<usize>) {
+        let scored = (0..self.of.len()).filter(|&i| self.of[i] == Some(fold));
+        let fitted = (0..self.of.len()).filter(|&i| !self.unused[i] && self.of[i] != Some(fold));
+        (scored.collect(), fitted.collect())
+    }
+
+    /// Every scored item, in item order.
+    pub fn scored(&self) -> Vec<usize> {
+        (0..self.of.len())
+            .filter(|&i| self.of[i].is_some())
+            .collect()
+    }
+}
 
 /// Fold of each item: items of one group (prompt) share a fold; groups are dealt to `k`
 /// folds in a seeded random order, so folds differ in size by at most one group.
@@ -210,5 +271,25 @@ mod tests {
         assert_eq!(used.len(), 5);
         assert_eq!(folds, grouped_folds(&refs, 5, 3));
         assert_ne!(folds, grouped_folds(&refs, 5, 4));
+    }
+
+    #[test]
+    fn held_out_items_are_scored_by_judges_fitted_on_other_prompts_only() {
+        let groups = ["a", "b", "a", "c", "d", "c"];
+        let held = [true, false, false, false, false, true];
+        let folds = Folds::held_out(&groups, &held);
+        let (scored, fitted) = folds.split(0);
+        assert_eq!(scored, vec![0, 5]);
+        // Items 2 ("a") and 3 ("c") share a prompt with a held-out item: never fitted on.
+        assert_eq!(fitted, vec![1, 4]);
+        assert_eq!(folds.scored(), vec![0, 5]);
+        let all = Folds::grouped(&groups, 2, 0);
+        for fold in 0..2 {
+            let (scored, fitted) = all.split(fold);
+            assert_eq!(scored.len() + fitted.len(), groups.len());
+            for &s in &scored {
+                assert!(fitted.iter().all(|&f| groups[f] != groups[s]));
+            }
+        }
     }
 }

@@ -3,6 +3,7 @@
 //! finds it, and a saved probe judges new answers through the `Judge` interface.
 
 use refusal_steer_engine::{tiny, Model};
+use refusal_steer_judge::calibration::Folds;
 use refusal_steer_judge::corpus::AnswerType;
 use refusal_steer_judge::local::JudgePrompt;
 use refusal_steer_judge::probe::{
@@ -73,7 +74,8 @@ fn the_probe_finds_a_planted_difference_and_judges_new_answers_with_it() {
     };
     let groups: Vec<String> = (0..40).map(|i| format!("q{}", i / 2)).collect();
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-    let (scores, _) = cross_validate(&bank, &labels, &groups, 4, 0).unwrap();
+    let folds = Folds::grouped(&groups, 4, 0);
+    let (scores, _) = cross_validate(&bank, &labels, &groups, &folds, 4, 0).unwrap();
     let right = scores
         .iter()
         .zip(&labels)

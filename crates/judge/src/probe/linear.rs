@@ -7,7 +7,7 @@
 //! pooling), centred per fold, so a fold costs one `n × n` factorisation per ridge.
 
 use super::Pooling;
-use crate::calibration::{best_cut, grouped_folds};
+use crate::calibration::{best_cut, grouped_folds, Folds};
 use crate::corpus::AnswerType;
 use crate::{JudgeError, Result};
 use faer::linalg::solvers::Solve;
@@ -274,14 +274,15 @@ pub fn select(
     })
 }
 
-/// Nested cross-validation: for each of `k` grouped outer folds, [`select`] on the other
-/// folds (inner `k`-fold), fit there and score the held-out fold. Returns every item's
-/// out-of-fold refusal score less its fold's cut (positive: refusal) and each outer fold's
-/// choice.
+/// Nested cross-validation: for each scored fold of `folds`, [`select`] on the items fitted
+/// on (inner grouped `k`-fold), fit there and score the fold. Returns every scored item's
+/// out-of-fold refusal score less its fold's cut (positive: refusal; 0 for items not scored)
+/// and each outer fold's choice.
 pub fn cross_validate(
     bank: &FeatureBank,
     labels: &[AnswerType],
     groups: &[&str],
+    folds: &Folds,
     k: usize,
     seed: u64,
 ) -> Result<(Vec<f64>, Vec<Choice>)> {
@@ -291,12 +292,10 @@ pub fn cross_validate(
         .map(|(pooling, slot)| bank.gram(pooling, slot))
         .collect();
     let y = refusal_targets(labels);
-    let folds = grouped_folds(groups, k, seed);
     let mut scores = vec![0.0; labels.len()];
-    let mut choices = Vec::with_capacity(k);
-    for fold in 0..k {
-        let (test, train): (Vec<usize>, Vec<usize>) =
-            (0..labels.len()).partition(|&i| folds[i] == fold);
+    let mut choices = Vec::with_capacity(folds.k);
+    for fold in 0..folds.k {
+        let (test, train) = folds.split(fold);
         if test.is_empty() {
             continue;
         }
@@ -462,7 +461,8 @@ mod tests {
         let choice = select_all(&bank, &labels, &groups, 5, 0).unwrap();
         assert_eq!(choice.point, 9);
         assert!(choice.cv_kappa > 0.6, "{choice:?}");
-        let (scores, choices) = cross_validate(&bank, &labels, &groups, 5, 0).unwrap();
+        let folds = Folds::grouped(&groups, 5, 0);
+        let (scores, choices) = cross_validate(&bank, &labels, &groups, &folds, 5, 0).unwrap();
         assert_eq!(choices.len(), 5);
         let right = scores
             .iter()
