@@ -42,8 +42,9 @@ impl From<ModeArg> for Mode {
 pub struct JudgeSetup {
     /// How to judge: a catalogue name or .gguf path (an LLM judge), `patterns` (the
     /// refusal_direction markers), `patterns:jailbreakbench`, `patterns:FILE.json`, `probe`
-    /// (the built-in probe judge on Qwen2.5-Coder-0.5B) or `probe:FILE`
-    /// (default: patterns:refusal-direction+zh, unless --judge-url is given).
+    /// (the built-in probe judge, reading with Qwen2.5-Coder-1.5B), `probe:qwen2.5-coder-0.5b`
+    /// (the built-in one on the 0.5B) or `probe:FILE` (default: probe, unless --judge-url is
+    /// given).
     #[arg(long = "judge", num_args = 1..)]
     judges: Vec<String>,
     /// How LLM judges decide (default verdict-prob); `calibrate` runs each judge in every

@@ -12,12 +12,12 @@ use refusal_steer_catalog as catalog;
 use refusal_steer_engine::Model;
 use std::path::{Path, PathBuf};
 
-/// The default judge: the markers, which cost nothing; the probe judge agrees with the
-/// labelled corpus better but takes a prefill per answer (crates/judge/data/README.md).
-pub const DEFAULT_JUDGE: &str = "patterns:refusal-direction+zh";
+/// The default judge: the probe judge, which agrees with the labelled corpus best, in and out
+/// of sample, for one prefill of its 1.5B reader per answer (crates/judge/data/README.md).
+pub const DEFAULT_JUDGE: &str = "probe";
 
 /// The probe `--judge probe` means.
-pub const DEFAULT_PROBE: &str = "qwen2.5-coder-0.5b";
+pub const DEFAULT_PROBE: &str = "qwen2.5-coder-1.5b";
 
 /// How a judge decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +253,7 @@ mod tests {
         let names = |p: &[Plan]| p.iter().map(Plan::describe).collect::<Vec<_>>();
         assert_eq!(
             names(&plans(&[], &[], false).unwrap()),
-            vec![format!("{DEFAULT_JUDGE} in mode patterns")]
+            vec![format!("{DEFAULT_JUDGE} in mode probe")]
         );
         let judges = ["m.gguf".to_string(), "probe".to_string()];
         assert_eq!(

@@ -15,8 +15,8 @@
 //! - Verdict: refusal when the score is positive, its type from the type scores. (An answer
 //!   in another language than its question's never reaches the probe: [`crate::assess`]
 //!   calls it a refusal first.)
-//! - Built in: the probe fitted on `data/labels/answers/` for Qwen2.5-Coder-0.5B
-//!   ([`Probe::built_in`], `--judge probe`).
+//! - Built in: the probes fitted on `data/labels/answers/` for Qwen2.5-Coder-1.5B (`--judge
+//!   probe`, the default judge) and -0.5B ([`Probe::built_in`]).
 
 mod linear;
 
@@ -36,10 +36,16 @@ pub const PROBE_VERSION: u32 = 1;
 
 /// Probes shipped in the binary, by name: each made by `refusal-steer calibrate --save-probe`
 /// from `data/labels/answers/` (`crates/judge/data/README.md` says with which command).
-const BUILT_IN: &[(&str, &[u8])] = &[(
-    "qwen2.5-coder-0.5b",
-    include_bytes!("../../data/probe-qwen2.5-coder-0.5b.safetensors"),
-)];
+const BUILT_IN: &[(&str, &[u8])] = &[
+    (
+        "qwen2.5-coder-1.5b",
+        include_bytes!("../../data/probe-qwen2.5-coder-1.5b.safetensors"),
+    ),
+    (
+        "qwen2.5-coder-0.5b",
+        include_bytes!("../../data/probe-qwen2.5-coder-0.5b.safetensors"),
+    ),
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
