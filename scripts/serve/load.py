@@ -35,7 +35,7 @@ def stream_one(base, model, prompt, max_tokens):
     request = urllib.request.Request(f"{base}/chat/completions", body,
                                      {"Content-Type": "application/json"})
     start = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, pieces = None, None, 0
     with urllib.request.urlopen(request, timeout=600) as reply:
         for raw in reply:
             line = raw.decode().strip()
@@ -45,9 +45,12 @@ def stream_one(base, model, prompt, max_tokens):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             choices = chunk.get("choices") or []
-            if first is None and choices and choices[0].get("delta", {}).get("content"):
-                first = time.perf_counter() - start
-    return first or 0.0, time.perf_counter() - start, tokens
+            if choices and choices[0].get("delta", {}).get("content"):
+                pieces += 1
+                if first is None:
+                    first = time.perf_counter() - start
+    # A server that sends no usage: one content chunk per token, as both servers stream.
+    return first or 0.0, time.perf_counter() - start, pieces if tokens is None else tokens
 
 
 def rss_mib(pid):
