@@ -43,8 +43,13 @@ fi
 if [ -d "$DIR/vendor/llama.cpp" ]; then LLAMA_SRC="$DIR/vendor/llama.cpp"; else LLAMA_SRC="$DIR/llama.cpp"; fi
 BUILD="$TARGET_DIR/build-$DIR"
 
+# -march=native turns AMX on where the CPU reports it, but on the VMs here AMX tile instructions
+# trap (SIGILL in libggml-cpu's tilezero), so AMX is switched off; every other native
+# extension (AVX-512 included) stays on.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$LLAMA_SRC" -B "$BUILD" \
     -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     -DBUILD_SHARED_LIBS=ON \
     -DGGML_NATIVE=ON \
     -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF \
