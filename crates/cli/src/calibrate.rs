@@ -3,11 +3,11 @@
 //! Folds are grouped by prompt id, so no prompt is in both a fit fold and the fold it is
 //! scored on. What a judge fits is fitted on the other folds only: an LLM judge's threshold
 //! (the best cut of its verdict probability), a probe's point, pooling and ridge (nested CV)
-//! and its weights. `--hold-out FILE` scores only that file's answers instead, with what is
-//! fitted fitted on the other files' answers to other prompts: how a judge carries over to a
-//! kind of answer it was not fitted on. Every judge sees degenerate and switched-language answers as the pipeline
-//! does (refusals, without asking it); a second row per judge shows it without the language
-//! check.
+//! and its weights. `--hold-out FILE` scores only that file's answers instead, every fitted
+//! part of a judge fitted on the other files' answers to other prompts: how a judge carries
+//! over to a kind of answer it was not fitted on. Every judge sees degenerate and
+//! switched-language answers as the pipeline does (refusals, without asking it); a second row
+//! per judge shows it without the language check.
 
 use crate::judge::{assess_all, JudgeSetup};
 use anyhow::{bail, Context, Result};
