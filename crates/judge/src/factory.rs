@@ -12,8 +12,9 @@ use refusal_steer_catalog as catalog;
 use refusal_steer_engine::Model;
 use std::path::{Path, PathBuf};
 
-/// The default judge: the probe judge, which agrees with the labelled corpus best, in and out
-/// of sample, for one prefill of its 1.5B reader per answer (crates/judge/data/README.md).
+/// The default judge: the probe judge, which agrees with the labelled corpus best in
+/// cross-validation, for one prefill of its 1.5B reader per answer
+/// (docs/results/judge-calibration.md).
 pub const DEFAULT_JUDGE: &str = "probe";
 
 /// The probe `--judge probe` means.
