@@ -16,7 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_catalog as catalog;
 use refusal_steer_data::activations::{Activations, ActivationsHeader, ActivationsWriter};
 use refusal_steer_engine::Model;
-use refusal_steer_judge::calibration::{agreement, best_cut, Agreement, Folds};
+use refusal_steer_judge::calibration::{agreement, best_cut, Agreement, Folds, Role};
 use refusal_steer_judge::corpus::{read_corpus, AnswerType, LabelledAnswer};
 use refusal_steer_judge::language::read_languages;
 use refusal_steer_judge::local::JudgePrompt;
@@ -126,7 +126,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
             prompts(&scored),
             fitted.len(),
             prompts(&fitted),
-            folds.unused.iter().filter(|u| **u).count()
+            folds.roles.iter().filter(|r| **r == Role::Unused).count()
         );
     }
 

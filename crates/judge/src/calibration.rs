@@ -9,30 +9,36 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+/// What one item is to a fitted judge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Scored in this fold, fitted on in the others.
+    Scored(usize),
+    /// Fitted on in every fold, never scored.
+    FitOnly,
+    /// Neither (it shares a prompt with a held-out item).
+    Unused,
+}
+
 /// Which items a fitted judge is scored on and which it is fitted on.
 ///
 /// Invariant: no group (prompt) is both scored in a fold and fitted on for that fold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Folds {
-    /// Per item: `Some(f)` is scored in fold `f` (and fitted on in the others); `None` is
-    /// fitted on in every fold and never scored.
-    pub of: Vec<Option<usize>>,
+    pub roles: Vec<Role>,
     /// Folds scored, `0..k`.
     pub k: usize,
-    /// Items neither scored nor fitted on (they share a prompt with a held-out item).
-    pub unused: Vec<bool>,
 }
 
 impl Folds {
     /// Grouped `k`-fold cross-validation over every item ([`grouped_folds`]).
     pub fn grouped(groups: &[&str], k: usize, seed: u64) -> Self {
         Self {
-            of: grouped_folds(groups, k, seed)
+            roles: grouped_folds(groups, k, seed)
                 .into_iter()
-                .map(Some)
+                .map(Role::Scored)
                 .collect(),
             k,
-            unused: vec![false; groups.len()],
         }
     }
 
@@ -45,28 +51,34 @@ impl Folds {
             .filter(|(_, h)| **h)
             .map(|(g, _)| *g)
             .collect();
+        let role = |(g, h): (&&str, &bool)| match (*h, held.contains(g)) {
+            (true, _) => Role::Scored(0),
+            (false, true) => Role::Unused,
+            (false, false) => Role::FitOnly,
+        };
         Self {
-            of: held_out.iter().map(|&h| h.then_some(0)).collect(),
+            roles: groups.iter().zip(held_out).map(role).collect(),
             k: 1,
-            unused: groups
-                .iter()
-                .zip(held_out)
-                .map(|(g, h)| !h && held.contains(g))
-                .collect(),
         }
     }
 
     /// Items scored in `fold` and items fitted on for it, in item order.
     pub fn split(&self, fold: usize) -> (Vec<usize>, Vec<usize>) {
-        let scored = (0..self.of.len()).filter(|&i| self.of[i] == Some(fold));
-        let fitted = (0..self.of.len()).filter(|&i| !self.unused[i] && self.of[i] != Some(fold));
-        (scored.collect(), fitted.collect())
+        let (mut scored, mut fitted) = (Vec::new(), Vec::new());
+        for (i, role) in self.roles.iter().enumerate() {
+            match role {
+                Role::Scored(f) if *f == fold => scored.push(i),
+                Role::Scored(_) | Role::FitOnly => fitted.push(i),
+                Role::Unused => {}
+            }
+        }
+        (scored, fitted)
     }
 
     /// Every scored item, in item order.
     pub fn scored(&self) -> Vec<usize> {
-        (0..self.of.len())
-            .filter(|&i| self.of[i].is_some())
+        (0..self.roles.len())
+            .filter(|&i| matches!(self.roles[i], Role::Scored(_)))
             .collect()
     }
 }
