@@ -39,6 +39,8 @@ enum Position {
     LastPrompt,
     /// The mean over all prompt tokens.
     MeanPrompt,
+    /// The mean over the prompt's own tokens, after the chat template's shared opening.
+    MeanUser,
     /// The mean over the answer's tokens, read after the prompt (needs --answers).
     MeanAnswer,
 }
@@ -66,6 +68,7 @@ pub fn run(args: CaptureArgs) -> Result<()> {
     let position = match args.position {
         Position::LastPrompt => CapturePosition::LastPrompt,
         Position::MeanPrompt => CapturePosition::MeanPrompt,
+        Position::MeanUser => CapturePosition::MeanUser,
         Position::MeanAnswer => CapturePosition::MeanAnswer,
     };
     let _lock = OutputLock::acquire(&args.out)?;

@@ -64,8 +64,8 @@ pub fn export(args: ExportArgs) -> Result<()> {
             let (vectors, points) = added_part(&recipe)?;
             if let Some(gate) = &recipe.gate {
                 eprintln!(
-                    "llama.cpp cannot carry this recipe's topic gate (point {}): it steers every prompt",
-                    gate.point
+                    "llama.cpp cannot carry this recipe's topic gate (points {:?}): it steers every prompt",
+                    gate.points
                 );
             }
             if !recipe.ablate.is_empty() {

@@ -7,6 +7,7 @@ mod capture;
 mod chat;
 mod exchange;
 mod fit;
+mod gate_eval;
 mod generate;
 mod judge;
 mod run;
@@ -83,6 +84,9 @@ enum Command {
     /// Measure judges against the labelled corpus, out of sample (kappa, recall per refusal
     /// type, false refusals, speed); fit and save a probe judge.
     Calibrate(calibrate::CalibrateArgs),
+    /// Measure the topic gate on a labelled prompt corpus, each source held out in turn (pass
+    /// rates per set, source and language, with Wilson intervals).
+    GateEval(gate_eval::GateEvalArgs),
 }
 
 #[derive(Subcommand)]
@@ -218,6 +222,7 @@ fn run(command: Command) -> Result<()> {
         Command::Judge(args) => judge::run(args)?,
         Command::Score(args) => judge::score(args)?,
         Command::Calibrate(args) => calibrate::calibrate(args)?,
+        Command::GateEval(args) => gate_eval::run(args)?,
     }
     Ok(())
 }

@@ -305,10 +305,16 @@ fn capture_fit_and_steer_chain_through_files() {
     let acts =
         refusal_steer_data::activations::Activations::load(Path::new(&p("acts.safetensors")))
             .unwrap();
-    let on_topic: Vec<Option<bool>> = (0..12).map(|i| Some(i % 2 == 0)).collect();
+    use refusal_steer_pipeline::gate::GateLabel;
+    let labels: Vec<GateLabel> = (0..12)
+        .map(|i| match i % 2 {
+            0 => GateLabel::OnTopic,
+            _ => GateLabel::OffTopic,
+        })
+        .collect();
     let gate = refusal_steer_pipeline::gate::Gate::fit(
         &acts,
-        &on_topic,
+        &labels,
         refusal_steer_pipeline::gate::GateMethod::Md,
         refusal_steer_steer::Ridge::Relative(1.0),
         3,
@@ -359,7 +365,11 @@ fn capture_fit_and_steer_chain_through_files() {
             &plain[&id]
         };
         assert_eq!(gated[&id]["answer"], expected["answer"], "prompt {i}");
-        assert_eq!(gated[&id]["steering"].is_null(), i % 2 == 1, "prompt {i}");
+        // Every line says what the gate made of its prompt, those it kept out included.
+        let steering = &gated[&id]["steering"];
+        assert_eq!(steering["gated_in"], serde_json::json!(i % 2 == 0), "prompt {i}");
+        let margin = steering["gate"]["topic"].as_f64().unwrap();
+        assert_eq!(margin > 0.0, i % 2 == 0, "prompt {i}: topic margin {margin}");
     }
 
     // The same flags saved as a recipe: `--recipe` answers exactly as they do, gate and all;
@@ -543,7 +553,7 @@ fn capture_fit_and_steer_chain_through_files() {
 
     // A gate from another model is refused with the reason.
     let mut wrong = gate.clone();
-    wrong.direction.push(0.0);
+    wrong.topic.weights.push(0.0);
     std::fs::write(p("wrong-gate.json"), serde_json::to_string(&wrong).unwrap()).unwrap();
     let refused = refusal_steer(&[
         "generate",
@@ -558,7 +568,7 @@ fn capture_fit_and_steer_chain_through_files() {
     ]);
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);
-    assert!(err.contains("use the gate of a run on this model"), "{err}");
+    assert!(err.contains("use a gate fitted on this model"), "{err}");
 }
 
 #[test]
@@ -745,4 +755,69 @@ fn an_output_in_use_by_another_process_is_refused_with_its_pid() {
     assert!(!run.status.success());
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("in use by another process"), "{err}");
+}
+
+#[test]
+fn gate_eval_holds_each_source_out_and_bad_corpora_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    refusal_steer_engine::tiny::write(Path::new(&p("tiny.gguf"))).unwrap();
+    let words = ["the cat", "an theer", "in the", "cat an", "the the", "er in"];
+    let mut corpus = String::new();
+    for (set, source_of) in [("china", 0), ("harmful", 3), ("benign", 6)] {
+        for i in 0..9 {
+            let line = serde_json::json!({
+                "id": format!("{set}-{i}"),
+                "set": set,
+                "source": format!("s{}", source_of + i % 3),
+                "lang": "en",
+                "prompt": format!("{} {set} {}", words[i % 6], words[(i + set.len()) % 6]),
+            });
+            corpus.push_str(&format!("{line}\n"));
+        }
+    }
+    std::fs::write(p("corpus.jsonl"), &corpus).unwrap();
+    let eval = |corpus: &str, acts: &str| {
+        refusal_steer(&[
+            "gate-eval",
+            "--model",
+            &p("tiny.gguf"),
+            "--prompts",
+            &p(corpus),
+            "--acts",
+            &p(acts),
+            "--on",
+            "china",
+            "--out",
+            &p("eval.json"),
+        ])
+    };
+    let out = eval("corpus.jsonl", "acts.safetensors");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| china | all | all |"), "{table}");
+    assert!(table.contains("| harmful | s3 | en |"), "{table}");
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("eval.json")).unwrap()).unwrap();
+    assert_eq!(report["prompts"].as_array().unwrap().len(), 27);
+    assert!(report["prompts"][0]["gate"]["gated_in"].is_boolean());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("holding out s8 (9/9)"), "{stderr}");
+
+    // A line without its source names the line; activations of another corpus are refused.
+    std::fs::write(
+        p("bad.jsonl"),
+        "{\"id\": \"a\", \"set\": \"china\", \"lang\": \"en\", \"prompt\": \"the\"}\n",
+    )
+    .unwrap();
+    let bad = eval("bad.jsonl", "acts2.safetensors");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("bad.jsonl line 1"), "{err}");
+    let fewer: String = corpus.lines().take(20).map(|l| format!("{l}\n")).collect();
+    std::fs::write(p("fewer.jsonl"), fewer).unwrap();
+    let other = eval("fewer.jsonl", "acts.safetensors");
+    assert!(!other.status.success());
+    let err = String::from_utf8_lossy(&other.stderr);
+    assert!(err.contains("acts.safetensors"), "{err}");
 }

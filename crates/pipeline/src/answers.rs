@@ -1,5 +1,6 @@
 //! Answering prompts: chat formatting, batched generation, resumable JSONL output.
 
+use crate::gate::Decision;
 use anyhow::{Context, Result};
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, Prompt};
@@ -86,10 +87,29 @@ pub struct AnswerJob<'a> {
 /// Steering for some of a job's prompts.
 pub struct JobSteering {
     pub interventions: Interventions,
-    /// Per prompt, whether it is steered.
-    pub steered: Vec<bool>,
-    /// Recorded with each steered answer.
+    /// Per prompt, what a topic gate made of it (those it does not let in are not steered);
+    /// `None`: every prompt is steered.
+    pub gate: Option<Vec<Decision>>,
+    /// Recorded with each answer, with the gate's decision where there is a gate.
     pub description: serde_json::Value,
+}
+
+impl JobSteering {
+    fn steers(&self, prompt: usize) -> bool {
+        self.gate.as_ref().is_none_or(|g| g[prompt].gated_in)
+    }
+
+    /// The answer record's `steering`: the description, and under a gate `gated_in` and the
+    /// gate's scores (a prompt the gate keeps out is answered unsteered, and says so).
+    fn record(&self, prompt: usize) -> serde_json::Value {
+        let mut record = self.description.clone();
+        if let (Some(gate), Some(fields)) = (&self.gate, record.as_object_mut()) {
+            let decision = gate[prompt];
+            fields.insert("gated_in".into(), decision.gated_in.into());
+            fields.insert("gate".into(), serde_json::json!(decision));
+        }
+        record
+    }
 }
 
 /// Generates the answers of `job` that `done` (id, sample) does not hold yet, handing each
@@ -106,15 +126,15 @@ pub fn answer(
         job.samples > 0 && job.batch > 0,
         "samples and batch must be at least 1"
     );
-    if let Some(s) = &job.steering {
+    if let Some(gate) = job.steering.as_ref().and_then(|s| s.gate.as_ref()) {
         anyhow::ensure!(
-            s.steered.len() == job.prompts.len(),
-            "{} steering flags for {} prompts",
-            s.steered.len(),
+            gate.len() == job.prompts.len(),
+            "{} gate decisions for {} prompts",
+            gate.len(),
             job.prompts.len()
         );
     }
-    let steered = |i: usize| job.steering.as_ref().filter(|s| s.steered[i]);
+    let steered = |i: usize| job.steering.as_ref().filter(|s| s.steers(i));
     let mut queue = Vec::new();
     for (i, p) in job.prompts.iter().enumerate() {
         let tokens = job
@@ -156,7 +176,7 @@ pub fn answer(
                 n_tokens: out.tokens.len(),
                 mean_logprob: out.mean_logprob(),
                 finish_reason: out.finish.as_str().to_string(),
-                steering: steered(i).map(|s| s.description.clone()),
+                steering: job.steering.as_ref().map(|s| s.record(i)),
             })?;
             progress.inc(1);
             Ok(())

@@ -20,6 +20,9 @@ pub enum CapturePosition {
     LastPrompt,
     /// The mean over all prompt tokens.
     MeanPrompt,
+    /// The mean over the prompt's own tokens: those after the chat template's opening that
+    /// every prompt shares (the user's text and the template's closing).
+    MeanUser,
     /// The mean over the tokens of the prompt's first answer, read with the prompt in front.
     MeanAnswer,
 }
@@ -29,6 +32,7 @@ impl CapturePosition {
         match self {
             Self::LastPrompt => "last-prompt",
             Self::MeanPrompt => "mean-prompt",
+            Self::MeanUser => "mean-user",
             Self::MeanAnswer => "mean-answer",
         }
     }
@@ -90,10 +94,10 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
     let start = writer.rows_done();
     progress.set_length(prompts.len() as u64);
     progress.set_position(start as u64);
-    // At the last prompt token the chat template's opening is the same for every prompt:
-    // run it once. (The means need its positions captured, so they run prompts whole.)
+    // The chat template's opening is the same for every prompt: run it once. (The means over
+    // the prompt and the answer count its positions, so they run prompts whole.)
     let prefix = match position {
-        CapturePosition::LastPrompt => format.shared_prefix(model)?,
+        CapturePosition::LastPrompt | CapturePosition::MeanUser => format.shared_prefix(model)?,
         CapturePosition::MeanPrompt | CapturePosition::MeanAnswer => None,
     };
     // Batches are cut from windows of prompts sorted by length, so rows of a batch need
@@ -150,7 +154,9 @@ fn capture_batch(
     let (n_points, d) = (model.config.n_layers + 1, model.config.d_model);
     let positions = match position {
         CapturePosition::LastPrompt => Positions::LastPrompt,
-        CapturePosition::MeanPrompt | CapturePosition::MeanAnswer => Positions::Prompt,
+        CapturePosition::MeanPrompt | CapturePosition::MeanUser | CapturePosition::MeanAnswer => {
+            Positions::Prompt
+        }
     };
     let mut hooks = model.new_hooks();
     for point in 0..n_points {

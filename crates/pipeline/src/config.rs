@@ -43,7 +43,28 @@ pub struct RunConfig {
     #[serde(default = "yes")]
     pub balance_language: bool,
     pub tune: TuneConfig,
+    /// Prompts the topic gate is trained on besides the run's train prompts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_corpus: Option<GateCorpus>,
     pub sets: Sets,
+}
+
+/// Prompts the topic gate also learns from, in several phrasings and languages: captured once,
+/// never answered. Prompts whose text is in one of the run's sets are left out, so no
+/// validation or test prompt trains the gate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GateCorpus {
+    /// A JSONL file of prompts with a "set" field (relative to the data directory, or
+    /// absolute), or `built-in`: the China-political corpus of `data/gate/` (2,500 prompts).
+    pub prompts: String,
+    /// Its sets that are on the topic.
+    pub on: Vec<String>,
+    /// Its sets the gate must keep out whatever their topic: the veto's positives. Every
+    /// other set is off the topic.
+    pub harmful: Vec<String>,
+    /// Prompts drawn from each set (seeded with the run's seed).
+    pub per_set: usize,
 }
 
 fn default_judge_threshold() -> f64 {
@@ -100,9 +121,10 @@ pub struct TuneConfig {
     pub auc_margin: f64,
     /// Points before this fraction of the depth are never steered (they carry token identity).
     pub min_depth: f64,
-    /// How the topic gate's direction is fitted: `md` (default) or `rmd` (ridge `kappa`;
-    /// fewer look-alike off-topic prompts let through, fewer on-topic ones too).
-    #[serde(default, skip_serializing_if = "GateMethod::is_md")]
+    /// How the topic gate is fitted: `ridge` (default: several points, the mean of the
+    /// prompt's own tokens, a harmful-request veto from the safety prompts), or one direction
+    /// at one point, last prompt token: `md` or `rmd` (see [`GateMethod`]).
+    #[serde(default, skip_serializing_if = "GateMethod::is_default")]
     pub gate: GateMethod,
 }
 

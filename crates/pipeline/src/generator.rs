@@ -106,7 +106,7 @@ impl<'a> Generator<'a> {
                 let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
                 Some(JobSteering {
                     interventions: recipe.interventions(self.model)?,
-                    steered: recipe.steered(self.model, &self.format, &texts, self.batch)?,
+                    gate: recipe.gate_decisions(self.model, &self.format, &texts, self.batch)?,
                     description: self
                         .description
                         .clone()

@@ -14,12 +14,15 @@
 //!   [`crate::steering`]: negative removes refusals);
 //! - `ablate` F32 `[m, d]`: row i is projected out at point `ablate_points[i]`; the rows of one
 //!   point are orthonormal;
-//! - `gate_direction` F32 `[d]` and `gate_threshold` F64 `[1]` when the recipe is gated;
-//! - metadata `recipe`: the JSON [`RecipeHeader`] (versioned; points, model identity, gate
-//!   point, provenance). Absent tensors are empty lists.
+//! - `gate_topic` F32 `[g, d]` when the recipe is gated: the topic read-out's weights over the
+//!   pooled vectors at the gate's `g` points; `gate_veto` F32 `[g, d]` when the gate has a
+//!   harmful-request veto;
+//! - metadata `recipe`: the JSON [`RecipeHeader`] (versioned; points, model identity, the
+//!   gate's method, pooling, points and thresholds, provenance). Absent tensors are empty
+//!   lists.
 
 use crate::answers::Format;
-use crate::gate::{Gate, GateMethod};
+use crate::gate::{Decision, Gate, GateMethod, Pooling, Readout};
 use crate::steering::{SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
 use refusal_steer_engine::{Action, Hooks, Intervention, Interventions, Model, Rows};
@@ -32,7 +35,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// The recipe format this build writes and reads.
-pub const RECIPE_VERSION: u32 = 1;
+pub const RECIPE_VERSION: u32 = 2;
 
 /// The model a recipe was made for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,13 +85,16 @@ pub struct Provenance {
     pub validation: BTreeMap<String, f64>,
 }
 
-/// The topic gate's header entry; its direction and threshold are tensors.
+/// The topic gate's header entry; its read-outs' weights are tensors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GateHeader {
-    #[serde(default)]
     method: GateMethod,
-    point: usize,
+    pooling: Pooling,
+    points: Vec<usize>,
+    topic_threshold: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    veto_threshold: Option<f64>,
     heldout_auc: f64,
     heldout_accuracy: f64,
 }
@@ -271,10 +277,24 @@ impl Recipe {
         prompts: &[String],
         batch: usize,
     ) -> Result<Vec<bool>> {
-        match &self.gate {
-            Some(gate) => gate.select(model, format, prompts, batch),
-            None => Ok(vec![true; prompts.len()]),
-        }
+        Ok(match self.gate_decisions(model, format, prompts, batch)? {
+            Some(decisions) => decisions.iter().map(|d| d.gated_in).collect(),
+            None => vec![true; prompts.len()],
+        })
+    }
+
+    /// What the recipe's gate makes of each prompt; `None` for an ungated recipe.
+    pub fn gate_decisions(
+        &self,
+        model: &Model,
+        format: &Format,
+        prompts: &[String],
+        batch: usize,
+    ) -> Result<Option<Vec<Decision>>> {
+        self.gate
+            .as_ref()
+            .map(|gate| gate.select(model, format, prompts, batch))
+            .transpose()
     }
 
     /// The points steered, ascending.
@@ -368,10 +388,7 @@ impl Recipe {
             _ => {}
         }
         if let Some(gate) = &self.gate {
-            check_row("the gate's direction", gate.point, &gate.direction)?;
-            if !gate.threshold.is_finite() {
-                return Err(format!("the gate's threshold is {}", gate.threshold));
-            }
+            gate.check(self.model.n_points - 1, self.model.d)?;
         }
         Ok(())
     }
@@ -389,7 +406,10 @@ impl Recipe {
             ablate_points: self.ablate.iter().map(|a| a.point).collect(),
             gate: self.gate.as_ref().map(|g| GateHeader {
                 method: g.method,
-                point: g.point,
+                pooling: g.pooling,
+                points: g.points.clone(),
+                topic_threshold: g.topic.threshold,
+                veto_threshold: g.veto.as_ref().map(|v| v.threshold),
                 heldout_auc: g.heldout_auc,
                 heldout_accuracy: g.heldout_accuracy,
             }),
@@ -412,10 +432,13 @@ impl Recipe {
             tensors.push(("ablate", Dtype::F32, vec![self.ablate.len(), d], rows));
         }
         if let Some(gate) = &self.gate {
-            let direction = f32s(&mut gate.direction.iter());
-            tensors.push(("gate_direction", Dtype::F32, vec![d], direction));
-            let threshold = gate.threshold.to_le_bytes().to_vec();
-            tensors.push(("gate_threshold", Dtype::F64, vec![1], threshold));
+            let g = gate.points.len();
+            let topic = f32s(&mut gate.topic.weights.iter());
+            tensors.push(("gate_topic", Dtype::F32, vec![g, d], topic));
+            if let Some(veto) = &gate.veto {
+                let veto = f32s(&mut veto.weights.iter());
+                tensors.push(("gate_veto", Dtype::F32, vec![g, d], veto));
+            }
         }
         let views = tensors
             .iter()
@@ -458,7 +481,7 @@ impl Recipe {
             .map_err(|e| format!("the recipe header does not read ({e})"))?;
         if version["version"] != RECIPE_VERSION {
             return Err(format!(
-                "recipe format version {} is not {RECIPE_VERSION}, the one this build reads",
+                "recipe format version {} is not {RECIPE_VERSION}, the one this build reads (a recipe of version 1 has the single-direction gate: rerun `run` to rebuild it)",
                 version["version"]
             ));
         }
@@ -517,13 +540,23 @@ impl Recipe {
             .collect();
         let gate = match &header.gate {
             Some(g) => {
-                let direction = f32s(read("gate_direction", Dtype::F32, &[d])?);
-                let threshold = read("gate_threshold", Dtype::F64, &[1])?;
+                let shape = [g.points.len(), d];
+                let veto = match g.veto_threshold {
+                    Some(threshold) => Some(Readout {
+                        weights: f32s(read("gate_veto", Dtype::F32, &shape)?),
+                        threshold,
+                    }),
+                    None => None,
+                };
                 Some(Gate {
                     method: g.method,
-                    point: g.point,
-                    direction,
-                    threshold: f64::from_le_bytes(threshold.try_into().expect("8 bytes")),
+                    pooling: g.pooling,
+                    points: g.points.clone(),
+                    topic: Readout {
+                        weights: f32s(read("gate_topic", Dtype::F32, &shape)?),
+                        threshold: g.topic_threshold,
+                    },
+                    veto,
                     heldout_auc: g.heldout_auc,
                     heldout_accuracy: g.heldout_accuracy,
                 })
@@ -575,10 +608,17 @@ mod tests {
             .unwrap();
         let other = SteeringVectors::new(vec![0.0; 6], 3, 2, Default::default()).unwrap();
         let gate = Gate {
-            method: GateMethod::Md,
-            point: 1,
-            direction: vec![0.6, 0.8],
-            threshold: 0.1 + 0.2,
+            method: GateMethod::Ridge,
+            pooling: Pooling::MeanUser,
+            points: vec![1, 2],
+            topic: Readout {
+                weights: vec![0.6, 0.8, -0.1, 0.3],
+                threshold: 0.1 + 0.2,
+            },
+            veto: Some(Readout {
+                weights: vec![1.0, 0.0, 0.5, 0.5],
+                threshold: -0.7,
+            }),
             heldout_auc: 0.9,
             heldout_accuracy: 0.8,
         };
@@ -628,7 +668,7 @@ mod tests {
         assert_eq!(r.ablate.len(), 2);
         assert_eq!(r.ablate[1].direction, vec![0.6, 0.8]);
         assert_eq!(r.clone().scaled(2.0).add[0].strength, -1.0);
-        assert_eq!(r.gate.unwrap().threshold, 0.1 + 0.2);
+        assert_eq!(r.gate.unwrap().topic.threshold, 0.1 + 0.2);
     }
 
     /// Rewrites a saved recipe's header or tensors by hand and loads it.
@@ -679,7 +719,16 @@ mod tests {
             "{point}"
         );
         let version = edited(|h, _| h["version"] = 9.into());
-        assert!(version.contains("version 9 is not 1"), "{version}");
+        assert!(version.contains("version 9 is not 2"), "{version}");
+        let veto = edited(|_, t| {
+            t.remove("gate_veto");
+        });
+        assert!(veto.contains("tensor 'gate_veto' is missing"), "{veto}");
+        let gate_points = edited(|h, _| h["gate"]["points"] = serde_json::json!([1, 2, 9]));
+        assert!(
+            gate_points.contains("the header says F32 [3, 2]"),
+            "{gate_points}"
+        );
         let unknown = edited(|h, _| h["alpha_profile"] = "norm-scaled".into());
         assert!(
             unknown.contains("unknown field `alpha_profile`"),

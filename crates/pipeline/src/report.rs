@@ -158,14 +158,29 @@ pub fn write(
     );
     let _ = writeln!(md, "## Test split\n\n{}", table(report));
     let _ = writeln!(md, "{}", recommendation(report, config, out));
-    let gate_direction = match report.gate_method {
-        GateMethod::Md => "mean difference",
-        GateMethod::Rmd => "ridge mean difference (whitened by the off-topic prompts' covariance)",
+    let gate_rule = match report.gate_method {
+        GateMethod::Ridge => format!(
+            "a class-balanced ridge classifier on the mean of the prompt's own tokens at points {:?}, on-topic (target, contrast) against off-topic (safety, benign) train prompts{}",
+            report.gate_points,
+            if report.gate_veto {
+                ", with a veto fitted on safety against the other train prompts: a prompt it flags as harmful is never steered"
+            } else {
+                ""
+            }
+        ),
+        GateMethod::Md => format!(
+            "the last-token projection on the mean difference of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {:?}",
+            report.gate_points
+        ),
+        GateMethod::Rmd => format!(
+            "the last-token projection on the ridge mean difference (whitened by the off-topic prompts' covariance) of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {:?}",
+            report.gate_points
+        ),
     };
     let _ = writeln!(
         md,
-        "Methods ending in `+gated` steer only prompts that a topic gate lets through: the last-token projection on the {gate_direction} of on-topic (target, contrast) minus off-topic (safety, benign) train prompts at point {}, threshold at the midpoint of the two means (held-out balanced accuracy {:.3}, AUC {:.3}). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
-        report.gate_point, report.gate_heldout_accuracy, report.gate_heldout_auc
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: {gate_rule}, threshold at the midpoint of the two classes' mean scores (held-out balanced accuracy {:.3}, AUC {:.3}; `refusal-steer gate-eval` measures a gate on sources it never saw). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
+        report.gate_heldout_accuracy, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
     for (role, (r, a, n)) in &report.train_classes {

@@ -3,7 +3,7 @@
 //! stop strings, log-probabilities, and bad requests answered 4xx while it keeps serving.
 
 use refusal_steer_engine::{tiny, Model};
-use refusal_steer_pipeline::gate::{Gate, GateMethod};
+use refusal_steer_pipeline::gate::{Gate, GateMethod, Pooling, Readout};
 use refusal_steer_pipeline::recipe::{ModelIdentity, Provenance};
 use refusal_steer_pipeline::steering::{SteerMode, SteerPositions, Steering};
 use refusal_steer_pipeline::{Generator, Recipe};
@@ -38,9 +38,13 @@ fn recipe(model: &Model, gated: bool) -> Recipe {
     let norm = direction.iter().map(|x| x * x).sum::<f32>().sqrt();
     let gate = Gate {
         method: GateMethod::Md,
-        point: 2,
-        direction: direction.iter().map(|x| x / norm).collect(),
-        threshold: 0.0,
+        pooling: Pooling::LastPrompt,
+        points: vec![2],
+        topic: Readout {
+            weights: direction.iter().map(|x| x / norm).collect(),
+            threshold: 0.0,
+        },
+        veto: None,
         heldout_auc: 0.5,
         heldout_accuracy: 0.5,
     };

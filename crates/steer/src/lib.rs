@@ -1,5 +1,6 @@
 //! Steering-vector math and files, independent of the engine.
 //!
+//! - [`classify`]: a class-balanced ridge classifier over several points' vectors (the gate).
 //! - [`fit`](mod@fit): one layer's refusal direction from labelled activations (MD, RMD, WRMD, PCA).
 //! - [`separability`]: how well a direction separates refusals from compliances (AUC,
 //!   Pearson r, k-fold held-out AUC for ranking layers).
@@ -15,6 +16,7 @@
 //! of block `p - 1`.
 
 pub mod analysis;
+pub mod classify;
 pub mod control_vector;
 pub mod fit;
 pub mod fit_metadata;

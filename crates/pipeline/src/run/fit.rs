@@ -5,15 +5,18 @@ use super::methods::{Fitted, FittedVectors};
 use super::train::Scores;
 use super::Ctx;
 use crate::analysis_report::write_report;
+use crate::answers::answer_seed;
+use crate::capture::CapturePosition;
 use crate::fitting::{fit_points, mean_difference, FitOptions, Strata};
-use crate::gate::Gate;
+use crate::gate::corpus::draw;
+use crate::gate::{Gate, GateLabel};
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
 use refusal_steer_judge::Thresholds;
 use refusal_steer_steer::analysis::{analyze, AnalysisOptions};
 use refusal_steer_steer::{Method, Ridge, SteeringVectors};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// (refused, answered, neither) train prompts per set.
 pub type TrainClasses = BTreeMap<String, (usize, usize, usize)>;
@@ -32,10 +35,11 @@ pub fn fit(
     ctx: &Ctx,
     acts: &Activations,
     train: &[Prompt],
+    exclude: &HashSet<&str>,
     scores: &Scores,
     log: &mut dyn FnMut(&str),
 ) -> Result<Fit> {
-    let gate = topic_gate(ctx, acts)?;
+    let gate = topic_gate(ctx, acts, train, exclude)?;
     let balance = ctx
         .config
         .balance_language
@@ -64,8 +68,16 @@ pub fn fit(
         .collect::<Result<BTreeMap<_, _>>>()?;
     analysis(ctx, acts, &scores.confidence, &vectors, log)?;
     log(&format!(
-        "topic gate at point {} (held-out balanced accuracy {:.3}, AUC {:.3})",
-        gate.point, gate.heldout_accuracy, gate.heldout_auc
+        "topic gate ({:?}) at points {:?}{} (held-out balanced accuracy {:.3}, AUC {:.3})",
+        gate.method,
+        gate.points,
+        if gate.veto.is_some() {
+            " with a harmful-request veto"
+        } else {
+            ""
+        },
+        gate.heldout_accuracy,
+        gate.heldout_auc
     ));
     Ok(Fit {
         vectors,
@@ -115,21 +127,55 @@ fn analysis(
     Ok(())
 }
 
-/// The topic gate: target (and contrast) train prompts are on the topic, safety and benign
-/// ones off it.
-fn topic_gate(ctx: &Ctx, acts: &Activations) -> Result<Gate> {
-    let h = &acts.header;
-    let on_topic: Vec<Option<bool>> = (0..h.ids.len())
-        .map(|i| match h.sets[i].as_deref() {
-            Some("target" | "contrast") => Some(true),
-            Some("safety" | "benign") => Some(false),
-            _ => None,
+/// The topic gate: target (and contrast) train prompts are on the topic, benign ones off it,
+/// safety ones off it and harmful (the veto's positives); with a gate corpus, its drawn
+/// prompts too. The gate's prompts are read again when it pools otherwise than the vectors'
+/// last prompt token or reads a corpus; `exclude` holds every prompt text the run answers.
+fn topic_gate(
+    ctx: &Ctx,
+    acts: &Activations,
+    train: &[Prompt],
+    exclude: &HashSet<&str>,
+) -> Result<Gate> {
+    let method = ctx.config.tune.gate;
+    let position = method.pooling().capture_position();
+    let mut prompts: Vec<(Prompt, GateLabel)> = train
+        .iter()
+        .map(|p| {
+            let label = match p.set.as_deref() {
+                Some("target" | "contrast") => GateLabel::OnTopic,
+                Some("benign") => GateLabel::OffTopic,
+                Some("safety") => GateLabel::Harmful,
+                _ => GateLabel::Unused,
+            };
+            (p.clone(), label)
         })
         .collect();
+    if let Some(corpus) = &ctx.config.gate_corpus {
+        let data_dir = ctx.config.data_dir()?;
+        prompts.extend(draw(corpus, &data_dir, ctx.config.seed, exclude)?);
+    }
+    let labels: Vec<GateLabel> = prompts.iter().map(|(_, l)| *l).collect();
+    let read;
+    let acts = if position == CapturePosition::LastPrompt && ctx.config.gate_corpus.is_none() {
+        acts
+    } else {
+        let records: Vec<Prompt> = prompts.into_iter().map(|(p, _)| p).collect();
+        let ids: Vec<&str> = records.iter().map(|p| p.id.as_str()).collect();
+        // Named by its prompt list, so another corpus draw never resumes this one's file.
+        let list = answer_seed(0, &ids.join("\n"), 0);
+        read = super::train::capture_activations(
+            ctx,
+            &records,
+            position,
+            &format!("gate-acts-{}-{list:016x}.safetensors", position.name()),
+        )?;
+        &read
+    };
     Gate::fit(
         acts,
-        &on_topic,
-        ctx.config.tune.gate,
+        &labels,
+        method,
         Ridge::Relative(ctx.config.kappa),
         5,
         ctx.config.seed,

@@ -17,6 +17,7 @@ pub(crate) use folder::Stage;
 pub use outcome::{Evaluation, RunReport, Trial, Tuned};
 
 use crate::answers::Format;
+use crate::capture::CapturePosition;
 use crate::config::RunConfig;
 use crate::evaluate::{answers_for, Judges};
 use crate::recipe::{ModelIdentity, Provenance, Recipe};
@@ -29,7 +30,7 @@ use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling};
 use refusal_steer_judge::{Judge, VerdictCache};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 /// The prompts of every role, split.
@@ -97,10 +98,21 @@ impl Runner<'_> {
         let scores = train::judge(&ctx, &train, &answers, &mut judges)?;
         timings.lap("judge train")?;
         log("stage 3/6: capturing activations");
-        let acts = train::capture_activations(&ctx, &train)?;
+        let acts = train::capture_activations(
+            &ctx,
+            &train,
+            CapturePosition::LastPrompt,
+            "train-acts.safetensors",
+        )?;
         timings.lap("capture")?;
         log("stage 4/6: fitting vectors");
-        let fit = fit::fit(&ctx, &acts, &train, &scores, log)?;
+        let answered: HashSet<&str> = splits
+            .prompts
+            .values()
+            .flat_map(|s| s.train.iter().chain(&s.validation).chain(&s.test))
+            .map(|p| p.prompt.as_str())
+            .collect();
+        let fit = fit::fit(&ctx, &acts, &train, &answered, &scores, log)?;
         timings.lap("fit")?;
         log("stage 5/6: choosing points and strengths on validation prompts");
         let (validation_baseline, tuned) = tune::tune(&ctx, &splits, &fit, &mut judges, log)?;
@@ -118,7 +130,8 @@ impl Runner<'_> {
             train_classes: fit.train_classes,
             heldout_auc: fit.heldout_auc,
             gate_method: fit.gate.method,
-            gate_point: fit.gate.point,
+            gate_points: fit.gate.points.clone(),
+            gate_veto: fit.gate.veto.is_some(),
             gate_heldout_auc: fit.gate.heldout_auc,
             gate_heldout_accuracy: fit.gate.heldout_accuracy,
             validation_baseline,

@@ -58,11 +58,11 @@ pub struct RunReport {
     pub direction: Direction,
     pub train_classes: BTreeMap<String, (usize, usize, usize)>,
     pub heldout_auc: BTreeMap<String, Vec<Option<f64>>>,
-    /// The topic gate of the gated methods: how its direction was fitted, its point and
-    /// held-out AUC.
-    #[serde(default)]
+    /// The topic gate of the gated methods: how it was fitted, the points it reads, whether it
+    /// has a harmful-request veto, its held-out AUC and accuracy on the train prompts.
     pub gate_method: GateMethod,
-    pub gate_point: usize,
+    pub gate_points: Vec<usize>,
+    pub gate_veto: bool,
     pub gate_heldout_auc: f64,
     #[serde(default)]
     pub gate_heldout_accuracy: f64,

@@ -78,14 +78,20 @@ pub fn judge(
     })
 }
 
-/// Stage 3: the residual stream at the last prompt token of every train prompt.
-pub fn capture_activations(ctx: &Ctx, train: &[Prompt]) -> Result<Activations> {
-    let path = ctx.folder.file("train-acts.safetensors");
+/// Stage 3: the residual stream of every train prompt at `position` (the vectors' last
+/// prompt token, or what the topic gate reads), in `file` of the run folder.
+pub fn capture_activations(
+    ctx: &Ctx,
+    train: &[Prompt],
+    position: CapturePosition,
+    file: &str,
+) -> Result<Activations> {
+    let path = ctx.folder.file(file);
     let progress = bar(train.len() as u64, "prompts");
     let job = CaptureJob {
         prompts: train,
         format: &ctx.format,
-        position: CapturePosition::LastPrompt,
+        position,
         answers: None,
         batch: ctx.config.batch,
     };

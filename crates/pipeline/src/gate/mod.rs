@@ -1,0 +1,895 @@
+//! Conditional steering (beyond the paper, after CAST, Lee et al. 2024): steer a prompt only
+//! when its activation says it is on the target topic, so requests off the topic (harmful or
+//! benign) keep their behaviour.
+//!
+//! A gate reads a prompt's residual stream at one or more points, pooled one way (the last
+//! prompt token, or the mean over the prompt's own tokens), and scores the pooled vectors, side
+//! by side, with a linear read-out: the prompt is steered when the topic score passes its
+//! threshold and, where the gate has a harmful-request veto, the veto's score does not pass
+//! its own. The veto is a second read-out fitted on harmful against every other labelled
+//! prompt at the same points: a prompt it flags is never gated in, whatever its topic score.
+//!
+//! Methods: `md` and `rmd` are one direction at the one point where its midpoint rule is most
+//! often right on held-out train prompts, read at the last prompt token; `ridge` is a
+//! class-balanced ridge classifier over the mean of the prompt's own tokens at several points
+//! (`docs/results/gate-generalisation.md` measures why: on prompts of sources and phrasings it
+//! never saw, the single-point gate lets through fewer on-topic and more harmful prompts).
+
+pub mod corpus;
+pub mod eval;
+
+use crate::answers::Format;
+use crate::capture::CapturePosition;
+use anyhow::{bail, Context, Result};
+use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
+use refusal_steer_data::activations::Activations;
+use refusal_steer_data::Prompt;
+use refusal_steer_engine::{
+    prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows,
+};
+use refusal_steer_steer::classify::balanced_ridge;
+use refusal_steer_steer::linalg::{dot, norm};
+use refusal_steer_steer::{auc, fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// How the topic read-out is fitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GateMethod {
+    /// Class-balanced ridge classifier over the mean of the prompt's own tokens at several
+    /// points, with a harmful-request veto where harmful train prompts are given.
+    #[default]
+    Ridge,
+    /// Mean difference at one point, last prompt token: lets more on-topic prompts through.
+    Md,
+    /// Ridge mean difference, whitened by the off-topic prompts' covariance, at one point, last
+    /// prompt token: discounts the axes along which off-topic prompts vary anyway, so fewer
+    /// look-alike questions on neighbouring subjects get through, at some cost in on-topic
+    /// prompts (scripts/gate_topics: on Qwen2.5-Coder-1.5B, a math gate lets 9 of 148
+    /// held-out physics/chemistry/economics questions through instead of 45, and 38 of 55 math
+    /// questions instead of 48).
+    Rmd,
+}
+
+impl GateMethod {
+    /// Left out of configs, so the default stays implicit.
+    pub fn is_default(&self) -> bool {
+        *self == GateMethod::default()
+    }
+
+    /// Where the method reads a prompt.
+    pub fn pooling(self) -> Pooling {
+        match self {
+            GateMethod::Ridge => Pooling::MeanUser,
+            GateMethod::Md | GateMethod::Rmd => Pooling::LastPrompt,
+        }
+    }
+}
+
+/// Which tokens' residual vectors make a prompt's vector at a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pooling {
+    /// The last token of the formatted prompt.
+    LastPrompt,
+    /// The mean over the prompt's own tokens (after the chat template's shared opening).
+    MeanUser,
+}
+
+impl Pooling {
+    /// The capture that records what this pooling reads.
+    pub fn capture_position(self) -> CapturePosition {
+        match self {
+            Pooling::LastPrompt => CapturePosition::LastPrompt,
+            Pooling::MeanUser => CapturePosition::MeanUser,
+        }
+    }
+}
+
+/// What a train prompt is to the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GateLabel {
+    OnTopic,
+    OffTopic,
+    /// Off the topic, and a request the model must keep refusing: the veto's positives.
+    Harmful,
+    Unused,
+}
+
+/// A linear score over the pooled vectors at the gate's points, side by side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Readout {
+    /// `[points × d]`, in the order of the gate's points.
+    pub weights: Vec<f32>,
+    /// A score above this passes.
+    pub threshold: f64,
+}
+
+impl Readout {
+    pub fn score(&self, features: &[f32]) -> f64 {
+        dot(&self.weights, features)
+    }
+}
+
+/// What the gate made of one prompt; answer records carry it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Decision {
+    pub gated_in: bool,
+    /// The topic score less its threshold: above 0 is on the topic.
+    pub topic: f64,
+    /// The harm score less the veto's threshold, where the gate has a veto: above 0 is vetoed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub harm: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Gate {
+    pub method: GateMethod,
+    pub pooling: Pooling,
+    pub points: Vec<usize>,
+    pub topic: Readout,
+    /// A prompt whose harm score passes this is never steered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub veto: Option<Readout>,
+    /// Held-out AUC of the topic score on the train prompts (k folds).
+    pub heldout_auc: f64,
+    /// Held-out balanced accuracy of the topic rule (score and midpoint threshold) on the
+    /// train prompts.
+    pub heldout_accuracy: f64,
+}
+
+impl Gate {
+    /// Fits the gate on train activations captured with `method.pooling()` (`labels[i]` for
+    /// row i). `ridge` is used by [`GateMethod::Rmd`] and [`GateMethod::Ridge`].
+    pub fn fit(
+        acts: &Activations,
+        labels: &[GateLabel],
+        method: GateMethod,
+        ridge: Ridge,
+        folds: usize,
+        seed: u64,
+    ) -> Result<Self> {
+        let (on, off) = check_inputs(acts, labels, method)?;
+        let folds = folds.min(on).min(off).max(2);
+        match method {
+            GateMethod::Md | GateMethod::Rmd => one_point(acts, labels, method, ridge, folds, seed),
+            GateMethod::Ridge => {
+                let kappa = relative(ridge)?;
+                let mut gate = several_points(acts, labels, kappa)?;
+                (gate.heldout_auc, gate.heldout_accuracy) =
+                    heldout(acts, labels, &gate.points, kappa, folds, seed)?;
+                Ok(gate)
+            }
+        }
+    }
+
+    /// [`Gate::fit`] without the held-out estimate of the ridge gate (its held-out numbers are
+    /// NaN): for a caller that measures the gate on prompts of its own.
+    pub(crate) fn fit_unmeasured(
+        acts: &Activations,
+        labels: &[GateLabel],
+        method: GateMethod,
+        ridge: Ridge,
+        seed: u64,
+    ) -> Result<Self> {
+        match method {
+            GateMethod::Ridge => {
+                check_inputs(acts, labels, method)?;
+                several_points(acts, labels, relative(ridge)?)
+            }
+            GateMethod::Md | GateMethod::Rmd => Self::fit(acts, labels, method, ridge, 5, seed),
+        }
+    }
+
+    /// The points the ridge gate reads on a model of `n_layers` blocks: seven, evenly spread
+    /// between an eighth and seven eighths of the depth.
+    pub fn ridge_points(n_layers: usize) -> Vec<usize> {
+        let mut points: Vec<usize> = (1..=7).map(|i| (i * n_layers / 8).max(1)).collect();
+        points.dedup();
+        points
+    }
+
+    /// The pooled vectors of activation row `row` at the gate's points, side by side.
+    pub fn features(&self, acts: &Activations, row: usize) -> Vec<f32> {
+        features_at(acts, &self.points, row)
+    }
+
+    /// What the gate makes of a prompt with these features.
+    pub fn decide(&self, features: &[f32]) -> Decision {
+        let topic = self.topic.score(features) - self.topic.threshold;
+        let harm = self.veto.as_ref().map(|v| v.score(features) - v.threshold);
+        Decision {
+            gated_in: topic > 0.0 && harm.is_none_or(|h| h <= 0.0),
+            topic,
+            harm,
+        }
+    }
+
+    /// Whether a prompt with these features is steered.
+    pub fn admits(&self, features: &[f32]) -> bool {
+        self.decide(features).gated_in
+    }
+
+    /// Reads a gate that `run` saved (vectors/gate.json) and checks that it fits `model`.
+    pub fn load(path: &Path, model: &Model) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the topic gate {}", path.display()))?;
+        let gate: Gate = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a topic gate of this version (the vectors/gate.json that `run` writes; rerun `run` to rebuild an older one)",
+                path.display()
+            )
+        })?;
+        gate.check(model.config.n_layers, model.config.d_model)
+            .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
+        Ok(gate)
+    }
+
+    /// Why this gate cannot read a model of `n_layers` blocks and width `d`, if it cannot.
+    pub fn check(&self, n_layers: usize, d: usize) -> Result<(), String> {
+        if self.points.is_empty() || self.points.iter().any(|&p| p > n_layers) {
+            return Err(format!(
+                "the gate reads points {:?}, but the model has points 0..={n_layers}: use a gate fitted on this model",
+                self.points
+            ));
+        }
+        let width = self.points.len() * d;
+        for (name, readout) in
+            std::iter::once(("topic", &self.topic)).chain(self.veto.iter().map(|v| ("veto", v)))
+        {
+            if readout.weights.len() != width {
+                return Err(format!(
+                    "the gate's {name} read-out has {} weights, but {} points of a {d}-wide model need {width}: use a gate fitted on this model",
+                    readout.weights.len(),
+                    self.points.len()
+                ));
+            }
+            if !readout.threshold.is_finite() || readout.weights.iter().any(|x| !x.is_finite()) {
+                return Err(format!(
+                    "the gate's {name} read-out holds a NaN or infinite value"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What the gate makes of each prompt (one unsteered prefill per batch, the chat
+    /// template's opening run once).
+    pub fn select(
+        &self,
+        model: &Model,
+        format: &Format,
+        prompts: &[String],
+        batch: usize,
+    ) -> Result<Vec<Decision>> {
+        let prefix = format.shared_prefix(model)?;
+        let d = model.config.d_model;
+        let positions = match self.pooling {
+            Pooling::LastPrompt => Positions::LastPrompt,
+            Pooling::MeanUser => Positions::Prompt,
+        };
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(batch.max(1)) {
+            let tokens: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|p| format.encode(model, p))
+                .collect::<Result<_>>()?;
+            let mut hooks = model.new_hooks();
+            for &point in &self.points {
+                hooks.add(Intervention {
+                    point,
+                    action: Action::Capture,
+                    rows: Rows::All,
+                    positions: positions.clone(),
+                })?;
+            }
+            let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+            match &prefix {
+                Some(prefix) => prefix.prefill(model, &refs, 0, &mut hooks, Logits::None)?,
+                None => prefill(model, &refs, Padding::Left, 0, &mut hooks, Logits::None)?,
+            };
+            // Sum per (row, point slot); the mean divides by the count.
+            let k = self.points.len();
+            let mut sums = vec![vec![0f64; k * d]; chunk.len()];
+            let mut counts = vec![vec![0usize; k]; chunk.len()];
+            for c in hooks.take_captured() {
+                let slot = self
+                    .points
+                    .iter()
+                    .position(|&p| p == c.point)
+                    .expect("only the gate's points are captured");
+                for (s, v) in sums[c.row][slot * d..(slot + 1) * d]
+                    .iter_mut()
+                    .zip(&c.values)
+                {
+                    *s += f64::from(*v);
+                }
+                counts[c.row][slot] += 1;
+            }
+            for (sum, count) in sums.iter().zip(&counts) {
+                let features: Vec<f32> = sum
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (s / count[i / d].max(1) as f64) as f32)
+                    .collect();
+                out.push(self.decide(&features));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Which prompt records pass the gate.
+    pub fn select_prompts(
+        &self,
+        model: &Model,
+        format: &Format,
+        prompts: &[Prompt],
+        batch: usize,
+    ) -> Result<Vec<bool>> {
+        let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
+        let decisions = self.select(model, format, &texts, batch)?;
+        Ok(decisions.iter().map(|d| d.gated_in).collect())
+    }
+}
+
+/// Refuses activations of another pooling and too few prompts; returns the counts on and off
+/// the topic.
+fn check_inputs(
+    acts: &Activations,
+    labels: &[GateLabel],
+    method: GateMethod,
+) -> Result<(usize, usize)> {
+    let captured = acts.header.metadata.get("position").map(String::as_str);
+    let wanted = method.pooling().capture_position().name();
+    if captured.is_some_and(|c| c != wanted) {
+        bail!(
+                "the {method:?} gate reads prompts at {wanted}, but these activations were captured at {}: capture with --position {wanted}",
+                captured.unwrap_or_default()
+            );
+    }
+    if labels.len() != acts.header.ids.len() {
+        bail!(
+            "{} gate labels for {} prompts",
+            labels.len(),
+            acts.header.ids.len()
+        );
+    }
+    let on = labels.iter().filter(|&&l| l == GateLabel::OnTopic).count();
+    let off = labels
+        .iter()
+        .filter(|&&l| matches!(l, GateLabel::OffTopic | GateLabel::Harmful))
+        .count();
+    if on < 2 || off < 2 {
+        bail!("a topic gate needs at least 2 prompts on and off the topic ({on} and {off})");
+    }
+    Ok((on, off))
+}
+
+fn features_at(acts: &Activations, points: &[usize], row: usize) -> Vec<f32> {
+    let (p, d) = (acts.header.n_points, acts.header.d);
+    let base = row * p * d;
+    points
+        .iter()
+        .flat_map(|&point| {
+            acts.data[base + point * d..base + (point + 1) * d]
+                .iter()
+                .copied()
+        })
+        .collect()
+}
+
+fn classes_of(labels: &[GateLabel], positive: impl Fn(GateLabel) -> Option<bool>) -> Vec<Class> {
+    labels
+        .iter()
+        .map(|&l| match positive(l) {
+            Some(true) => Class::Refusal,
+            Some(false) => Class::Compliance,
+            None => Class::Unused,
+        })
+        .collect()
+}
+
+fn topic_class(label: GateLabel) -> Option<bool> {
+    match label {
+        GateLabel::OnTopic => Some(true),
+        GateLabel::OffTopic | GateLabel::Harmful => Some(false),
+        GateLabel::Unused => None,
+    }
+}
+
+/// `md` / `rmd`: one unit direction at the point where its midpoint rule is most often right
+/// on held-out prompts (AUC breaks ties: AUC alone only ranks, and with few prompts many
+/// points rank perfectly while their midpoints still cut through one class).
+fn one_point(
+    acts: &Activations,
+    labels: &[GateLabel],
+    method: GateMethod,
+    ridge: Ridge,
+    folds: usize,
+    seed: u64,
+) -> Result<Gate> {
+    let classes = classes_of(labels, topic_class);
+    let weights = vec![1.0; classes.len()];
+    let steer_method = if method == GateMethod::Rmd {
+        Method::Rmd
+    } else {
+        Method::Md
+    };
+    let d = acts.header.d;
+    let mut best: Option<(usize, HeldOut)> = None;
+    for point in 1..acts.header.n_points {
+        let x = acts.at_point(point);
+        let samples = Samples::new(&x, d, &classes, &weights)?;
+        let h = k_fold_heldout(&samples, steer_method, ridge, folds, seed)?;
+        let better = |b: &HeldOut| (h.midpoint_accuracy, h.auc) > (b.midpoint_accuracy, b.auc);
+        if best.as_ref().is_none_or(|(_, b)| better(b)) {
+            best = Some((point, h));
+        }
+    }
+    let (point, heldout) = best.expect("a model has at least one block");
+    let x = acts.at_point(point);
+    let samples = Samples::new(&x, d, &classes, &weights)?;
+    let v = fit(&samples, steer_method, ridge)?.vector;
+    let length = norm(&v).max(f64::MIN_POSITIVE);
+    let direction: Vec<f32> = v.iter().map(|&x| (f64::from(x) / length) as f32).collect();
+    let scores: Vec<f64> = x.chunks_exact(d).map(|row| dot(row, &direction)).collect();
+    let positive: Vec<Option<bool>> = labels.iter().map(|&l| topic_class(l)).collect();
+    Ok(Gate {
+        method,
+        pooling: Pooling::LastPrompt,
+        points: vec![point],
+        topic: Readout {
+            weights: direction,
+            threshold: midpoint(&scores, &positive),
+        },
+        veto: None,
+        heldout_auc: heldout.auc,
+        heldout_accuracy: heldout.midpoint_accuracy,
+    })
+}
+
+/// The midpoint between the mean scores of the positive and the negative rows.
+fn midpoint(scores: &[f64], positive: &[Option<bool>]) -> f64 {
+    let mean_of = |class: bool| {
+        let (sum, n) = scores
+            .iter()
+            .zip(positive)
+            .filter(|(_, p)| **p == Some(class))
+            .fold((0.0, 0usize), |(s, n), (x, _)| (s + x, n + 1));
+        sum / n.max(1) as f64
+    };
+    (mean_of(true) + mean_of(false)) / 2.0
+}
+
+/// A ridge read-out over `points` fitted on the rows where `positive` is known: each point's
+/// vectors scaled to unit mean square first (so no layer outweighs another by its scale, the
+/// scale then folded into the weights), the threshold at the midpoint of the two classes'
+/// mean scores.
+fn ridge_readout(
+    acts: &Activations,
+    points: &[usize],
+    positive: &[Option<bool>],
+    kappa: f64,
+) -> Result<Readout> {
+    let d = acts.header.d;
+    let rows: Vec<usize> = (0..positive.len())
+        .filter(|&i| positive[i].is_some())
+        .collect();
+    let features: Vec<Vec<f32>> = rows.iter().map(|&i| features_at(acts, points, i)).collect();
+    let scale: Vec<f64> = (0..points.len())
+        .map(|slot| {
+            let square: f64 = features
+                .iter()
+                .map(|f| norm(&f[slot * d..(slot + 1) * d]).powi(2))
+                .sum();
+            (square / features.len() as f64)
+                .sqrt()
+                .max(f64::MIN_POSITIVE)
+        })
+        .collect();
+    let scaled: Vec<f32> = features
+        .iter()
+        .flat_map(|f| {
+            f.iter()
+                .enumerate()
+                .map(|(j, &x)| (f64::from(x) / scale[j / d]) as f32)
+        })
+        .collect();
+    let labels: Vec<bool> = rows.iter().map(|&i| positive[i] == Some(true)).collect();
+    let w = balanced_ridge(&scaled, points.len() * d, &labels, kappa)?;
+    let weights: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(j, &w)| (w / scale[j / d]) as f32)
+        .collect();
+    let scores: Vec<f64> = features.iter().map(|f| dot(&weights, f)).collect();
+    let row_positive: Vec<Option<bool>> = labels.iter().map(|&b| Some(b)).collect();
+    Ok(Readout {
+        threshold: midpoint(&scores, &row_positive),
+        weights,
+    })
+}
+
+fn relative(ridge: Ridge) -> Result<f64> {
+    match ridge {
+        Ridge::Relative(kappa) => Ok(kappa),
+        Ridge::Absolute(_) => bail!("the ridge gate takes a relative ridge (kappa)"),
+    }
+}
+
+/// `ridge`: the topic read-out over several points, and the veto when there are harmful rows
+/// (its negatives: every other labelled row, on the topic or not, so that it learns harm, not
+/// the topic's absence). Held-out numbers are left NaN for the caller.
+fn several_points(acts: &Activations, labels: &[GateLabel], kappa: f64) -> Result<Gate> {
+    let points = Gate::ridge_points(acts.header.n_points - 1);
+    let positive: Vec<Option<bool>> = labels.iter().map(|&l| topic_class(l)).collect();
+    let topic = ridge_readout(acts, &points, &positive, kappa)?;
+    let harmful: Vec<Option<bool>> = labels
+        .iter()
+        .map(|&l| match l {
+            GateLabel::Harmful => Some(true),
+            GateLabel::OnTopic | GateLabel::OffTopic => Some(false),
+            GateLabel::Unused => None,
+        })
+        .collect();
+    let n_harmful = labels.iter().filter(|&&l| l == GateLabel::Harmful).count();
+    let veto = if n_harmful >= 2 {
+        Some(ridge_readout(acts, &points, &harmful, kappa)?)
+    } else {
+        None
+    };
+    Ok(Gate {
+        method: GateMethod::Ridge,
+        pooling: Pooling::MeanUser,
+        points,
+        topic,
+        veto,
+        heldout_auc: f64::NAN,
+        heldout_accuracy: f64::NAN,
+    })
+}
+
+/// The topic read-out's held-out AUC and balanced accuracy over `folds` folds stratified by
+/// class (seeded), each fold scored by a read-out fitted on the others.
+fn heldout(
+    acts: &Activations,
+    labels: &[GateLabel],
+    points: &[usize],
+    kappa: f64,
+    folds: usize,
+    seed: u64,
+) -> Result<(f64, f64)> {
+    let positive: Vec<Option<bool>> = labels.iter().map(|&l| topic_class(l)).collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut fold_of = vec![usize::MAX; labels.len()];
+    for class in [true, false] {
+        let mut rows: Vec<usize> = (0..labels.len())
+            .filter(|&i| positive[i] == Some(class))
+            .collect();
+        rows.shuffle(&mut rng);
+        for (position, row) in rows.into_iter().enumerate() {
+            fold_of[row] = position % folds;
+        }
+    }
+    let (mut auc_total, mut accuracy_total) = (0.0, 0.0);
+    for fold in 0..folds {
+        let fit_rows: Vec<Option<bool>> = (0..labels.len())
+            .map(|i| {
+                if fold_of[i] == fold {
+                    None
+                } else {
+                    positive[i]
+                }
+            })
+            .collect();
+        let readout = ridge_readout(acts, points, &fit_rows, kappa)?;
+        let held: Vec<usize> = (0..labels.len()).filter(|&i| fold_of[i] == fold).collect();
+        let scores: Vec<f64> = held
+            .iter()
+            .map(|&i| readout.score(&features_at(acts, points, i)))
+            .collect();
+        let classes: Vec<Class> = held
+            .iter()
+            .map(|&i| match positive[i] {
+                Some(true) => Class::Refusal,
+                _ => Class::Compliance,
+            })
+            .collect();
+        auc_total += auc(&scores, &classes)?;
+        let share_right = |class: Class| {
+            let (right, all) = scores
+                .iter()
+                .zip(&classes)
+                .filter(|(_, c)| **c == class)
+                .fold((0usize, 0usize), |(r, a), (s, _)| {
+                    let said_on = *s > readout.threshold;
+                    (r + usize::from(said_on == (class == Class::Refusal)), a + 1)
+                });
+            right as f64 / all.max(1) as f64
+        };
+        accuracy_total += (share_right(Class::Refusal) + share_right(Class::Compliance)) / 2.0;
+    }
+    Ok((auc_total / folds as f64, accuracy_total / folds as f64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fitting::tests::planted;
+
+    fn labels(on: impl Fn(usize) -> bool, n: usize) -> Vec<GateLabel> {
+        (0..n)
+            .map(|i| {
+                if on(i) {
+                    GateLabel::OnTopic
+                } else {
+                    GateLabel::OffTopic
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_gate_finds_the_point_where_the_topic_is_written_and_splits_at_the_midpoint() {
+        let d = 12;
+        let topic: Vec<f32> = (0..d).map(|j| if j == 5 { 1.0 } else { 0.0 }).collect();
+        let acts = planted(30, d, &topic, 5.0, 3);
+        let gate = Gate::fit(
+            &acts,
+            &labels(|i| i < 15, 30),
+            GateMethod::Md,
+            Ridge::Relative(1.0),
+            5,
+            0,
+        )
+        .unwrap();
+        assert_eq!(gate.points, vec![2]);
+        assert!(gate.heldout_auc > 0.99);
+        assert!(gate.topic.weights[5] > 0.9);
+        // Every train row lands on its side of the threshold.
+        for i in 0..30 {
+            assert_eq!(gate.admits(&gate.features(&acts, i)), i < 15, "row {i}");
+        }
+        let err = Gate::fit(
+            &acts,
+            &[GateLabel::OnTopic; 30],
+            GateMethod::Md,
+            Ridge::Relative(1.0),
+            5,
+            0,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("on and off the topic"), "{err}");
+    }
+
+    /// Activations `[n, 9 points, d]` from a function of (row, point, dimension).
+    fn acts_from(n: usize, d: usize, value: impl Fn(usize, usize, usize) -> f32) -> Activations {
+        let n_points = 9;
+        let data = (0..n)
+            .flat_map(|i| (0..n_points).flat_map(move |p| (0..d).map(move |j| (i, p, j))))
+            .map(|(i, p, j)| value(i, p, j))
+            .collect();
+        Activations {
+            header: refusal_steer_data::activations::ActivationsHeader {
+                n_points,
+                d,
+                ids: (0..n).map(|i| format!("p{i}")).collect(),
+                sets: vec![None; n],
+                metadata: Default::default(),
+            },
+            data,
+        }
+    }
+
+    /// Noise in [-0.5, 0.5) from (row, point, dimension).
+    fn noise(i: usize, p: usize, j: usize) -> f32 {
+        ((i * 7919 + p * 104_729 + j * 1_299_709) % 1000) as f32 / 1000.0 - 0.5
+    }
+
+    /// The topic is written along axis 0 at every point; each phrasing moves the rows along a
+    /// nuisance axis of its own (1, 2, 3), on and off the topic alike, by much more than the
+    /// topic does. Fitted on two phrasings, the ridge gate still sorts a third it never saw.
+    #[test]
+    fn a_planted_topic_is_gated_across_a_phrasing_the_gate_never_saw() {
+        let (n, d) = (90, 8);
+        let phrasing = |i: usize| i % 3;
+        let on = |i: usize| (i / 3) % 2 == 0;
+        let acts = acts_from(n, d, |i, p, j| {
+            let topic = if j == 0 && on(i) { 1.0 } else { 0.0 };
+            let nuisance = if j == 1 + phrasing(i) { 6.0 } else { 0.0 };
+            if p == 0 {
+                0.0
+            } else {
+                topic + nuisance + 0.3 * noise(i, p, j)
+            }
+        });
+        let labels: Vec<GateLabel> = (0..n)
+            .map(|i| match (phrasing(i), on(i)) {
+                (2, _) => GateLabel::Unused,
+                (_, true) => GateLabel::OnTopic,
+                (_, false) => GateLabel::OffTopic,
+            })
+            .collect();
+        let gate = Gate::fit(
+            &acts,
+            &labels,
+            GateMethod::Ridge,
+            Ridge::Relative(0.1),
+            5,
+            0,
+        )
+        .unwrap();
+        assert_eq!(gate.pooling, Pooling::MeanUser);
+        assert_eq!(gate.points, Gate::ridge_points(8));
+        assert!(gate.veto.is_none(), "no harmful rows, no veto");
+        assert!(gate.heldout_accuracy > 0.95, "{}", gate.heldout_accuracy);
+        for i in (0..n).filter(|&i| phrasing(i) == 2) {
+            assert_eq!(gate.admits(&gate.features(&acts, i)), on(i), "row {i}");
+        }
+    }
+
+    /// A prompt on the topic that the harm read-out flags is not gated in, however high its
+    /// topic score: harm is axis 1, the topic axis 0, and the test rows carry both.
+    #[test]
+    fn the_harmful_veto_overrides_a_high_topic_score() {
+        let (n, d) = (60, 6);
+        let role = |i: usize| i % 3; // 0 on the topic, 1 benign, 2 harmful
+        let acts = acts_from(n + 2, d, |i, p, j| {
+            let (topic, harm) = match (i >= n, role(i)) {
+                (true, _) => (1.5, if i == n { 1.5 } else { 0.0 }),
+                (false, 0) => (1.0, 0.0),
+                (false, 1) => (0.0, 0.0),
+                (false, _) => (0.0, 1.0),
+            };
+            let signal = match j {
+                0 => topic,
+                1 => harm,
+                _ => 0.0,
+            };
+            if p == 0 {
+                0.0
+            } else {
+                signal + 0.2 * noise(i, p, j)
+            }
+        });
+        let labels: Vec<GateLabel> = (0..n + 2)
+            .map(|i| match (i >= n, role(i)) {
+                (true, _) => GateLabel::Unused,
+                (false, 0) => GateLabel::OnTopic,
+                (false, 1) => GateLabel::OffTopic,
+                (false, _) => GateLabel::Harmful,
+            })
+            .collect();
+        let gate = Gate::fit(
+            &acts,
+            &labels,
+            GateMethod::Ridge,
+            Ridge::Relative(0.1),
+            5,
+            0,
+        )
+        .unwrap();
+        let veto = gate.veto.as_ref().expect("harmful rows give a veto");
+        let (harmful, clean) = (gate.features(&acts, n), gate.features(&acts, n + 1));
+        assert!(
+            gate.topic.score(&harmful) > gate.topic.threshold,
+            "the topic read-out passes it"
+        );
+        assert!(veto.score(&harmful) > veto.threshold);
+        assert!(!gate.admits(&harmful), "the veto keeps it out");
+        assert!(gate.admits(&clean), "the same topic without harm gets in");
+        for i in 0..n {
+            assert_eq!(
+                gate.admits(&gate.features(&acts, i)),
+                role(i) == 0,
+                "row {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_gate_of_another_model_or_pooling_is_refused() {
+        let acts = acts_from(20, 4, |i, p, j| {
+            if p > 0 && j == 0 && i < 10 {
+                1.0
+            } else {
+                noise(i, p, j)
+            }
+        });
+        let gate = Gate::fit(
+            &acts,
+            &labels(|i| i < 10, 20),
+            GateMethod::Ridge,
+            Ridge::Relative(1.0),
+            3,
+            0,
+        )
+        .unwrap();
+        assert_eq!(gate.check(8, 4), Ok(()));
+        let wider = gate.check(8, 5).unwrap_err();
+        assert!(wider.contains("fitted on this model"), "{wider}");
+        let shallower = gate.check(4, 4).unwrap_err();
+        assert!(shallower.contains("points 0..=4"), "{shallower}");
+        let mut last = acts;
+        last.header
+            .metadata
+            .insert("position".into(), "last-prompt".into());
+        let err = Gate::fit(
+            &last,
+            &labels(|i| i < 10, 20),
+            GateMethod::Ridge,
+            Ridge::Relative(1.0),
+            3,
+            0,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--position mean-user"), "{err}");
+    }
+
+    /// On-topic rows differ a little along a quiet axis and more along one where off-topic rows
+    /// spread widely (look-alike questions on neighbouring subjects): the mean difference
+    /// follows the loud axis and lets wide off-topic rows through; RMD discounts it.
+    #[test]
+    fn the_ridge_gate_keeps_out_off_topic_rows_that_spread_along_the_topic() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let (d, n) = (6, 200);
+        let mut rng = StdRng::seed_from_u64(1);
+        let mut data = Vec::new();
+        for i in 0..n {
+            let on = i % 2 == 0;
+            for point in 0..2 {
+                for j in 0..d {
+                    let noise: f32 = rng.gen_range(-0.1..0.1);
+                    let x = match (point, j, on) {
+                        (0, _, _) => 0.0,
+                        (_, 0, true) => 1.0 + noise,
+                        (_, 1, true) => 5.0 + noise,
+                        (_, 1, false) => rng.gen_range(-15.0..15.0),
+                        _ => noise,
+                    };
+                    data.push(x);
+                }
+            }
+        }
+        let ids: Vec<String> = (0..n).map(|i| format!("p{i}")).collect();
+        let acts = Activations {
+            header: refusal_steer_data::activations::ActivationsHeader {
+                n_points: 2,
+                d,
+                ids,
+                sets: vec![None; n],
+                metadata: Default::default(),
+            },
+            data,
+        };
+        // Fitted on the first half, judged on the second.
+        let labels: Vec<GateLabel> = (0..n)
+            .map(|i| match (i < n / 2, i % 2 == 0) {
+                (false, _) => GateLabel::Unused,
+                (true, true) => GateLabel::OnTopic,
+                (true, false) => GateLabel::OffTopic,
+            })
+            .collect();
+        let off_passed = |method| {
+            let gate = Gate::fit(&acts, &labels, method, Ridge::Relative(0.01), 5, 0).unwrap();
+            assert_eq!(gate.method, method);
+            let passed = |on: bool| {
+                (n / 2..n)
+                    .filter(|&i| (i % 2 == 0) == on)
+                    .filter(|&i| gate.admits(&gate.features(&acts, i)))
+                    .count()
+            };
+            assert_eq!(
+                passed(true),
+                n / 4,
+                "{method:?} lets every on-topic row through"
+            );
+            passed(false)
+        };
+        let (md, rmd) = (off_passed(GateMethod::Md), off_passed(GateMethod::Rmd));
+        assert!(md >= 10, "MD lets {md} of 50 off-topic rows through");
+        assert_eq!(rmd, 0, "RMD lets {rmd} of 50 off-topic rows through");
+    }
+}
