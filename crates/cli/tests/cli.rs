@@ -367,9 +367,17 @@ fn capture_fit_and_steer_chain_through_files() {
         assert_eq!(gated[&id]["answer"], expected["answer"], "prompt {i}");
         // Every line says what the gate made of its prompt, those it kept out included.
         let steering = &gated[&id]["steering"];
-        assert_eq!(steering["gated_in"], serde_json::json!(i % 2 == 0), "prompt {i}");
+        assert_eq!(
+            steering["gated_in"],
+            serde_json::json!(i % 2 == 0),
+            "prompt {i}"
+        );
         let margin = steering["gate"]["topic"].as_f64().unwrap();
-        assert_eq!(margin > 0.0, i % 2 == 0, "prompt {i}: topic margin {margin}");
+        assert_eq!(
+            margin > 0.0,
+            i % 2 == 0,
+            "prompt {i}: topic margin {margin}"
+        );
     }
 
     // The same flags saved as a recipe: `--recipe` answers exactly as they do, gate and all;
@@ -762,7 +770,9 @@ fn gate_eval_holds_each_source_out_and_bad_corpora_say_why() {
     let dir = tempfile::tempdir().unwrap();
     let p = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     refusal_steer_engine::tiny::write(Path::new(&p("tiny.gguf"))).unwrap();
-    let words = ["the cat", "an theer", "in the", "cat an", "the the", "er in"];
+    let words = [
+        "the cat", "an theer", "in the", "cat an", "the the", "er in",
+    ];
     let mut corpus = String::new();
     for (set, source_of) in [("china", 0), ("harmful", 3), ("benign", 6)] {
         for i in 0..9 {
@@ -793,7 +803,11 @@ fn gate_eval_holds_each_source_out_and_bad_corpora_say_why() {
         ])
     };
     let out = eval("corpus.jsonl", "acts.safetensors");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("| china | all | all |"), "{table}");
     assert!(table.contains("| harmful | s3 | en |"), "{table}");

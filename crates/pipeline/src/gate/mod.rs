@@ -695,7 +695,7 @@ mod tests {
     fn a_planted_topic_is_gated_across_a_phrasing_the_gate_never_saw() {
         let (n, d) = (90, 8);
         let phrasing = |i: usize| i % 3;
-        let on = |i: usize| (i / 3) % 2 == 0;
+        let on = |i: usize| (i / 3).is_multiple_of(2);
         let acts = acts_from(n, d, |i, p, j| {
             let topic = if j == 0 && on(i) { 1.0 } else { 0.0 };
             let nuisance = if j == 1 + phrasing(i) { 6.0 } else { 0.0 };
