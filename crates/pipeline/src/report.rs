@@ -177,9 +177,19 @@ pub fn write(
             report.gate_points
         ),
     };
+    let corpus = match &config.gate_corpus {
+        Some(c) => format!(
+            ", and up to {} prompts of each set of the gate corpus `{}` (on the topic: {}; harmful: {})",
+            c.per_set,
+            c.prompts,
+            c.on.join(", "),
+            c.harmful.join(", ")
+        ),
+        None => String::new(),
+    };
     let _ = writeln!(
         md,
-        "Methods ending in `+gated` steer only prompts that a topic gate lets through: {gate_rule}, threshold at the midpoint of the two classes' mean scores (held-out balanced accuracy {:.3}, AUC {:.3}; `refusal-steer gate-eval` measures a gate on sources it never saw). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: {gate_rule}{corpus}, threshold at the midpoint of the two classes' mean scores (held-out balanced accuracy {:.3}, AUC {:.3}; `refusal-steer gate-eval` measures a gate on sources it never saw). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
         report.gate_heldout_accuracy, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");
