@@ -61,6 +61,7 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
         bail!("the capture batch must be at least 1");
     }
     let (n_points, d) = (model.config.n_layers + 1, model.config.d_model);
+    let all_points: Vec<usize> = (0..n_points).collect();
     let answer_of: HashMap<&str, &str> = match (position, answers) {
         (CapturePosition::MeanAnswer, None) => {
             bail!("capturing at mean-answer needs the answers file (--answers)")
@@ -125,8 +126,12 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
         order.sort_by_key(|&i| rows[i].0.len());
         let mut means: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
         for members in order.chunks(batch) {
-            let batch_rows: Vec<&(Vec<u32>, u32)> = members.iter().map(|&i| &rows[i]).collect();
-            let batch_means = capture_batch(model, &batch_rows, position, prefix.as_ref())?;
+            let batch_rows: Vec<(&[u32], u32)> = members
+                .iter()
+                .map(|&i| (rows[i].0.as_slice(), rows[i].1))
+                .collect();
+            let batch_means =
+                capture_pooled(model, &batch_rows, &all_points, position, prefix.as_ref())?;
             for (&i, mean) in members.iter().zip(batch_means) {
                 means[i] = mean;
             }
@@ -143,15 +148,18 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
 /// few enough that a stop loses little.
 const WINDOW_BATCHES: usize = 8;
 
-/// One prefill over `rows` (tokens, first position counted), capturing every point; returns
-/// each row's `[points * d]` mean.
-fn capture_batch(
+/// One prefill over `rows` (tokens, first position counted), capturing `points`; returns
+/// each row's `[points.len() * d]` mean, the points side by side in the order given.
+/// `position` decides which tokens are read: the last prompt token, or every prompt token
+/// from the row's first counted position (after `prefix`, when there is one).
+pub(crate) fn capture_pooled(
     model: &Model,
-    rows: &[&(Vec<u32>, u32)],
+    rows: &[(&[u32], u32)],
+    points: &[usize],
     position: CapturePosition,
     prefix: Option<&SharedPrefix>,
 ) -> Result<Vec<Vec<f32>>> {
-    let (n_points, d) = (model.config.n_layers + 1, model.config.d_model);
+    let d = model.config.d_model;
     let positions = match position {
         CapturePosition::LastPrompt => Positions::LastPrompt,
         CapturePosition::MeanPrompt | CapturePosition::MeanUser | CapturePosition::MeanAnswer => {
@@ -159,7 +167,7 @@ fn capture_batch(
         }
     };
     let mut hooks = model.new_hooks();
-    for point in 0..n_points {
+    for &point in points {
         hooks.add(Intervention {
             point,
             action: Action::Capture,
@@ -167,23 +175,25 @@ fn capture_batch(
             positions: positions.clone(),
         })?;
     }
-    let tokens: Vec<&[u32]> = rows.iter().map(|(t, _)| t.as_slice()).collect();
+    let tokens: Vec<&[u32]> = rows.iter().map(|(t, _)| *t).collect();
     match prefix {
         Some(prefix) => prefix.prefill(model, &tokens, 0, &mut hooks, Logits::None)?,
         None => prefill(model, &tokens, Padding::Left, 0, &mut hooks, Logits::None)?,
     };
     // Sum what was captured per (row, point); the mean divides by the count.
-    let mut sums = vec![vec![0f64; n_points * d]; rows.len()];
-    let mut counts = vec![vec![0usize; n_points]; rows.len()];
+    let slot_of = |point: usize| points.iter().position(|&p| p == point).expect("captured");
+    let mut sums = vec![vec![0f64; points.len() * d]; rows.len()];
+    let mut counts = vec![vec![0usize; points.len()]; rows.len()];
     for c in hooks.take_captured() {
         if c.position < rows[c.row].1 {
             continue;
         }
-        let sum = &mut sums[c.row][c.point * d..(c.point + 1) * d];
+        let slot = slot_of(c.point);
+        let sum = &mut sums[c.row][slot * d..(slot + 1) * d];
         for (s, v) in sum.iter_mut().zip(&c.values) {
             *s += *v as f64;
         }
-        counts[c.row][c.point] += 1;
+        counts[c.row][slot] += 1;
     }
     Ok(sums
         .iter()

@@ -19,14 +19,12 @@ pub mod corpus;
 pub mod eval;
 
 use crate::answers::Format;
-use crate::capture::CapturePosition;
+use crate::capture::{capture_pooled, CapturePosition};
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
-use refusal_steer_engine::{
-    prefill, Action, Intervention, Logits, Model, Padding, Positions, Rows,
-};
+use refusal_steer_engine::Model;
 use refusal_steer_steer::classify::balanced_ridge;
 use refusal_steer_steer::linalg::{dot, norm};
 use refusal_steer_steer::{auc, fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
@@ -265,57 +263,16 @@ impl Gate {
         batch: usize,
     ) -> Result<Vec<Decision>> {
         let prefix = format.shared_prefix(model)?;
-        let d = model.config.d_model;
-        let positions = match self.pooling {
-            Pooling::LastPrompt => Positions::LastPrompt,
-            Pooling::MeanUser => Positions::Prompt,
-        };
+        let position = self.pooling.capture_position();
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
             let tokens: Vec<Vec<u32>> = chunk
                 .iter()
                 .map(|p| format.encode(model, p))
                 .collect::<Result<_>>()?;
-            let mut hooks = model.new_hooks();
-            for &point in &self.points {
-                hooks.add(Intervention {
-                    point,
-                    action: Action::Capture,
-                    rows: Rows::All,
-                    positions: positions.clone(),
-                })?;
-            }
-            let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
-            match &prefix {
-                Some(prefix) => prefix.prefill(model, &refs, 0, &mut hooks, Logits::None)?,
-                None => prefill(model, &refs, Padding::Left, 0, &mut hooks, Logits::None)?,
-            };
-            // Sum per (row, point slot); the mean divides by the count.
-            let k = self.points.len();
-            let mut sums = vec![vec![0f64; k * d]; chunk.len()];
-            let mut counts = vec![vec![0usize; k]; chunk.len()];
-            for c in hooks.take_captured() {
-                let slot = self
-                    .points
-                    .iter()
-                    .position(|&p| p == c.point)
-                    .expect("only the gate's points are captured");
-                for (s, v) in sums[c.row][slot * d..(slot + 1) * d]
-                    .iter_mut()
-                    .zip(&c.values)
-                {
-                    *s += f64::from(*v);
-                }
-                counts[c.row][slot] += 1;
-            }
-            for (sum, count) in sums.iter().zip(&counts) {
-                let features: Vec<f32> = sum
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| (s / count[i / d].max(1) as f64) as f32)
-                    .collect();
-                out.push(self.decide(&features));
-            }
+            let rows: Vec<(&[u32], u32)> = tokens.iter().map(|t| (t.as_slice(), 0)).collect();
+            let pooled = capture_pooled(model, &rows, &self.points, position, prefix.as_ref())?;
+            out.extend(pooled.iter().map(|features| self.decide(features)));
         }
         Ok(out)
     }
@@ -785,6 +742,70 @@ mod tests {
                 gate.admits(&gate.features(&acts, i)),
                 role(i) == 0,
                 "row {i}"
+            );
+        }
+    }
+
+    /// The gate a run fits from captured activations decides in generation (`select`, one
+    /// prefill through the gate's points) exactly as it did on the captured features.
+    #[test]
+    fn the_gate_decides_on_live_prompts_as_on_their_captured_activations() {
+        use crate::capture::{capture, CaptureJob};
+        use indicatif::ProgressBar;
+        use refusal_steer_engine::tiny;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny::write(&path).unwrap();
+        let model = Model::load(&path).unwrap();
+        let texts = [
+            "the cat sat",
+            "an hour there",
+            "the mat",
+            "in an hour",
+            "a cat on a mat",
+            "there the",
+            "sat in the hour",
+            "an an an",
+            "mat cat",
+            "the the cat sat",
+        ];
+        let prompts: Vec<Prompt> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Prompt {
+                id: i.to_string(),
+                prompt: t.to_string(),
+                set: None,
+            })
+            .collect();
+        let format = Format::default();
+        let out = dir.path().join("acts.safetensors");
+        let job = CaptureJob {
+            prompts: &prompts,
+            format: &format,
+            position: CapturePosition::MeanUser,
+            answers: None,
+            batch: 4,
+        };
+        capture(&model, &job, &out, &ProgressBar::hidden()).unwrap();
+        let acts = Activations::load(&out).unwrap();
+        let gate = Gate::fit(
+            &acts,
+            &labels(|i| i % 2 == 0, 10),
+            GateMethod::Ridge,
+            Ridge::Relative(1.0),
+            2,
+            0,
+        )
+        .unwrap();
+        let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+        let live = gate.select(&model, &format, &texts, 3).unwrap();
+        for (i, decision) in live.iter().enumerate() {
+            let captured = gate.decide(&gate.features(&acts, i));
+            assert_eq!(decision.gated_in, captured.gated_in, "prompt {i}");
+            assert!(
+                (decision.topic - captured.topic).abs() < 1e-3 * (1.0 + captured.topic.abs()),
+                "prompt {i}: {decision:?} vs {captured:?}"
             );
         }
     }
