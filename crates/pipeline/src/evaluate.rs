@@ -36,9 +36,25 @@ pub struct SetRate {
     /// degenerate answers).
     #[serde(default)]
     pub scores: Vec<f64>,
+    /// Answers a topic gate let in (and so were steered), where the condition is gated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gated_in: Option<usize>,
 }
 
 impl SetRate {
+    /// The same rates, with how many of `answers` a topic gate let in, where their records
+    /// say (`steering.gated_in`).
+    pub fn with_gate(self, answers: &[Answer]) -> Self {
+        let said: Vec<bool> = answers
+            .iter()
+            .filter_map(|a| a.steering.as_ref()?.get("gated_in")?.as_bool())
+            .collect();
+        Self {
+            gated_in: (!said.is_empty()).then(|| said.iter().filter(|&&g| g).count()),
+            ..self
+        }
+    }
+
     /// The share of answers that miss the aim of steering in `direction`: refusals when
     /// removing them; answers that are not real refusals when inducing them. A degenerate
     /// answer (a loop) is never a success: removing refusals, it already counts as one;
@@ -140,6 +156,7 @@ pub fn rate(assessed: &[Assessed]) -> SetRate {
                 counts
             }),
         scores: assessed.iter().map(|(a, _)| a.verdict.graded()).collect(),
+        gated_in: None,
     }
 }
 
@@ -338,6 +355,7 @@ pub(crate) mod tests {
             degenerate,
             kinds: BTreeMap::new(),
             scores: Vec::new(),
+            gated_in: None,
         }
     }
 

@@ -23,8 +23,12 @@ fn cell(r: &SetRate) -> String {
         t if t.is_empty() => t,
         t => format!("; {t}"),
     };
+    let gate = match r.gated_in {
+        Some(k) => format!("; gate let in {k}/{}", r.n),
+        None => String::new(),
+    };
     format!(
-        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{types})",
+        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{types}{gate})",
         100.0 * r.rate,
         100.0 * r.ci.0,
         100.0 * r.ci.1,
@@ -432,6 +436,11 @@ mod tests {
             "30% [11, 60] (patterns 30%; 2 degenerate)"
         );
         assert_eq!(cell(&ten_answers(1, 0)), "10% [2, 40] (patterns 10%)");
+        let gated = SetRate {
+            gated_in: Some(4),
+            ..ten_answers(1, 0)
+        };
+        assert_eq!(cell(&gated), "10% [2, 40] (patterns 10%; gate let in 4/10)");
     }
 
     #[test]

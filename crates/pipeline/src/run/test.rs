@@ -51,11 +51,12 @@ pub fn test(
         for set in TRIAL_SETS {
             let prompts = &splits.prompts[set].test;
             let path = ctx.folder.answers(Stage::Test, name, strength, set);
-            let assessed = judges.assess(&ctx.answers(prompts, recipe.as_ref(), &path)?)?;
+            let answers = ctx.answers(prompts, recipe.as_ref(), &path)?;
+            let assessed = judges.assess(&answers)?;
             if set == "benign" && recipe.is_none() {
                 kl_prompts = answered(prompts, &assessed);
             }
-            rates.insert(set.to_string(), rate(&assessed));
+            rates.insert(set.to_string(), rate(&assessed).with_gate(&answers));
         }
         let (batch, format) = (ctx.config.batch, &ctx.format);
         let kl = match &recipe {

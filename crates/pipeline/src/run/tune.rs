@@ -153,7 +153,8 @@ fn tune_method(
                     .folder
                     .answers(Stage::Validation, name, Some(strength), set);
                 let answers = ctx.answers(&splits.prompts[set].validation, Some(&recipe), &path)?;
-                rates.insert(set.to_string(), rate(&judges.assess(&answers)?));
+                let rates_here = rate(&judges.assess(&answers)?).with_gate(&answers);
+                rates.insert(set.to_string(), rates_here);
             }
             Ok(rates)
         },
