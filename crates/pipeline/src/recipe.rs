@@ -18,11 +18,11 @@
 //!   pooled vectors at the gate's `g` points; `gate_veto` F32 `[g, d]` when the gate has a
 //!   harmful-request veto;
 //! - metadata `recipe`: the JSON [`RecipeHeader`] (versioned; points, model identity, the
-//!   gate's method, pooling, points and thresholds, provenance). Absent tensors are empty
+//!   gate's method (which says how it pools), points and thresholds, provenance). Absent tensors are empty
 //!   lists.
 
 use crate::answers::Format;
-use crate::gate::{Decision, Gate, GateMethod, Pooling, Readout};
+use crate::gate::{Decision, Gate, GateMethod, Readout};
 use crate::steering::{SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
 use refusal_steer_engine::{Action, Hooks, Intervention, Interventions, Model, Rows};
@@ -90,7 +90,6 @@ pub struct Provenance {
 #[serde(deny_unknown_fields)]
 struct GateHeader {
     method: GateMethod,
-    pooling: Pooling,
     points: Vec<usize>,
     topic_threshold: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -406,7 +405,6 @@ impl Recipe {
             ablate_points: self.ablate.iter().map(|a| a.point).collect(),
             gate: self.gate.as_ref().map(|g| GateHeader {
                 method: g.method,
-                pooling: g.pooling,
                 points: g.points.clone(),
                 topic_threshold: g.topic.threshold,
                 veto_threshold: g.veto.as_ref().map(|v| v.threshold),
@@ -550,7 +548,6 @@ impl Recipe {
                 };
                 Some(Gate {
                     method: g.method,
-                    pooling: g.pooling,
                     points: g.points.clone(),
                     topic: Readout {
                         weights: f32s(read("gate_topic", Dtype::F32, &shape)?),
@@ -609,7 +606,6 @@ mod tests {
         let other = SteeringVectors::new(vec![0.0; 6], 3, 2, Default::default()).unwrap();
         let gate = Gate {
             method: GateMethod::Ridge,
-            pooling: Pooling::MeanUser,
             points: vec![1, 2],
             topic: Readout {
                 weights: vec![0.6, 0.8, -0.1, 0.3],

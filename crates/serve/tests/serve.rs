@@ -3,7 +3,7 @@
 //! stop strings, log-probabilities, and bad requests answered 4xx while it keeps serving.
 
 use refusal_steer_engine::{tiny, Model};
-use refusal_steer_pipeline::gate::{Gate, GateMethod, Pooling, Readout};
+use refusal_steer_pipeline::gate::{Gate, GateMethod, Readout};
 use refusal_steer_pipeline::recipe::{ModelIdentity, Provenance};
 use refusal_steer_pipeline::steering::{SteerMode, SteerPositions, Steering};
 use refusal_steer_pipeline::{Generator, Recipe};
@@ -38,7 +38,6 @@ fn recipe(model: &Model, gated: bool) -> Recipe {
     let norm = direction.iter().map(|x| x * x).sum::<f32>().sqrt();
     let gate = Gate {
         method: GateMethod::Md,
-        pooling: Pooling::LastPrompt,
         points: vec![2],
         topic: Readout {
             weights: direction.iter().map(|x| x / norm).collect(),

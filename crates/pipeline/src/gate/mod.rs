@@ -66,8 +66,7 @@ impl GateMethod {
 }
 
 /// Which tokens' residual vectors make a prompt's vector at a point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
     /// The last token of the formatted prompt.
     LastPrompt,
@@ -124,8 +123,8 @@ pub struct Decision {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Gate {
+    /// How it was fitted, and so how it reads a prompt ([`GateMethod::pooling`]).
     pub method: GateMethod,
-    pub pooling: Pooling,
     pub points: Vec<usize>,
     pub topic: Readout,
     /// A prompt whose harm score passes this is never steered.
@@ -263,7 +262,7 @@ impl Gate {
         batch: usize,
     ) -> Result<Vec<Decision>> {
         let prefix = format.shared_prefix(model)?;
-        let position = self.pooling.capture_position();
+        let position = self.method.pooling().capture_position();
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
             let tokens: Vec<Vec<u32>> = chunk
@@ -395,7 +394,6 @@ fn one_point(
     let positive: Vec<Option<bool>> = labels.iter().map(|&l| topic_class(l)).collect();
     Ok(Gate {
         method,
-        pooling: Pooling::LastPrompt,
         points: vec![point],
         topic: Readout {
             weights: direction,
@@ -499,7 +497,6 @@ fn several_points(acts: &Activations, labels: &[GateLabel], kappa: f64) -> Resul
     };
     Ok(Gate {
         method: GateMethod::Ridge,
-        pooling: Pooling::MeanUser,
         points,
         topic,
         veto,
@@ -678,7 +675,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!(gate.pooling, Pooling::MeanUser);
+        assert_eq!(gate.method.pooling(), Pooling::MeanUser);
         assert_eq!(gate.points, Gate::ridge_points(8));
         assert!(gate.veto.is_none(), "no harmful rows, no veto");
         assert!(gate.heldout_accuracy > 0.95, "{}", gate.heldout_accuracy);
