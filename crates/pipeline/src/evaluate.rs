@@ -81,9 +81,22 @@ impl SetRate {
             .join(", ")
     }
 
-    /// "83%", or "83% (2 degenerate, 3 narrative)" when some refusals are of another type.
+    /// The refusal types, and under a gate how many answers it let in: "2 degenerate;
+    /// gate let in 8/10" (empty when there is neither).
+    pub fn notes(&self) -> String {
+        let gate = self.gated_in.map(|k| format!("gate let in {k}/{}", self.n));
+        Some(self.types())
+            .filter(|t| !t.is_empty())
+            .into_iter()
+            .chain(gate)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// "83%", or "83% (2 degenerate, 3 narrative; gate let in 8/10)" when some refusals are
+    /// of another type or a gate chose the answers steered.
     pub fn percent(&self) -> String {
-        match self.types() {
+        match self.notes() {
             t if t.is_empty() => format!("{:.0}%", 100.0 * self.rate),
             t => format!("{:.0}% ({t})", 100.0 * self.rate),
         }

@@ -17,18 +17,15 @@ use std::path::Path;
 
 /// A refusal rate with its interval, the marker list's rate, and how many of the refusals are
 /// degenerate answers (loops the judge counts as refusals) or typed by the judge as deflection,
-/// narrative or a switched language, so a reader can tell them apart.
+/// narrative or a switched language, so a reader can tell them apart; under a gate, how many
+/// answers it let in.
 fn cell(r: &SetRate) -> String {
-    let types = match r.types() {
+    let notes = match r.notes() {
         t if t.is_empty() => t,
         t => format!("; {t}"),
     };
-    let gate = match r.gated_in {
-        Some(k) => format!("; gate let in {k}/{}", r.n),
-        None => String::new(),
-    };
     format!(
-        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{types}{gate})",
+        "{:.0}% [{:.0}, {:.0}] (patterns {:.0}%{notes})",
         100.0 * r.rate,
         100.0 * r.ci.0,
         100.0 * r.ci.1,
@@ -441,6 +438,12 @@ mod tests {
             ..ten_answers(1, 0)
         };
         assert_eq!(cell(&gated), "10% [2, 40] (patterns 10%; gate let in 4/10)");
+        assert_eq!(gated.percent(), "10% (gate let in 4/10)");
+        let typed = SetRate {
+            gated_in: Some(4),
+            ..ten_answers(3, 2)
+        };
+        assert_eq!(typed.percent(), "30% (2 degenerate; gate let in 4/10)");
     }
 
     #[test]

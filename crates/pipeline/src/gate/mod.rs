@@ -23,7 +23,6 @@ use crate::capture::{capture_pooled, CapturePosition};
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
-use refusal_steer_data::Prompt;
 use refusal_steer_engine::Model;
 use refusal_steer_steer::classify::balanced_ridge;
 use refusal_steer_steer::linalg::{dot, norm};
@@ -275,19 +274,6 @@ impl Gate {
         }
         Ok(out)
     }
-
-    /// Which prompt records pass the gate.
-    pub fn select_prompts(
-        &self,
-        model: &Model,
-        format: &Format,
-        prompts: &[Prompt],
-        batch: usize,
-    ) -> Result<Vec<bool>> {
-        let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
-        let decisions = self.select(model, format, &texts, batch)?;
-        Ok(decisions.iter().map(|d| d.gated_in).collect())
-    }
 }
 
 /// Refuses activations of another pooling and too few prompts; returns the counts on and off
@@ -301,9 +287,9 @@ fn check_inputs(
     let wanted = method.pooling().capture_position().name();
     if captured.is_some_and(|c| c != wanted) {
         bail!(
-                "the {method:?} gate reads prompts at {wanted}, but these activations were captured at {}: capture with --position {wanted}",
-                captured.unwrap_or_default()
-            );
+            "the {method:?} gate reads prompts at {wanted}, but these activations were captured at {}: capture with --position {wanted}",
+            captured.unwrap_or_default()
+        );
     }
     if labels.len() != acts.header.ids.len() {
         bail!(
@@ -572,6 +558,7 @@ fn heldout(
 mod tests {
     use super::*;
     use crate::fitting::tests::planted;
+    use refusal_steer_data::Prompt;
 
     fn labels(on: impl Fn(usize) -> bool, n: usize) -> Vec<GateLabel> {
         (0..n)

@@ -102,23 +102,6 @@ fn tune_method(
         }
     };
     let name = method.name;
-    if method.gated {
-        let passing: Vec<String> = TRIAL_SETS
-            .iter()
-            .map(|set| {
-                let prompts = &splits.prompts[*set].validation;
-                let pass =
-                    fit.gate
-                        .select_prompts(ctx.model, &ctx.format, prompts, ctx.config.batch)?;
-                Ok(format!(
-                    "{set} {}/{}",
-                    pass.iter().filter(|&&p| p).count(),
-                    pass.len()
-                ))
-            })
-            .collect::<Result<_>>()?;
-        log(&format!("{name}: the gate passes {}", passing.join(", ")));
-    }
     let sign = match ctx.config.direction {
         Direction::Remove => -1.0,
         Direction::Induce => 1.0,
