@@ -3,7 +3,7 @@
 //! language with Wilson intervals.
 
 use crate::ModelArg;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::activations::Activations;
@@ -68,18 +68,6 @@ pub fn run(args: GateEvalArgs) -> Result<()> {
     let position = method.pooling().capture_position();
     {
         let _lock = OutputLock::acquire(&args.acts)?;
-        if let Ok(acts) = Activations::load(&args.acts) {
-            let captured = acts.header.metadata.get("position").map(String::as_str);
-            if captured != Some(position.name()) {
-                bail!(
-                    "{} holds activations captured at {}, but the {} gate reads {}: give another --acts path",
-                    args.acts.display(),
-                    captured.unwrap_or("an unknown position"),
-                    args.method.to_possible_value().expect("named").get_name(),
-                    position.name()
-                );
-            }
-        }
         let model = args.model.load()?;
         let progress = ProgressBar::new(prompts.len() as u64);
         progress.set_style(ProgressStyle::with_template(

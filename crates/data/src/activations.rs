@@ -167,6 +167,16 @@ impl ActivationsWriter {
             {
                 return Err(bad(path, "exists with other prompts or another model's shape; choose another --out or remove it".into()));
             }
+            // Rows read at another position or from another model file look alike; refuse them.
+            for key in ["position", "model_sha256"] {
+                if let (Some(was), Some(now)) =
+                    (existing.metadata.get(key), header.metadata.get(key))
+                {
+                    if was != now {
+                        return Err(bad(path, format!("holds rows with {key} {was}, not {now}; choose another --out or remove it")));
+                    }
+                }
+            }
             let rows_done = match std::fs::read_to_string(&progress) {
                 Ok(text) => text.trim().parse().map_err(|_| {
                     bad(&progress, format!("unreadable progress '{}'", text.trim()))
@@ -353,6 +363,17 @@ mod tests {
             .unwrap()
             .to_string()
             .contains("other prompts"));
+        let mut mean = header(2);
+        mean.metadata
+            .insert("position".to_string(), "mean-user".to_string());
+        let err = ActivationsWriter::open(&path, mean)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("holds rows with position last-prompt, not mean-user"),
+            "{err}"
+        );
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
         std::fs::remove_file(progress_path(&path)).unwrap();
