@@ -73,15 +73,21 @@ pub struct Rope {
 }
 
 impl Rope {
+    /// `freq_factors`, where the file gives them, divide each frequency (Llama 3's rope
+    /// scaling): one per rotated pair, `head_dim / 2` (the loader checks).
     pub fn new(
         theta: f32,
         head_dim: usize,
         max_positions: usize,
         style: RopeStyle,
+        freq_factors: Option<&[f32]>,
     ) -> Result<Self> {
         let half = head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
-            .map(|i| 1.0 / theta.powf(2.0 * i as f32 / head_dim as f32))
+            .map(|i| {
+                let factor = freq_factors.map_or(1.0, |f| f[i]);
+                1.0 / theta.powf(2.0 * i as f32 / head_dim as f32) / factor
+            })
             .collect();
         let mut cos = Vec::with_capacity(max_positions * half);
         let mut sin = Vec::with_capacity(max_positions * half);

@@ -1,5 +1,7 @@
-//! Llama-family decoder (SmolLM2, Llama 3) and Qwen2, which is the same block with biases on
-//! the q/k/v projections (loaded when the file has them) and halves-style rope.
+//! Llama-family decoder (SmolLM2, Llama 3), Qwen2 and Qwen3: one block. Qwen2 has biases on
+//! the q/k/v projections (loaded when the file has them); Qwen3 has none but RMS-normalises
+//! each query and key head before rope; both rotate halves. Llama 3.1+ files carry
+//! `rope_freqs.weight`, the per-frequency divisors of its long-context rope scaling.
 //!
 //! Block: x + attn(attn_norm(x)), then x + mlp(ffn_norm(x)).
 
@@ -8,7 +10,7 @@ use crate::layers::{
     Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext,
 };
 use crate::model::{Architecture, Block, Config, Decoder};
-use crate::Result;
+use crate::{EngineError, Result};
 use candle_core::Tensor;
 
 pub struct LlamaBlock {
@@ -44,13 +46,38 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
         Architecture::Llama => RopeStyle::Interleaved,
         _ => RopeStyle::Halves,
     };
+    let qk_norm_eps = (c.architecture == Architecture::Qwen3).then_some(c.rms_eps);
+    let freq_factors = if file.has_tensor("rope_freqs.weight") {
+        let factors = file.vector("rope_freqs.weight")?.to_vec1::<f32>()?;
+        if factors.len() != c.head_dim / 2 {
+            return Err(EngineError::BadFile {
+                path: file.path.clone(),
+                detail: format!(
+                    "rope_freqs.weight has {} factors but each head rotates {} pairs",
+                    factors.len(),
+                    c.head_dim / 2
+                ),
+            });
+        }
+        Some(factors)
+    } else {
+        None
+    };
     let scale = 1.0 / (c.head_dim as f64).sqrt();
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
         blocks.push(Box::new(LlamaBlock {
             attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
-            attn: Attention::load(file, &p, c.n_heads, c.n_kv_heads, c.head_dim, scale, None)?,
+            attn: Attention::load(
+                file,
+                &p,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+                scale,
+                qk_norm_eps,
+            )?,
             ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
             mlp: Mlp::load(file, &p, Activation::Silu)?,
         }));
@@ -66,6 +93,7 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
             c.head_dim,
             c.context_length,
             style,
+            freq_factors.as_deref(),
         )?],
         window: None,
     })

@@ -16,16 +16,18 @@ use std::path::{Path, PathBuf};
 pub enum Architecture {
     Llama,
     Qwen2,
+    Qwen3,
     Gemma3,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama, qwen2, gemma3";
+    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, gemma3";
 
     pub fn from_gguf(name: &str) -> Result<Self> {
         match name {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
             other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
         }
@@ -35,6 +37,7 @@ impl Architecture {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
         }
     }
@@ -155,7 +158,9 @@ impl Model {
             });
         }
         let decoder = match architecture {
-            Architecture::Llama | Architecture::Qwen2 => llama::load(&mut file, &config)?,
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => {
+                llama::load(&mut file, &config)?
+            }
             Architecture::Gemma3 => gemma3::load(&mut file, &config)?,
         };
         Ok(Self {

@@ -1,6 +1,8 @@
 //! A tiny llama-family model with random weights, written as a real GGUF file (byte-level BPE
 //! vocabulary, ChatML template), so tests and benchmarks exercise the real loading path
-//! without downloading anything.
+//! without downloading anything. [`Variant`]s add what other architectures carry (Qwen3's
+//! query/key norms and wider heads, Llama 3's rope frequency factors), so the forward pass of
+//! each can be checked against llama.cpp on a file both read (`fixtures/llama.cpp/tiny/`).
 
 use crate::Result;
 use candle_core::quantized::gguf_file::{self, Value};
@@ -65,11 +67,45 @@ fn random(rows: usize, cols: usize, scale: f64, seed: u64) -> Result<Tensor> {
     Ok(Tensor::from_vec(data, (rows, cols), &Device::Cpu)?)
 }
 
-/// Writes the tiny model to `path`.
+/// What the tiny file carries beyond the plain llama block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    Llama,
+    /// `llama` with `rope_freqs.weight` (Llama 3.1's rope scaling).
+    Llama3,
+    /// `qwen3`: per-head query/key RMS norms, heads twice as wide as `D_MODEL / N_HEADS`.
+    Qwen3,
+}
+
+impl Variant {
+    pub const ALL: [Self; 3] = [Self::Llama, Self::Llama3, Self::Qwen3];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Llama3 => "llama3",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// Writes the tiny llama model to `path`.
 pub fn write(path: &Path) -> Result<()> {
+    write_variant(path, Variant::Llama)
+}
+
+/// Writes the tiny model of `variant` to `path` (the same bytes every time).
+pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
     let (tokens, merges, types) = vocabulary();
     let vocab = tokens.len();
-    let head_dim = D_MODEL / N_HEADS;
+    let head_dim = match variant {
+        Variant::Qwen3 => 2 * D_MODEL / N_HEADS,
+        _ => D_MODEL / N_HEADS,
+    };
+    let arch = match variant {
+        Variant::Qwen3 => "qwen3",
+        _ => "llama",
+    };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut seed = 1;
     let mut matrix = |name: String,
@@ -82,14 +118,33 @@ pub fn write(path: &Path) -> Result<()> {
         tensors.push((name, QTensor::quantize(&w, GgmlDType::Q8_0)?));
         Ok(())
     };
-    let norm = |name: String, tensors: &mut Vec<(String, QTensor)>| -> Result<()> {
-        let w = Tensor::ones(D_MODEL, candle_core::DType::F32, &Device::Cpu)?;
+    let mut norm_seed = 1000;
+    let mut norm = |name: String, len: usize, tensors: &mut Vec<(String, QTensor)>| -> Result<()> {
+        // Weights near 1 where they are new, so a norm that is skipped or misplaced shows.
+        let w = if variant == Variant::Llama {
+            Tensor::ones(len, candle_core::DType::F32, &Device::Cpu)?
+        } else {
+            norm_seed += 1;
+            (random(1, len, 0.5, norm_seed)?.flatten_all()? + 1.0)?
+        };
         tensors.push((name, QTensor::quantize(&w, GgmlDType::F32)?));
         Ok(())
     };
     matrix("token_embd.weight".into(), vocab, D_MODEL, &mut tensors)?;
     for l in 0..N_LAYERS {
-        norm(format!("blk.{l}.attn_norm.weight"), &mut tensors)?;
+        norm(format!("blk.{l}.attn_norm.weight"), D_MODEL, &mut tensors)?;
+        if variant == Variant::Qwen3 {
+            norm(
+                format!("blk.{l}.attn_q_norm.weight"),
+                head_dim,
+                &mut tensors,
+            )?;
+            norm(
+                format!("blk.{l}.attn_k_norm.weight"),
+                head_dim,
+                &mut tensors,
+            )?;
+        }
         matrix(
             format!("blk.{l}.attn_q.weight"),
             N_HEADS * head_dim,
@@ -114,7 +169,7 @@ pub fn write(path: &Path) -> Result<()> {
             N_HEADS * head_dim,
             &mut tensors,
         )?;
-        norm(format!("blk.{l}.ffn_norm.weight"), &mut tensors)?;
+        norm(format!("blk.{l}.ffn_norm.weight"), D_MODEL, &mut tensors)?;
         matrix(
             format!("blk.{l}.ffn_gate.weight"),
             FFN,
@@ -129,32 +184,53 @@ pub fn write(path: &Path) -> Result<()> {
             &mut tensors,
         )?;
     }
-    norm("output_norm.weight".into(), &mut tensors)?;
+    norm("output_norm.weight".into(), D_MODEL, &mut tensors)?;
+    if variant == Variant::Llama3 {
+        // Low frequencies slowed down, as Llama 3.1's long-context scaling does.
+        let factors: Vec<f32> = (0..head_dim / 2)
+            .map(|i| if i < head_dim / 4 { 1.0 } else { 8.0 })
+            .collect();
+        let w = Tensor::from_vec(factors, head_dim / 2, &Device::Cpu)?;
+        tensors.push((
+            "rope_freqs.weight".into(),
+            QTensor::quantize(&w, GgmlDType::F32)?,
+        ));
+    }
 
     let strings = |v: &[String]| Value::Array(v.iter().map(|s| Value::String(s.clone())).collect());
-    let metadata: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("llama.block_count", Value::U32(N_LAYERS as u32)),
-        ("llama.context_length", Value::U32(256)),
-        ("llama.embedding_length", Value::U32(D_MODEL as u32)),
-        ("llama.feed_forward_length", Value::U32(FFN as u32)),
-        ("llama.attention.head_count", Value::U32(N_HEADS as u32)),
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut metadata: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (key("block_count"), Value::U32(N_LAYERS as u32)),
+        (key("context_length"), Value::U32(256)),
+        (key("embedding_length"), Value::U32(D_MODEL as u32)),
+        (key("feed_forward_length"), Value::U32(FFN as u32)),
+        (key("attention.head_count"), Value::U32(N_HEADS as u32)),
         (
-            "llama.attention.head_count_kv",
+            key("attention.head_count_kv"),
             Value::U32(N_KV_HEADS as u32),
         ),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("tokenizer.ggml.model", Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre", Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens", strings(&tokens)),
-        ("tokenizer.ggml.merges", strings(&merges)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        // Llama 3's factors divide the slow frequencies: a low base makes them turn within
+        // a short sequence, so a test sees them.
         (
-            "tokenizer.ggml.token_type",
+            key("rope.freq_base"),
+            Value::F32(if variant == Variant::Llama3 {
+                100.0
+            } else {
+                10_000.0
+            }),
+        ),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("default".into())),
+        ("tokenizer.ggml.tokens".into(), strings(&tokens)),
+        ("tokenizer.ggml.merges".into(), strings(&merges)),
+        (
+            "tokenizer.ggml.token_type".into(),
             Value::Array(types.iter().map(|&t| Value::I32(t)).collect()),
         ),
         (
-            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eos_token_id".into(),
             Value::U32(
                 tokens
                     .iter()
@@ -162,10 +238,17 @@ pub fn write(path: &Path) -> Result<()> {
                     .expect("present") as u32,
             ),
         ),
-        ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
-        ("tokenizer.chat_template", Value::String(CHATML.into())),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML.into()),
+        ),
     ];
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    if variant == Variant::Qwen3 {
+        metadata.push((key("attention.key_length"), Value::U32(head_dim as u32)));
+        metadata.push((key("attention.value_length"), Value::U32(head_dim as u32)));
+    }
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| {
         crate::EngineError::BadFile {
