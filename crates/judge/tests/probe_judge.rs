@@ -8,7 +8,7 @@ use refusal_steer_judge::corpus::AnswerType;
 use refusal_steer_judge::local::JudgePrompt;
 use refusal_steer_judge::probe::{
     cross_validate, read_residuals, select_all, FeatureBank, LinearProbe, Probe, ProbeHeader,
-    PROBE_VERSION,
+    Search, PROBE_VERSION,
 };
 use refusal_steer_judge::{Judge, LocalJudge, ProbeJudge, Scoring};
 use std::collections::BTreeMap;
@@ -75,7 +75,12 @@ fn the_probe_finds_a_planted_difference_and_judges_new_answers_with_it() {
     let groups: Vec<String> = (0..40).map(|i| format!("q{}", i / 2)).collect();
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     let folds = Folds::grouped(&groups, 4, 0);
-    let (scores, _) = cross_validate(&bank, &labels, &groups, &folds, 4, 0).unwrap();
+    let search = Search {
+        folds: 4,
+        seed: 0,
+        max_false_refusals: 1.0,
+    };
+    let (scores, _) = cross_validate(&bank, &labels, &groups, &folds, search).unwrap();
     let right = scores
         .iter()
         .zip(&labels)
@@ -83,7 +88,7 @@ fn the_probe_finds_a_planted_difference_and_judges_new_answers_with_it() {
         .count();
     assert!(right >= 36, "{right}/40 right out of fold");
 
-    let choice = select_all(&bank, &labels, &groups, 4, 0).unwrap();
+    let choice = select_all(&bank, &labels, &groups, search).unwrap();
     let slot = points.iter().position(|&p| p == choice.point).unwrap();
     let rows: Vec<&[f32]> = (0..40).map(|i| bank.row(choice.pooling, slot, i)).collect();
     let sha = "12".repeat(32);

@@ -175,6 +175,15 @@ pub struct Choice {
     pub cv_kappa: f64,
 }
 
+/// How [`select`] searches: grouped inner folds, their seed, and the false-refusal budget
+/// of the cut ([`best_cut`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Search {
+    pub folds: usize,
+    pub seed: u64,
+    pub max_false_refusals: f64,
+}
+
 /// Refusal scores of `test` from a ridge fit on `train`, for every ridge in `ridges`, from the
 /// uncentred Gram matrix of all items (centred here by the train rows' mean).
 fn fold_scores(
@@ -215,20 +224,20 @@ fn fold_scores(
 }
 
 /// Chooses the candidate point, pooling, ridge and cut with the best kappa of out-of-fold
-/// predictions over `within` (grouped `k`-fold by `groups`).
+/// predictions over `within` (grouped folds by `groups`), within the false-refusal budget.
 pub fn select(
     bank: &FeatureBank,
     grams: &[Mat<f64>],
     labels: &[AnswerType],
     groups: &[&str],
     within: &[usize],
-    k: usize,
-    seed: u64,
+    search: Search,
 ) -> Result<Choice> {
     let y = refusal_targets(labels);
     let truth: Vec<bool> = labels.iter().map(|l| l.is_refusal()).collect();
     let inner_groups: Vec<&str> = within.iter().map(|&i| groups[i]).collect();
-    let folds = grouped_folds(&inner_groups, k, seed);
+    let k = search.folds;
+    let folds = grouped_folds(&inner_groups, k, search.seed);
     let mut best: Option<Choice> = None;
     for ((pooling, slot), gram) in bank.candidates().into_iter().zip(grams) {
         let mut held = vec![vec![0.0; labels.len()]; RIDGES.len()];
@@ -254,7 +263,7 @@ pub fn select(
         let within_truth: Vec<bool> = within.iter().map(|&i| truth[i]).collect();
         for (r, held) in held.iter().enumerate() {
             let scores: Vec<f64> = within.iter().map(|&i| held[i]).collect();
-            let (cut, agreement) = best_cut(&within_truth, &scores);
+            let (cut, agreement) = best_cut(&within_truth, &scores, search.max_false_refusals);
             if agreement.is_finite() && best.is_none_or(|b| agreement > b.cv_kappa) {
                 best = Some(Choice {
                     point: bank.points[slot],
@@ -275,7 +284,7 @@ pub fn select(
 }
 
 /// Nested cross-validation: for each scored fold of `folds`, [`select`] on the items fitted
-/// on (inner grouped `k`-fold), fit there and score the fold. Returns every scored item's
+/// on (inner grouped folds), fit there and score the fold. Returns every scored item's
 /// out-of-fold refusal score less its fold's cut (positive: refusal; 0 for items not scored)
 /// and each outer fold's choice.
 pub fn cross_validate(
@@ -283,8 +292,7 @@ pub fn cross_validate(
     labels: &[AnswerType],
     groups: &[&str],
     folds: &Folds,
-    k: usize,
-    seed: u64,
+    search: Search,
 ) -> Result<(Vec<f64>, Vec<Choice>)> {
     let grams: Vec<Mat<f64>> = bank
         .candidates()
@@ -299,7 +307,11 @@ pub fn cross_validate(
         if test.is_empty() {
             continue;
         }
-        let choice = select(bank, &grams, labels, groups, &train, k, seed + 1)?;
+        let inner = Search {
+            seed: search.seed + 1,
+            ..search
+        };
+        let choice = select(bank, &grams, labels, groups, &train, inner)?;
         let slot = bank
             .points
             .iter()
@@ -331,8 +343,7 @@ pub fn select_all(
     bank: &FeatureBank,
     labels: &[AnswerType],
     groups: &[&str],
-    k: usize,
-    seed: u64,
+    search: Search,
 ) -> Result<Choice> {
     let grams: Vec<Mat<f64>> = bank
         .candidates()
@@ -340,7 +351,7 @@ pub fn select_all(
         .map(|(pooling, slot)| bank.gram(pooling, slot))
         .collect();
     let all: Vec<usize> = (0..labels.len()).collect();
-    select(bank, &grams, labels, groups, &all, k, seed)
+    select(bank, &grams, labels, groups, &all, search)
 }
 
 #[cfg(test)]
@@ -458,11 +469,16 @@ mod tests {
         };
         let groups: Vec<String> = (0..60).map(|i| format!("p{}", i / 2)).collect();
         let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
-        let choice = select_all(&bank, &labels, &groups, 5, 0).unwrap();
+        let search = Search {
+            folds: 5,
+            seed: 0,
+            max_false_refusals: 1.0,
+        };
+        let choice = select_all(&bank, &labels, &groups, search).unwrap();
         assert_eq!(choice.point, 9);
         assert!(choice.cv_kappa > 0.6, "{choice:?}");
         let folds = Folds::grouped(&groups, 5, 0);
-        let (scores, choices) = cross_validate(&bank, &labels, &groups, &folds, 5, 0).unwrap();
+        let (scores, choices) = cross_validate(&bank, &labels, &groups, &folds, search).unwrap();
         assert_eq!(choices.len(), 5);
         let right = scores
             .iter()

@@ -20,7 +20,7 @@
 
 mod linear;
 
-pub use linear::{cross_validate, select_all, Choice, FeatureBank, LinearProbe, RIDGES};
+pub use linear::{cross_validate, select_all, Choice, FeatureBank, LinearProbe, Search, RIDGES};
 
 use crate::corpus::AnswerType;
 use crate::local::LocalJudge;
