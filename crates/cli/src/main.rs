@@ -102,12 +102,35 @@ pub struct ModelArg {
     /// A catalogue name (see `models list`) or a path to a .gguf file.
     #[arg(long, default_value = catalog::DEFAULT_MODEL)]
     pub model: String,
+    /// For reasoning models whose chat template has the switch (`enable_thinking`, as Qwen3):
+    /// on lets the model reason before it answers, off renders the empty reasoning block.
+    /// Unset: the template's default.
+    #[arg(long, value_parser = on_off)]
+    pub thinking: Option<bool>,
 }
 
 impl ModelArg {
     pub fn load(&self) -> Result<Model> {
-        let path = catalog::resolve(&self.model, &mut |msg| eprintln!("{msg}"))?;
-        Model::load(&path).with_context(|| format!("loading {}", path.display()))
+        load_model(&self.model, self.thinking)
+    }
+}
+
+/// Resolves and loads a model, with the chat template's thinking switch set.
+pub fn load_model(name: &str, thinking: Option<bool>) -> Result<Model> {
+    let path = catalog::resolve(name, &mut |msg| eprintln!("{msg}"))?;
+    let mut model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    model
+        .template
+        .set_thinking(thinking)
+        .with_context(|| format!("--thinking / thinking with {}", path.display()))?;
+    Ok(model)
+}
+
+pub fn on_off(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got '{other}'")),
     }
 }
 

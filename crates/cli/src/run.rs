@@ -1,10 +1,9 @@
 //! `refusal-steer run`: the whole method in one command (see the pipeline crate's `run`).
 
 use crate::judge::JudgeSetup;
-use anyhow::{Context, Result};
+use crate::load_model;
+use anyhow::Result;
 use clap::Args;
-use refusal_steer_catalog as catalog;
-use refusal_steer_engine::Model;
 use refusal_steer_judge::{MarkerSet, PatternJudge};
 use refusal_steer_pipeline::config::{Direction, RunConfig};
 use refusal_steer_pipeline::report::table;
@@ -19,6 +18,10 @@ pub struct RunArgs {
     /// The model to steer (overrides the config's).
     #[arg(long)]
     model: Option<String>,
+    /// Reasoning on or off, for models whose chat template has the switch (overrides the
+    /// config's `thinking`).
+    #[arg(long, value_parser = crate::on_off)]
+    thinking: Option<bool>,
     /// Induce refusals on the target set instead of removing them (positive strengths; the
     /// vector learns refusal from every train set). See configs/induce.toml.
     #[arg(long)]
@@ -38,6 +41,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.induce {
         config.direction = Direction::Induce;
     }
+    if args.thinking.is_some() {
+        config.thinking = args.thinking;
+    }
     if let Some(model) = &args.model {
         config.model = model.clone();
     }
@@ -46,8 +52,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         .build_for_run(&config.judge, config.judge_threshold)?;
     config.judge = spec;
     let folder = RunFolder::create(&args.out)?;
-    let path = catalog::resolve(&config.model, &mut |msg| eprintln!("{msg}"))?;
-    let model = Model::load(&path).with_context(|| format!("loading {}", path.display()))?;
+    let model = load_model(&config.model, config.thinking)?;
     let mut patterns = PatternJudge::new(MarkerSet::built_in("refusal-direction+zh")?);
     eprintln!(
         "run folder {} (rerun the same command to continue after a stop)",

@@ -14,6 +14,12 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../configs/default.toml");
 pub struct RunConfig {
     /// The model to steer: a catalogue name or a .gguf path.
     pub model: String,
+    /// For reasoning models whose chat template has the switch (`enable_thinking`): `true`
+    /// lets the model reason first, `false` renders the template's empty reasoning block.
+    /// Unset: the template's own default. Judges and the score weighting read only the text
+    /// after the reasoning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking: Option<bool>,
     /// The judge: a catalogue name or .gguf path (LLM judge) or `patterns`.
     pub judge: String,
     /// An LLM judge's p_refusal above this is a refusal.

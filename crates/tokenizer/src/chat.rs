@@ -1,6 +1,9 @@
 //! Chat formatting with the model file's own Jinja template (`tokenizer.chat_template`),
 //! rendered as Hugging Face does (trim_blocks, lstrip_blocks, Python string methods).
 //! Files without a template (base models) get plain text: the messages joined by blank lines.
+//! Reasoning models' templates read `enable_thinking` (Qwen3: off renders an empty
+//! `<think></think>` after the assistant header); [`ChatTemplate::set_thinking`] sets it, and
+//! unset it is left undefined, as the template's own default expects.
 
 use crate::{Result, TokenizerError};
 use candle_core::quantized::gguf_file::Value;
@@ -28,6 +31,9 @@ pub enum ChatTemplate {
         env: Box<minijinja::Environment<'static>>,
         bos: String,
         eos: String,
+        /// Whether the template reads `enable_thinking` at all.
+        reads_thinking: bool,
+        thinking: Option<bool>,
     },
     Plain,
 }
@@ -77,7 +83,30 @@ impl ChatTemplate {
             env: Box::new(env),
             bos: bos.to_string(),
             eos: eos.to_string(),
+            reads_thinking: source.contains("enable_thinking"),
+            thinking: None,
         })
+    }
+
+    /// Renders with `enable_thinking` set (`None`: undefined, the template's default). A
+    /// template that never reads it is refused, so `--thinking` never silently does nothing.
+    pub fn set_thinking(&mut self, on: Option<bool>) -> Result<()> {
+        match self {
+            Self::Jinja {
+                reads_thinking: true,
+                thinking,
+                ..
+            } => {
+                *thinking = on;
+                Ok(())
+            }
+            _ if on.is_none() => Ok(()),
+            _ => Err(TokenizerError::Template(
+                "this model's chat template has no thinking switch (it never reads \
+                 `enable_thinking`); leave thinking unset for it"
+                    .into(),
+            )),
+        }
     }
 
     pub fn is_plain(&self) -> bool {
@@ -91,17 +120,28 @@ impl ChatTemplate {
                 .map(|m| m.content.as_str())
                 .collect::<Vec<_>>()
                 .join("\n\n")),
-            Self::Jinja { env, bos, eos } => {
+            Self::Jinja {
+                env,
+                bos,
+                eos,
+                thinking,
+                ..
+            } => {
                 let template = env
                     .get_template(TEMPLATE_NAME)
                     .expect("added at construction");
+                let base = minijinja::context! {
+                    messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => bos,
+                    eos_token => eos,
+                };
+                let context = match thinking {
+                    Some(on) => minijinja::context! { enable_thinking => on, ..base },
+                    None => base,
+                };
                 template
-                    .render(minijinja::context! {
-                        messages => minijinja::value::Value::from(minijinja::value::Serde(messages)),
-                        add_generation_prompt => add_generation_prompt,
-                        bos_token => bos,
-                        eos_token => eos,
-                    })
+                    .render(context)
                     .map_err(|e| TokenizerError::Template(format!("rendering failed: {e}")))
             }
         }
@@ -165,6 +205,28 @@ mod tests {
     use super::*;
 
     const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn thinking_reaches_a_template_that_reads_it_and_is_refused_by_one_that_does_not() {
+        // The switch as Qwen3's template has it: off renders an empty reasoning block.
+        let source = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
+        let mut t = ChatTemplate::jinja(source, "", "").unwrap();
+        let header = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+        assert_eq!(t.prompt(None, "hi").unwrap(), header);
+        t.set_thinking(Some(false)).unwrap();
+        assert_eq!(
+            t.prompt(None, "hi").unwrap(),
+            format!("{header}<think>\n\n</think>\n\n")
+        );
+        t.set_thinking(Some(true)).unwrap();
+        assert_eq!(t.prompt(None, "hi").unwrap(), header);
+
+        let mut chatml = ChatTemplate::jinja(CHATML, "", "").unwrap();
+        let err = chatml.set_thinking(Some(false)).unwrap_err().to_string();
+        assert!(err.contains("enable_thinking"), "{err}");
+        chatml.set_thinking(None).unwrap();
+        assert!(ChatTemplate::Plain.set_thinking(Some(true)).is_err());
+    }
 
     #[test]
     fn renders_chatml_with_system_and_generation_prompt() {
