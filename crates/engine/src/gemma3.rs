@@ -58,21 +58,12 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
     let window = file.usize_or("gemma3.attention.sliding_window", 0)?;
     let pattern = file.usize_or("gemma3.attention.sliding_window_pattern", SLIDING_PATTERN)?;
     let sliding_theta = file.f32_or("gemma3.rope.freq_base_swa", SLIDING_ROPE_THETA)?;
-    let scale = 1.0 / (c.head_dim as f64).sqrt();
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
         blocks.push(Box::new(Gemma3Block {
             attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
-            attn: Attention::load(
-                file,
-                &p,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                scale,
-                Some(c.rms_eps),
-            )?,
+            attn: Attention::load(file, &p, c, true)?,
             post_attention_norm: RmsNorm::load(
                 file,
                 &format!("{p}.post_attention_norm"),

@@ -3,6 +3,7 @@
 use crate::attention::attend;
 use crate::gguf::GgufFile;
 use crate::kv_cache::{Chunk, KvCache, Visible};
+use crate::model::Config;
 use crate::quant::Matrix;
 use crate::Result;
 use candle_core::{Device, Tensor};
@@ -195,21 +196,24 @@ pub struct AttentionWiring<'a> {
 }
 
 impl Attention {
-    pub fn load(
-        file: &mut GgufFile,
-        prefix: &str,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-        scale: f64,
-        qk_norm_eps: Option<f32>,
-    ) -> Result<Self> {
-        let (q_norm, k_norm) = match qk_norm_eps {
-            Some(eps) => (
-                Some(RmsNorm::load(file, &format!("{prefix}.attn_q_norm"), eps)?),
-                Some(RmsNorm::load(file, &format!("{prefix}.attn_k_norm"), eps)?),
-            ),
-            None => (None, None),
+    /// The block's attention at `prefix`, shaped by the model's config; `qk_norm` loads the
+    /// per-head query/key norms (gemma3, qwen3). Scores are scaled by 1/sqrt(head_dim).
+    pub fn load(file: &mut GgufFile, prefix: &str, c: &Config, qk_norm: bool) -> Result<Self> {
+        let (q_norm, k_norm) = if qk_norm {
+            (
+                Some(RmsNorm::load(
+                    file,
+                    &format!("{prefix}.attn_q_norm"),
+                    c.rms_eps,
+                )?),
+                Some(RmsNorm::load(
+                    file,
+                    &format!("{prefix}.attn_k_norm"),
+                    c.rms_eps,
+                )?),
+            )
+        } else {
+            (None, None)
         };
         Ok(Self {
             q: Linear::load(file, &format!("{prefix}.attn_q"))?,
@@ -218,10 +222,10 @@ impl Attention {
             o: Linear::load(file, &format!("{prefix}.attn_output"))?,
             q_norm,
             k_norm,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            scale,
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f64).sqrt(),
         })
     }
 

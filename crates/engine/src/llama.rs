@@ -46,7 +46,6 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
         Architecture::Llama => RopeStyle::Interleaved,
         _ => RopeStyle::Halves,
     };
-    let qk_norm_eps = (c.architecture == Architecture::Qwen3).then_some(c.rms_eps);
     let freq_factors = if file.has_tensor("rope_freqs.weight") {
         let factors = file.vector("rope_freqs.weight")?.to_vec1::<f32>()?;
         if factors.len() != c.head_dim / 2 {
@@ -63,21 +62,12 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
     } else {
         None
     };
-    let scale = 1.0 / (c.head_dim as f64).sqrt();
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
         blocks.push(Box::new(LlamaBlock {
             attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
-            attn: Attention::load(
-                file,
-                &p,
-                c.n_heads,
-                c.n_kv_heads,
-                c.head_dim,
-                scale,
-                qk_norm_eps,
-            )?,
+            attn: Attention::load(file, &p, c, c.architecture == Architecture::Qwen3)?,
             ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
             mlp: Mlp::load(file, &p, Activation::Silu)?,
         }));

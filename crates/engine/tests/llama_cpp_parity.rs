@@ -14,6 +14,8 @@
 //! same build and file): how stable the reference's own greedy path is under a change of
 //! summation order.
 
+mod common;
+
 use refusal_steer_engine::{
     generate, Flow, GenerateOptions, Logits, Model, Padding, Request, Sampling,
 };
@@ -85,22 +87,7 @@ fn check(model_name: &str, family: &str) {
             case.prompt
         );
 
-        let n = case.ids.len();
-        let mut cache = model.new_cache(1, n);
-        let chunk = cache.begin(vec![true; n], n, true).unwrap();
-        let logits: Vec<Vec<f32>> = model
-            .forward(
-                &case.ids,
-                &chunk,
-                &mut cache,
-                &mut model.new_hooks(),
-                Logits::All,
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let logits = common::logits_at_every_position(&model, &case.ids);
         for (pos, row) in logits.iter().enumerate() {
             positions += 1;
             let ours = argmax(row);

@@ -7,8 +7,10 @@
 //! Asserted: the same top token wherever llama.cpp's top-2 margin is clear, and each of its
 //! top-8 logits matched within `TOLERANCE` (and on average within `MEAN_TOLERANCE`).
 
+mod common;
+
 use refusal_steer_engine::tiny::{write_variant, Variant};
-use refusal_steer_engine::{Logits, Model};
+use refusal_steer_engine::Model;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -58,21 +60,7 @@ fn check(variant: Variant) {
     let (mut total, mut count) = (0f32, 0);
     for case in &fixture.cases {
         let n = case.ids.len();
-        let mut cache = model.new_cache(1, n);
-        let chunk = cache.begin(vec![true; n], n, true).unwrap();
-        let logits: Vec<Vec<f32>> = model
-            .forward(
-                &case.ids,
-                &chunk,
-                &mut cache,
-                &mut model.new_hooks(),
-                Logits::All,
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+        let logits = common::logits_at_every_position(&model, &case.ids);
         for (pos, (ids, reference)) in case.top_ids.iter().zip(&case.top_logits).enumerate() {
             let ours = &logits[pos];
             for (&id, &r) in ids.iter().zip(reference) {
