@@ -16,7 +16,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ["llama", "llama3", "qwen3"]
 TOP_K = 8
-VOCAB = 288  # the tiny vocabulary's size (256 bytes, merges, specials, padding)
 
 
 def sequences():
@@ -51,8 +50,9 @@ def main():
                 run = subprocess.run([harness, model, *map(str, ids)], capture_output=True,
                                      text=True, check=True)
                 logits = json.loads(run.stdout)["logits"]
-                assert all(len(row) == VOCAB for row in logits)
-                tops = [sorted(range(VOCAB), key=lambda t: -row[t])[:TOP_K] for row in logits]
+                vocab = len(logits[0])
+                assert all(len(row) == vocab for row in logits)
+                tops = [sorted(range(vocab), key=lambda t: -row[t])[:TOP_K] for row in logits]
                 cases.append({"ids": ids, "top_ids": tops,
                               "top_logits": [[row[t] for t in top] for row, top in zip(logits, tops)]})
             fixture = {"variant": variant,
