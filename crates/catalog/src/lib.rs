@@ -210,15 +210,18 @@ pub fn cached_path(entry: &ModelEntry) -> PathBuf {
     cache_dir().join("models").join(entry.file_name)
 }
 
-/// Turns what the user passed as `--model` into a local file: a path to an existing file is used
-/// as it is, a catalogue name is fetched (or taken from the cache).
+/// Turns what the user passed as `--model` into a local path: an existing file or (Hugging Face
+/// checkpoint) folder is used as it is, a catalogue name is fetched (or taken from the cache).
 pub fn resolve(model: &str, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, FetchError> {
     if let Some(entry) = find(model) {
         return fetch(entry, progress);
     }
     let path = PathBuf::from(model);
-    if path.extension().is_some_and(|e| e == "gguf") || model.contains(std::path::MAIN_SEPARATOR) {
-        return if path.is_file() {
+    if path.extension().is_some_and(|e| e == "gguf")
+        || model.contains(std::path::MAIN_SEPARATOR)
+        || path.is_dir()
+    {
+        return if path.exists() {
             Ok(path)
         } else {
             Err(FetchError::MissingFile { path })
@@ -315,8 +318,13 @@ pub fn fetch(entry: &ModelEntry, progress: &mut dyn FnMut(&str)) -> Result<PathB
 }
 
 /// The sha256 of a model file: the catalogue's for a file in the model cache under its
-/// catalogue name and size (only verified files enter the cache), otherwise hashed.
+/// catalogue name and size (only verified files enter the cache), otherwise hashed. A folder's
+/// (a checkpoint's) is the sha256 of its manifest, `sha256sum`'s output for its files sorted
+/// by name: one `<sha256>  <name>\n` line each.
 pub fn model_sha256(path: &Path) -> io::Result<String> {
+    if path.is_dir() {
+        return folder_sha256(path);
+    }
     let bytes = fs::metadata(path)?.len();
     let cached = CATALOGUE.iter().find(|entry| {
         entry.bytes == bytes && same_file(&cached_path(entry), path).unwrap_or(false)
@@ -325,6 +333,22 @@ pub fn model_sha256(path: &Path) -> io::Result<String> {
         Some(entry) => Ok(entry.sha256.to_string()),
         None => sha256_file(path),
     }
+}
+
+fn folder_sha256(dir: &Path) -> io::Result<String> {
+    let mut names: Vec<String> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    let mut manifest = Sha256::new();
+    for name in names {
+        manifest.update(format!("{}  {name}\n", sha256_file(&dir.join(&name))?));
+    }
+    Ok(hex::encode(manifest.finalize()))
 }
 
 fn same_file(a: &Path, b: &Path) -> io::Result<bool> {
@@ -492,6 +516,22 @@ fn python() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_is_named_by_the_sha256_of_its_manifest() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("config.json"), b"{}").unwrap();
+        fs::write(dir.path().join("a.safetensors"), b"abc").unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        // `printf '%s  a.safetensors\n%s  config.json\n' $(sha256sum ...) | sha256sum`
+        let manifest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad  a.safetensors\n\
+                        44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a  config.json\n";
+        let mut h = Sha256::new();
+        h.update(manifest);
+        assert_eq!(model_sha256(dir.path()).unwrap(), hex::encode(h.finalize()));
+        let path = dir.path().to_str().unwrap();
+        assert_eq!(resolve(path, &mut |_| {}).unwrap(), dir.path());
+    }
 
     #[test]
     fn a_cached_model_takes_the_catalogue_checksum_and_other_files_are_hashed() {

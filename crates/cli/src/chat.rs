@@ -21,8 +21,8 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
-    let options = args.decoding.options()?;
     let model = args.model.load()?;
+    let options = args.decoding.options(&model)?;
     let recipe = args.steering.recipe(&model)?.map(|(recipe, _)| recipe);
     let interventions = recipe
         .as_ref()

@@ -2,12 +2,12 @@
 
 use crate::steering::SteerArgs;
 use crate::ModelArg;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use refusal_steer_data::lock::OutputLock;
 use refusal_steer_data::{read_prompts, Prompt};
-use refusal_steer_engine::{GenerateOptions, Padding, Sampling};
+use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling, ThinkingBudget};
 use refusal_steer_pipeline::answers::Format;
 use refusal_steer_pipeline::generator::Generator;
 use std::collections::{HashMap, HashSet};
@@ -62,8 +62,14 @@ impl FormatArgs {
 pub struct DecodingArgs {
     #[command(flatten)]
     pub format: FormatArgs,
+    /// The answer's budget (after the reasoning, for a reasoning model).
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// For reasoning models (`<think>` … `</think>`): past this many tokens of reasoning,
+    /// `</think>` is written in and the answer gets its own --max-tokens. Unset: no limit but
+    /// --max-tokens, reasoning included.
+    #[arg(long)]
+    pub max_thinking_tokens: Option<usize>,
     /// 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -80,7 +86,8 @@ pub struct DecodingArgs {
 }
 
 impl DecodingArgs {
-    pub fn options(&self) -> Result<GenerateOptions> {
+    /// The options for `model` (the thinking budget needs its vocabulary).
+    pub fn options(&self, model: &Model) -> Result<GenerateOptions> {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p must be in (0, 1], got {}", self.top_p);
         }
@@ -105,12 +112,16 @@ impl DecodingArgs {
                 repetition_penalty: self.repetition_penalty,
             },
             padding: Padding::Left,
+            thinking: self
+                .max_thinking_tokens
+                .map(|n| ThinkingBudget::new(model, n))
+                .transpose()
+                .context("--max-thinking-tokens")?,
         })
     }
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let options = args.decoding.options()?;
     let prompts = match (&args.prompts, &args.prompt) {
         (Some(path), _) => read_prompts(path)?,
         (None, Some(p)) => vec![Prompt {
@@ -126,6 +137,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     // Two processes appending to one file would duplicate its answers.
     let _lock = args.out.as_deref().map(OutputLock::acquire).transpose()?;
     let model = args.model.load()?;
+    let options = args.decoding.options(&model)?;
     let recipe = args.steering.recipe(&model)?;
     let generator = Generator {
         recipe: recipe.as_ref().map(|(recipe, _)| recipe),

@@ -99,7 +99,8 @@ enum ModelsAction {
 
 #[derive(Args, Clone)]
 pub struct ModelArg {
-    /// A catalogue name (see `models list`) or a path to a .gguf file.
+    /// A catalogue name (see `models list`), a path to a .gguf file, or a Hugging Face
+    /// checkpoint folder (config.json, tokenizer.json, *.safetensors).
     #[arg(long, default_value = catalog::DEFAULT_MODEL)]
     pub model: String,
     /// For reasoning models whose chat template has the switch (`enable_thinking`, as Qwen3):
@@ -219,9 +220,7 @@ fn run(command: Command) -> Result<()> {
             no_parse_special,
         } => {
             let path = catalog::resolve(&model.model, &mut |msg| eprintln!("{msg}"))?;
-            let file = refusal_steer_engine::gguf::GgufFile::open(&path)?;
-            let tokenizer =
-                refusal_steer_tokenizer::Tokenizer::from_gguf_metadata(file.metadata())?;
+            let tokenizer = refusal_steer_engine::read_tokenizer(&path)?;
             let ids = tokenizer.encode(&text, add_special, !no_parse_special);
             println!("{}", serde_json::to_string(&ids)?);
             if pieces {

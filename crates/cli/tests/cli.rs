@@ -177,6 +177,20 @@ fn tokenize_and_a_real_answer_from_smollm2() {
         String::from_utf8_lossy(&result.stderr)
     );
     assert!(String::from_utf8_lossy(&result.stdout).contains("Canberra"));
+    let result = refusal_steer(&[
+        "generate",
+        "--model",
+        "smollm2-135m-instruct",
+        "--prompt",
+        "hi",
+        "--max-thinking-tokens",
+        "8",
+    ]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        !result.status.success() && stderr.contains("no <think> and </think> tokens"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -244,6 +244,13 @@ fn bad_run_configs_say_what_is_wrong() {
     );
     check(
         good.replace(
+            "max_tokens = 12",
+            "max_tokens = 12\nthinking = false\nmax_thinking_tokens = 64",
+        ),
+        "max_thinking_tokens is set but thinking = false",
+    );
+    check(
+        good.replace(
             "train = 4\nvalidation = 2\ntest = 2",
             "train = 0\nvalidation = 2\ntest = 2",
         ),

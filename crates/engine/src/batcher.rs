@@ -12,7 +12,9 @@ use crate::generate::{
 };
 use crate::hooks::{Hooks, Intervention, Positions, Rows};
 use crate::kv_cache::KvCache;
+use crate::layers::log_softmax;
 use crate::model::{Logits, Model};
+use crate::thinking::{Thinking, ThinkingBudget};
 use crate::{EngineError, Result, SharedPrefix};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -28,8 +30,19 @@ pub struct Sequence {
     pub prompt: Vec<u32>,
     pub seed: u64,
     pub sampling: Sampling,
+    /// The answer's budget; with `thinking`, the reasoning has its own besides.
     pub max_new_tokens: usize,
     pub steering: Option<Interventions>,
+    pub thinking: Option<ThinkingBudget>,
+}
+
+impl Sequence {
+    /// The most tokens the sequence may generate, reasoning included.
+    fn token_budget(&self) -> usize {
+        self.thinking
+            .as_ref()
+            .map_or(self.max_new_tokens, |b| b.total(self.max_new_tokens))
+    }
 }
 
 struct Running<K> {
@@ -39,6 +52,14 @@ struct Running<K> {
     generation: Generation,
     /// The logits the next token is sampled from.
     logits: Vec<f32>,
+    thinking: Option<Thinking>,
+}
+
+impl<K> Running<K> {
+    /// Tokens of the answer so far: those outside the reasoning.
+    fn answer_len(&self) -> usize {
+        self.generation.tokens.len() - self.thinking.as_ref().map_or(0, |t| t.reasoning_tokens())
+    }
 }
 
 /// A running batch. `K` is how the caller names its sequences.
@@ -94,10 +115,10 @@ impl<'m, K> Batcher<'m, K> {
             ));
         }
         let context = self.model.config.context_length;
-        if sequence.prompt.len() + sequence.max_new_tokens > context {
+        if sequence.prompt.len() + sequence.token_budget() > context {
             return Err(EngineError::ContextLength {
                 prompt: sequence.prompt.len(),
-                new_tokens: sequence.max_new_tokens,
+                new_tokens: sequence.token_budget(),
                 context,
             });
         }
@@ -143,6 +164,10 @@ impl<'m, K> Batcher<'m, K> {
             .map(|((key, sequence), logits)| Running {
                 key,
                 rng: StdRng::seed_from_u64(sequence.seed),
+                thinking: sequence
+                    .thinking
+                    .clone()
+                    .map(|b| Thinking::start(b, &sequence.prompt)),
                 sequence,
                 generation: Generation {
                     tokens: Vec::new(),
@@ -188,13 +213,19 @@ impl<'m, K> Batcher<'m, K> {
         let mut next = Vec::with_capacity(self.running.len());
         let mut keep = Vec::with_capacity(self.running.len());
         for (row, r) in self.running.iter_mut().enumerate() {
-            let out = &mut r.generation;
-            let finished = if out.tokens.len() >= r.sequence.max_new_tokens {
+            let finished = if r.answer_len() >= r.sequence.max_new_tokens {
                 true
             } else {
-                let (token, logprob) =
-                    sample(&r.logits, &out.tokens, &r.sequence.sampling, &mut r.rng);
-                if self.model.tokenizer.is_end_of_generation(token) {
+                let forced = r.thinking.as_mut().and_then(Thinking::forced);
+                let out = &mut r.generation;
+                let (token, logprob) = match forced {
+                    Some(token) => (token, log_softmax(&r.logits)[token as usize] as f32),
+                    None => sample(&r.logits, &out.tokens, &r.sequence.sampling, &mut r.rng),
+                };
+                if let (Some(thinking), None) = (r.thinking.as_mut(), forced) {
+                    thinking.record(token);
+                }
+                if forced.is_none() && self.model.tokenizer.is_end_of_generation(token) {
                     out.finish = FinishReason::Stop;
                     out.stop_token = Some(token);
                     true
@@ -211,13 +242,13 @@ impl<'m, K> Batcher<'m, K> {
                         out.finish = FinishReason::Halted;
                         true
                     } else {
-                        out.tokens.len() >= r.sequence.max_new_tokens
+                        r.answer_len() >= r.sequence.max_new_tokens
                     }
                 }
             };
             if !finished {
                 keep.push(row);
-                next.push(*out.tokens.last().expect("a token was just pushed"));
+                next.push(*r.generation.tokens.last().expect("a token was just pushed"));
             }
         }
         let mut finished = Vec::new();
@@ -286,7 +317,7 @@ impl<'m, K> Batcher<'m, K> {
         let steps = sequences
             .map(|r| {
                 r.sequence
-                    .max_new_tokens
+                    .token_budget()
                     .saturating_sub(r.generation.tokens.len())
             })
             .max()

@@ -6,18 +6,35 @@
 //! Block: h = x + post_attention_norm(attn(attn_norm(x))),
 //!        out = h + post_ffw_norm(mlp(ffn_norm(h))).
 
-use crate::gguf::GgufFile;
 use crate::layers::{
     Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext,
 };
-use crate::model::{Block, Config, Decoder};
+use crate::model::{Block, Config, Decoder, SlidingWindow};
+use crate::weights::Weights;
 use crate::Result;
 use candle_core::Tensor;
 
 /// Rope base of the sliding-window layers when the file does not give one.
-const SLIDING_ROPE_THETA: f32 = 10_000.0;
+pub const SLIDING_ROPE_THETA: f32 = 10_000.0;
 /// Every sixth layer is global when the file does not give a pattern.
-const SLIDING_PATTERN: usize = 6;
+pub const SLIDING_PATTERN: usize = 6;
+
+/// The window of a file that gives its size (0: none) and pattern: of every `pattern` layers
+/// the last attends globally (0: all windowed).
+pub fn sliding_window(
+    size: usize,
+    pattern: usize,
+    rope_theta: f32,
+    n_layers: usize,
+) -> Option<SlidingWindow> {
+    (size > 0).then(|| SlidingWindow {
+        size,
+        layers: (0..n_layers)
+            .map(|i| pattern == 0 || i % pattern < pattern - 1)
+            .collect(),
+        rope_theta,
+    })
+}
 
 pub struct Gemma3Block {
     attn_norm: RmsNorm,
@@ -54,10 +71,8 @@ impl Block for Gemma3Block {
     }
 }
 
-pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
-    let window = file.usize_or("gemma3.attention.sliding_window", 0)?;
-    let pattern = file.usize_or("gemma3.attention.sliding_window_pattern", SLIDING_PATTERN)?;
-    let sliding_theta = file.f32_or("gemma3.rope.freq_base_swa", SLIDING_ROPE_THETA)?;
+pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
+    let window = c.sliding_window.as_ref();
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
@@ -72,7 +87,7 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
             ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
             mlp: Mlp::load(file, &p, Activation::GeluTanh)?,
             post_ffw_norm: RmsNorm::load(file, &format!("{p}.post_ffw_norm"), c.rms_eps)?,
-            sliding: window > 0 && (pattern == 0 || i % pattern < pattern - 1),
+            sliding: window.is_some_and(|w| w.layers[i]),
         }));
     }
     Ok(Decoder {
@@ -90,13 +105,13 @@ pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
                 None,
             )?,
             Rope::new(
-                sliding_theta,
+                window.map_or(SLIDING_ROPE_THETA, |w| w.rope_theta),
                 c.head_dim,
                 c.context_length,
                 RopeStyle::Halves,
                 None,
             )?,
         ],
-        window: (window > 0).then_some(window),
+        window: window.map(|w| w.size),
     })
 }

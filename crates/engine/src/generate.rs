@@ -7,6 +7,7 @@ use crate::hooks::Hooks;
 use crate::kv_cache::KvCache;
 use crate::layers::log_softmax;
 use crate::model::{Logits, Model};
+use crate::thinking::ThinkingBudget;
 use crate::{EngineError, Result};
 use candle_core::Tensor;
 use rand::rngs::StdRng;
@@ -48,6 +49,8 @@ pub struct GenerateOptions {
     pub max_new_tokens: usize,
     pub sampling: Sampling,
     pub padding: Padding,
+    /// A reasoning model's thinking, budgeted apart from the answer.
+    pub thinking: Option<ThinkingBudget>,
 }
 
 #[derive(Debug, Clone)]
@@ -339,6 +342,7 @@ pub fn generate(
                 sampling: options.sampling,
                 max_new_tokens: options.max_new_tokens,
                 steering: steering.cloned(),
+                thinking: options.thinking.clone(),
             };
             (i, sequence)
         })

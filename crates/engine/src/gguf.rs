@@ -1,6 +1,7 @@
 //! Reading a GGUF file: metadata with clear errors, and weights by their checkpoint names.
 
 use crate::quant::Matrix;
+use crate::weights::Weights;
 use crate::{EngineError, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -136,29 +137,28 @@ impl GgufFile {
                 detail: format!("tensor '{name}': {e}"),
             })
     }
+}
 
-    /// A weight used as a matrix: stays quantized.
-    pub fn matrix(&mut self, name: &str) -> Result<Matrix> {
+impl Weights for GgufFile {
+    fn origin(&self) -> &Path {
+        &self.path
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.has_tensor(name)
+    }
+
+    /// Stays quantized.
+    fn matrix(&mut self, name: &str) -> Result<Matrix> {
         Matrix::new(self.qtensor(name)?)
     }
 
-    /// The output projection; small models tie it to the token embeddings.
-    pub fn output_head(&mut self) -> Result<Matrix> {
-        let name = if self.has_tensor("output.weight") {
-            "output.weight"
-        } else {
-            "token_embd.weight"
-        };
-        self.matrix(name)
-    }
-
-    /// The token embedding table: rows are looked up, so candle's quantized lookup serves.
-    pub fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+    /// candle's quantized lookup serves.
+    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
         Ok(QMatMul::from_qtensor(self.qtensor(name)?)?)
     }
 
-    /// A small weight (norm, bias) as f32.
-    pub fn vector(&mut self, name: &str) -> Result<Tensor> {
+    fn vector(&mut self, name: &str) -> Result<Tensor> {
         Ok(self.qtensor(name)?.dequantize(&Device::Cpu)?)
     }
 }

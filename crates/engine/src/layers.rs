@@ -1,10 +1,10 @@
 //! Building blocks shared by the architectures. Each struct mirrors a group of GGUF tensors.
 
 use crate::attention::attend;
-use crate::gguf::GgufFile;
 use crate::kv_cache::{Chunk, KvCache, Visible};
 use crate::model::Config;
 use crate::quant::Matrix;
+use crate::weights::Weights;
 use crate::Result;
 use candle_core::{Device, Tensor};
 
@@ -15,10 +15,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(file: &mut GgufFile, name: &str) -> Result<Self> {
+    pub fn load(file: &mut dyn Weights, name: &str) -> Result<Self> {
         let weight = file.matrix(&format!("{name}.weight"))?;
         let bias_name = format!("{name}.bias");
-        let bias = if file.has_tensor(&bias_name) {
+        let bias = if file.has(&bias_name) {
             Some(file.vector(&bias_name)?)
         } else {
             None
@@ -41,7 +41,7 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(file: &mut GgufFile, name: &str, eps: f32) -> Result<Self> {
+    pub fn load(file: &mut dyn Weights, name: &str, eps: f32) -> Result<Self> {
         Ok(Self {
             weight: file.vector(&format!("{name}.weight"))?,
             eps,
@@ -142,7 +142,7 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(file: &mut GgufFile, prefix: &str, activation: Activation) -> Result<Self> {
+    pub fn load(file: &mut dyn Weights, prefix: &str, activation: Activation) -> Result<Self> {
         Ok(Self {
             gate: Linear::load(file, &format!("{prefix}.ffn_gate"))?,
             up: Linear::load(file, &format!("{prefix}.ffn_up"))?,
@@ -198,7 +198,7 @@ pub struct AttentionWiring<'a> {
 impl Attention {
     /// The block's attention at `prefix`, shaped by the model's config; `qk_norm` loads the
     /// per-head query/key norms (gemma3, qwen3). Scores are scaled by 1/sqrt(head_dim).
-    pub fn load(file: &mut GgufFile, prefix: &str, c: &Config, qk_norm: bool) -> Result<Self> {
+    pub fn load(file: &mut dyn Weights, prefix: &str, c: &Config, qk_norm: bool) -> Result<Self> {
         let (q_norm, k_norm) = if qk_norm {
             (
                 Some(RmsNorm::load(

@@ -1,4 +1,4 @@
-//! The inference engine: GGUF decoder models with intervention points on the residual stream.
+//! The inference engine: decoder models from GGUF files or Hugging Face checkpoint folders, with intervention points on the residual stream.
 //!
 //! ```text
 //! tokens -> embeddings -[point 0]-> block 0 -[point 1]-> ... block n-1 -[point n]-> norm -> logits
@@ -10,13 +10,16 @@ pub mod batcher;
 mod gemma3;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
 pub mod hooks;
 pub mod kv_cache;
 mod layers;
 mod llama;
 pub mod model;
 mod quant;
+pub mod thinking;
 pub mod tiny;
+mod weights;
 
 pub use batcher::{Batcher, Interventions, Sequence};
 pub use generate::{
@@ -25,7 +28,8 @@ pub use generate::{
 };
 pub use hooks::{Action, Captured, Hooks, Intervention, Positions, Rows};
 pub use layers::log_softmax;
-pub use model::{Architecture, Config, Logits, Model};
+pub use model::{read_tokenizer, Architecture, Config, Logits, Model};
+pub use thinking::ThinkingBudget;
 
 use std::path::PathBuf;
 
@@ -33,6 +37,8 @@ use std::path::PathBuf;
 pub enum EngineError {
     #[error("{path}: not a usable GGUF model: {detail}")]
     BadFile { path: PathBuf, detail: String },
+    #[error("{path}: not a usable Hugging Face checkpoint folder: {detail}")]
+    BadCheckpoint { path: PathBuf, detail: String },
     #[error("unsupported architecture '{0}' (supported: {supported})", supported = Architecture::SUPPORTED)]
     UnsupportedArchitecture(String),
     #[error("tensor '{name}' has type {dtype}, which the engine cannot run (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K); requantize the file")]

@@ -5,11 +5,11 @@
 //!
 //! Block: x + attn(attn_norm(x)), then x + mlp(ffn_norm(x)).
 
-use crate::gguf::GgufFile;
 use crate::layers::{
     Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext,
 };
 use crate::model::{Architecture, Block, Config, Decoder};
+use crate::weights::Weights;
 use crate::{EngineError, Result};
 use candle_core::Tensor;
 
@@ -41,16 +41,16 @@ impl Block for LlamaBlock {
     }
 }
 
-pub fn load(file: &mut GgufFile, c: &Config) -> Result<Decoder> {
+pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
     let style = match c.architecture {
         Architecture::Llama => RopeStyle::Interleaved,
         _ => RopeStyle::Halves,
     };
-    let freq_factors = if file.has_tensor("rope_freqs.weight") {
+    let freq_factors = if file.has("rope_freqs.weight") {
         let factors = file.vector("rope_freqs.weight")?.to_vec1::<f32>()?;
         if factors.len() != c.head_dim / 2 {
             return Err(EngineError::BadFile {
-                path: file.path.clone(),
+                path: file.origin().to_path_buf(),
                 detail: format!(
                     "rope_freqs.weight has {} factors but each head rotates {} pairs",
                     factors.len(),

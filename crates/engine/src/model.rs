@@ -2,14 +2,18 @@
 //! architectures. Each architecture contributes its block (see `llama.rs`, `gemma3.rs`).
 
 use crate::gguf::GgufFile;
+use crate::hf::Checkpoint;
 use crate::hooks::{Hooks, Intervention};
 use crate::kv_cache::{Chunk, KvCache};
 use crate::layers::{RmsNorm, Rope, StepContext};
 use crate::quant::Matrix;
+use crate::weights::Weights;
 use crate::{gemma3, llama, EngineError, Result};
+use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 use refusal_steer_tokenizer::{ChatTemplate, Tokenizer};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,18 @@ pub struct Config {
     pub context_length: usize,
     pub rms_eps: f32,
     pub rope_theta: f32,
+    /// Layers that attend within a sliding window (gemma3).
+    pub sliding_window: Option<SlidingWindow>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SlidingWindow {
+    /// Tokens each query sees, itself included.
+    pub size: usize,
+    /// Per layer: whether it uses the window (the others attend globally).
+    pub layers: Vec<bool>,
+    /// The windowed layers' own rope base.
+    pub rope_theta: f32,
 }
 
 impl Config {
@@ -62,6 +78,19 @@ impl Config {
         let a = architecture.name();
         let n_heads = file.usize(&format!("{a}.attention.head_count"))?;
         let d_model = file.usize(&format!("{a}.embedding_length"))?;
+        let n_layers = file.usize(&format!("{a}.block_count"))?;
+        let sliding_window = match architecture {
+            Architecture::Gemma3 => gemma3::sliding_window(
+                file.usize_or("gemma3.attention.sliding_window", 0)?,
+                file.usize_or(
+                    "gemma3.attention.sliding_window_pattern",
+                    gemma3::SLIDING_PATTERN,
+                )?,
+                file.f32_or("gemma3.rope.freq_base_swa", gemma3::SLIDING_ROPE_THETA)?,
+                n_layers,
+            ),
+            _ => None,
+        };
         let vocab_size = match file.content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims()[0],
             None => {
@@ -73,7 +102,7 @@ impl Config {
         };
         Ok(Self {
             architecture,
-            n_layers: file.usize(&format!("{a}.block_count"))?,
+            n_layers,
             d_model,
             n_heads,
             n_kv_heads: file.usize_or(&format!("{a}.attention.head_count_kv"), n_heads)?,
@@ -82,8 +111,33 @@ impl Config {
             context_length: file.usize(&format!("{a}.context_length"))?,
             rms_eps: file.f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
             rope_theta: file.f32_or(&format!("{a}.rope.freq_base"), 10_000.0)?,
+            sliding_window,
         })
     }
+}
+
+/// The tokenizer of a GGUF file or checkpoint folder, without loading its weights.
+pub fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    Ok(if path.is_dir() {
+        Tokenizer::from_gguf_metadata(&Checkpoint::open(path)?.tokenizer_metadata()?)?
+    } else {
+        Tokenizer::from_gguf_metadata(GgufFile::open(path)?.metadata())?
+    })
+}
+
+fn tokenizer_and_template(md: &HashMap<String, Value>) -> Result<(Tokenizer, ChatTemplate)> {
+    let tokenizer = Tokenizer::from_gguf_metadata(md)?;
+    let token_text = |id: Option<u32>| {
+        id.and_then(|i| tokenizer.piece(i).ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let template = ChatTemplate::from_gguf_metadata(
+        md,
+        &token_text(tokenizer.bos),
+        &token_text(tokenizer.eos),
+    )?;
+    Ok((tokenizer, template))
 }
 
 /// One decoder block: residual stream in, residual stream out.
@@ -132,21 +186,28 @@ pub struct Model {
 }
 
 impl Model {
+    /// Loads a GGUF file, or a Hugging Face checkpoint folder (see [`crate::hf`]).
     pub fn load(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let mut checkpoint = Checkpoint::open(path)?;
+            let config = checkpoint.config()?;
+            let (tokenizer, template) = tokenizer_and_template(&checkpoint.tokenizer_metadata()?)?;
+            return Self::assemble(path, config, tokenizer, template, &mut checkpoint);
+        }
         let mut file = GgufFile::open(path)?;
         let architecture = Architecture::from_gguf(&file.architecture()?)?;
         let config = Config::from_gguf(&file, architecture)?;
-        let tokenizer = Tokenizer::from_gguf_metadata(file.metadata())?;
-        let token_text = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.piece(i).ok())
-                .unwrap_or("")
-                .to_string()
-        };
-        let template = ChatTemplate::from_gguf_metadata(
-            file.metadata(),
-            &token_text(tokenizer.bos),
-            &token_text(tokenizer.eos),
-        )?;
+        let (tokenizer, template) = tokenizer_and_template(file.metadata())?;
+        Self::assemble(path, config, tokenizer, template, &mut file)
+    }
+
+    fn assemble(
+        path: &Path,
+        config: Config,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        weights: &mut dyn Weights,
+    ) -> Result<Self> {
         if tokenizer.vocab_size() < config.vocab_size {
             return Err(EngineError::BadFile {
                 path: path.to_path_buf(),
@@ -157,11 +218,11 @@ impl Model {
                 ),
             });
         }
-        let decoder = match architecture {
+        let decoder = match config.architecture {
             Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => {
-                llama::load(&mut file, &config)?
+                llama::load(weights, &config)?
             }
-            Architecture::Gemma3 => gemma3::load(&mut file, &config)?,
+            Architecture::Gemma3 => gemma3::load(weights, &config)?,
         };
         Ok(Self {
             config,

@@ -82,6 +82,14 @@ impl Matrix {
         })
     }
 
+    /// A float matrix `[out, in]`, multiplied in f32.
+    pub fn dense(t: Tensor) -> Self {
+        Matrix::Candle {
+            matmul: QMatMul::Tensor(t),
+            pad_lone_rows: false,
+        }
+    }
+
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {

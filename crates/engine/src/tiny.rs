@@ -1,6 +1,6 @@
 //! A tiny llama-family model with random weights, written as a real GGUF file (byte-level BPE
-//! vocabulary, ChatML template), so tests and benchmarks exercise the real loading path
-//! without downloading anything. [`Variant`]s add what other architectures carry (Qwen3's
+//! vocabulary with a reasoning model's `<think>` markers, ChatML template), so tests and
+//! benchmarks exercise the real loading path without downloading anything. [`Variant`]s add what other architectures carry (Qwen3's
 //! query/key norms and wider heads, Llama 3's rope frequency factors), so the forward pass of
 //! each can be checked against llama.cpp on a file both read (`fixtures/llama.cpp/tiny/`).
 
@@ -31,7 +31,7 @@ fn vocabulary() -> (Vec<String>, Vec<String>, Vec<i32>) {
         };
         tokens.push(c.to_string());
     }
-    let merges: Vec<String> = ["t h", "th e", "Ġ t", "Ġt he", "i n", "a n", "e r"]
+    let merges: Vec<String> = ["t h", "th e", "Ġ t", "h e", "Ġt he", "i n", "a n", "e r"]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -42,6 +42,11 @@ fn vocabulary() -> (Vec<String>, Vec<String>, Vec<i32>) {
     for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
         tokens.push(special.to_string());
         types.push(3);
+    }
+    // A reasoning model's markers, matched in text as Qwen3's are.
+    for marker in ["<think>", "</think>"] {
+        tokens.push(marker.to_string());
+        types.push(4);
     }
     // Pad the vocabulary to a multiple of the quantization block.
     while !tokens.len().is_multiple_of(32) {
@@ -257,5 +262,266 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
         }
     })?);
     gguf_file::write(&mut file, &md, &ts)?;
+    Ok(())
+}
+
+/// Tiny Hugging Face checkpoint folders, one per model class the folder reader knows, for
+/// the transformers reference (`fixtures/transformers/tiny/`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HfVariant {
+    /// `LlamaForCausalLM` with Llama 3 rope scaling: rows permuted on load, factors computed.
+    Llama3,
+    /// `Qwen2ForCausalLM`: query/key/value biases.
+    Qwen2,
+    /// `Qwen3ForCausalLM`: per-head query/key norms, wide heads.
+    Qwen3,
+    /// `Gemma3ForCausalLM`: `1 + w` norms, sliding window, two rope bases, GELU.
+    Gemma3,
+}
+
+impl HfVariant {
+    pub const ALL: [Self; 4] = [Self::Llama3, Self::Qwen2, Self::Qwen3, Self::Gemma3];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama3 => "llama3",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// The Split regexes of Qwen2 and Llama 3 tokenizers, as their tokenizer.json files write them.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Writes the tiny checkpoint of `variant` into the folder `dir` (the same files every time):
+/// matrices in bf16, norms and biases in f32, tied embeddings.
+pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
+    use serde_json::json;
+    let (tokens, merges, types) = vocabulary();
+    let vocab = tokens.len();
+    let head_dim = match variant {
+        HfVariant::Qwen3 => 2 * D_MODEL / N_HEADS,
+        _ => D_MODEL / N_HEADS,
+    };
+    let mut tensors: std::collections::HashMap<String, Tensor> = Default::default();
+    let mut seed = 5000;
+    let mut next = |rows: usize, cols: usize, scale: f64| {
+        seed += 1;
+        random(rows, cols, scale, seed)
+    };
+    let gemma = variant == HfVariant::Gemma3;
+    let mut matrix = |tensors: &mut std::collections::HashMap<String, Tensor>,
+                      name: String,
+                      rows: usize,
+                      cols: usize|
+     -> Result<()> {
+        let w = next(rows, cols, 1.0 / (cols as f64).sqrt() * 1.7)?;
+        tensors.insert(name, w.to_dtype(candle_core::DType::BF16)?);
+        Ok(())
+    };
+    let mut vector_seed = 9000;
+    // Gemma's norms multiply by 1 + w: weights near 0 there, near 1 elsewhere.
+    let mut vector = |tensors: &mut std::collections::HashMap<String, Tensor>,
+                      name: String,
+                      len: usize,
+                      around: f64|
+     -> Result<()> {
+        vector_seed += 1;
+        let w = (random(1, len, 0.5, vector_seed)?.flatten_all()? + around)?;
+        tensors.insert(name, w);
+        Ok(())
+    };
+    let norm_at = if gemma { 0.0 } else { 1.0 };
+    matrix(
+        &mut tensors,
+        "model.embed_tokens.weight".into(),
+        vocab,
+        D_MODEL,
+    )?;
+    for l in 0..N_LAYERS {
+        let p = format!("model.layers.{l}");
+        vector(
+            &mut tensors,
+            format!("{p}.input_layernorm.weight"),
+            D_MODEL,
+            norm_at,
+        )?;
+        for (proj, rows) in [
+            ("q_proj", N_HEADS * head_dim),
+            ("k_proj", N_KV_HEADS * head_dim),
+            ("v_proj", N_KV_HEADS * head_dim),
+        ] {
+            matrix(
+                &mut tensors,
+                format!("{p}.self_attn.{proj}.weight"),
+                rows,
+                D_MODEL,
+            )?;
+            if variant == HfVariant::Qwen2 {
+                vector(
+                    &mut tensors,
+                    format!("{p}.self_attn.{proj}.bias"),
+                    rows,
+                    0.0,
+                )?;
+            }
+        }
+        matrix(
+            &mut tensors,
+            format!("{p}.self_attn.o_proj.weight"),
+            D_MODEL,
+            N_HEADS * head_dim,
+        )?;
+        if matches!(variant, HfVariant::Qwen3 | HfVariant::Gemma3) {
+            vector(
+                &mut tensors,
+                format!("{p}.self_attn.q_norm.weight"),
+                head_dim,
+                norm_at,
+            )?;
+            vector(
+                &mut tensors,
+                format!("{p}.self_attn.k_norm.weight"),
+                head_dim,
+                norm_at,
+            )?;
+        }
+        vector(
+            &mut tensors,
+            format!("{p}.post_attention_layernorm.weight"),
+            D_MODEL,
+            norm_at,
+        )?;
+        if gemma {
+            vector(
+                &mut tensors,
+                format!("{p}.pre_feedforward_layernorm.weight"),
+                D_MODEL,
+                norm_at,
+            )?;
+            vector(
+                &mut tensors,
+                format!("{p}.post_feedforward_layernorm.weight"),
+                D_MODEL,
+                norm_at,
+            )?;
+        }
+        matrix(
+            &mut tensors,
+            format!("{p}.mlp.gate_proj.weight"),
+            FFN,
+            D_MODEL,
+        )?;
+        matrix(
+            &mut tensors,
+            format!("{p}.mlp.up_proj.weight"),
+            FFN,
+            D_MODEL,
+        )?;
+        matrix(
+            &mut tensors,
+            format!("{p}.mlp.down_proj.weight"),
+            D_MODEL,
+            FFN,
+        )?;
+    }
+    vector(&mut tensors, "model.norm.weight".into(), D_MODEL, norm_at)?;
+
+    let mut config = json!({
+        "hidden_size": D_MODEL,
+        "intermediate_size": FFN,
+        "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": N_HEADS,
+        "num_key_value_heads": N_KV_HEADS,
+        "head_dim": head_dim,
+        "max_position_embeddings": 256,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "tie_word_embeddings": true,
+        "torch_dtype": "float32",
+    });
+    let extra = match variant {
+        HfVariant::Llama3 => json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+            // A low base and a short original context put the 8 frequencies in all three of
+            // the scaling's regimes (kept, divided, smoothed).
+            "rope_theta": 100.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        }),
+        HfVariant::Qwen2 => json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+            "rope_theta": 10000.0, "use_sliding_window": false,
+        }),
+        HfVariant::Qwen3 => json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+            "rope_theta": 10000.0, "attention_bias": false,
+        }),
+        HfVariant::Gemma3 => json!({
+            "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
+            "rope_theta": 10000.0, "rope_local_base_freq": 100.0, "sliding_window": 4,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "final_logit_softcapping": null, "attn_logit_softcapping": null,
+        }),
+    };
+    for (k, v) in extra.as_object().expect("an object") {
+        config[k] = v.clone();
+    }
+
+    // Every id in the vocabulary, the control and user-defined tokens also listed as added:
+    // transformers renumbers added tokens that leave a hole in the vocabulary.
+    let vocab_map: serde_json::Map<String, serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let added: Vec<serde_json::Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types[*i], 3 | 4))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": types[i] == 3})
+        })
+        .collect();
+    let split = match variant {
+        HfVariant::Llama3 => LLAMA3_SPLIT,
+        _ => QWEN2_SPLIT,
+    };
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": split}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        ]},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab_map, "merges": merges},
+    });
+    let tokenizer_config = json!({
+        "bos_token": null, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHATML, "model_max_length": 256,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    });
+
+    let io = |e: std::io::Error| crate::EngineError::BadCheckpoint {
+        path: dir.to_path_buf(),
+        detail: format!("cannot write: {e}"),
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let pretty = |v: &serde_json::Value| serde_json::to_string_pretty(v).expect("serialisable");
+    std::fs::write(dir.join("config.json"), pretty(&config)).map_err(io)?;
+    std::fs::write(dir.join("tokenizer.json"), pretty(&tokenizer)).map_err(io)?;
+    std::fs::write(dir.join("tokenizer_config.json"), pretty(&tokenizer_config)).map_err(io)?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
     Ok(())
 }

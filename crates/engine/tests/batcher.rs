@@ -59,6 +59,7 @@ fn sequences(model: &Model) -> Vec<Sequence> {
                 1 => Some(everywhere.clone()),
                 _ => Some(generated.clone()),
             },
+            thinking: None,
         })
         .collect()
 }
@@ -68,6 +69,7 @@ fn alone(model: &Model, s: &Sequence) -> Generation {
         max_new_tokens: s.max_new_tokens,
         sampling: s.sampling,
         padding: Padding::Left,
+        thinking: None,
     };
     let request = Request {
         prompt: s.prompt.clone(),

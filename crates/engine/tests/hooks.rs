@@ -227,6 +227,7 @@ fn batched_generation_equals_one_at_a_time() {
                 max_new_tokens: 12,
                 sampling,
                 padding,
+                thinking: None,
             };
             let requests: Vec<Request> = PROMPTS
                 .iter()
@@ -305,6 +306,7 @@ fn halting_a_row_ends_it_and_leaves_the_others_alone() {
         max_new_tokens: 10,
         sampling: Sampling::GREEDY,
         padding: Padding::Left,
+        thinking: None,
     };
     let requests: Vec<Request> = PROMPTS[..2]
         .iter()
@@ -340,6 +342,7 @@ fn context_overflow_is_a_clear_error() {
         max_new_tokens: 1000,
         sampling: Sampling::GREEDY,
         padding: Padding::Left,
+        thinking: None,
     };
     let request = Request {
         prompt: model.tokenizer.encode("the", false, true),

@@ -117,6 +117,7 @@ fn check(model_name: &str, family: &str) {
             max_new_tokens: 64,
             sampling: Sampling::GREEDY,
             padding: Padding::Left,
+            thinking: None,
         };
         let out = generate(
             &model,

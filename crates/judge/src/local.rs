@@ -288,6 +288,7 @@ impl LocalJudge {
                 sampling: Sampling::GREEDY,
                 max_new_tokens: max_tokens,
                 steering: None,
+                thinking: None,
             };
             queue.push((i, sequence));
         }

@@ -149,6 +149,7 @@ pub fn answer(
                     sampling: job.options.sampling,
                     max_new_tokens: job.options.max_new_tokens,
                     steering: steered(i).map(|s| s.interventions.clone()),
+                    thinking: job.options.thinking.clone(),
                 };
                 queue.push(((i, sample), sequence));
             }

@@ -20,6 +20,10 @@ pub struct RunConfig {
     /// after the reasoning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thinking: Option<bool>,
+    /// For reasoning models: past this many tokens of reasoning, `</think>` is written in and
+    /// the answer gets its own `max_tokens`. Unset: `max_tokens` bounds both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_thinking_tokens: Option<usize>,
     /// The judge: a catalogue name or .gguf path (LLM judge) or `patterns`.
     pub judge: String,
     /// An LLM judge's p_refusal above this is a refusal.
@@ -196,6 +200,9 @@ impl RunConfig {
     fn validate(&self) -> Result<()> {
         if self.samples == 0 || self.batch == 0 || self.max_tokens == 0 {
             bail!("samples, batch and max_tokens must be at least 1");
+        }
+        if self.thinking == Some(false) && self.max_thinking_tokens.is_some() {
+            bail!("max_thinking_tokens is set but thinking = false: remove one of them");
         }
         if self.samples > 1 && self.temperature <= 0.0 {
             bail!(

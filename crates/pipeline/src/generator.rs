@@ -57,6 +57,7 @@ impl<'a> Generator<'a> {
                     repetition_penalty: 1.0,
                 },
                 padding: Padding::Left,
+                thinking: None,
             },
             batch: 8,
             seed: 0,

@@ -229,6 +229,7 @@ impl Engine<'_> {
                         },
                         max_new_tokens: job.max_tokens,
                         steering: steering.clone(),
+                        thinking: None,
                     };
                     ((self.next_id, choice), sequence)
                 })

@@ -41,7 +41,7 @@ fn recipe(model: &Model, gated: bool) -> Recipe {
         points: vec![2],
         topic: Readout {
             weights: direction.iter().map(|x| x / norm).collect(),
-            threshold: 0.0,
+            threshold: -0.75,
         },
         veto: None,
         heldout_auc: 0.5,

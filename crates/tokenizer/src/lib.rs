@@ -1,4 +1,5 @@
-//! Tokenizers built from a GGUF file's own metadata, matching llama.cpp token for token.
+//! Tokenizers built from a GGUF file's own metadata, matching llama.cpp token for token (a
+//! Hugging Face tokenizer.json is first translated into those keys: [`hf`]).
 //!
 //! Two vocabularies are supported, as llama.cpp names them in `tokenizer.ggml.model`:
 //! `gpt2` (byte-level BPE with a pre-tokenizer chosen by `tokenizer.ggml.pre`) and `llama`
@@ -8,6 +9,7 @@
 
 mod bpe;
 pub mod chat;
+pub mod hf;
 mod pretokenize;
 mod spm;
 
@@ -28,6 +30,8 @@ pub enum TokenizerError {
     UnsupportedPre(String),
     #[error("token id {id} is outside the vocabulary of {n_vocab} tokens")]
     BadId { id: u32, n_vocab: usize },
+    #[error("Hugging Face tokenizer: {0}")]
+    HfTokenizer(String),
     #[error("chat template error: {0}")]
     Template(String),
 }

@@ -27,7 +27,7 @@ use fit::Fit;
 use indicatif::{ProgressBar, ProgressStyle};
 use methods::MethodSpec;
 use refusal_steer_data::{Answer, Prompt};
-use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling};
+use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling, ThinkingBudget};
 use refusal_steer_judge::{Judge, VerdictCache};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -64,6 +64,11 @@ impl Runner<'_> {
             model: self.model,
             format: Format::default(),
             made_for: ModelIdentity::of(self.model)?,
+            thinking: self
+                .config
+                .max_thinking_tokens
+                .map(|n| ThinkingBudget::new(self.model, n))
+                .transpose()?,
             made_by: Provenance {
                 source: folder.root().display().to_string(),
                 judge: Some(self.config.judge.clone()),
@@ -163,6 +168,7 @@ struct Ctx<'a> {
     made_for: ModelIdentity,
     /// The provenance of every recipe this run makes, but the method and its numbers.
     made_by: Provenance,
+    thinking: Option<ThinkingBudget>,
 }
 
 impl Ctx<'_> {
@@ -176,6 +182,7 @@ impl Ctx<'_> {
                 repetition_penalty: self.config.repetition_penalty,
             },
             padding: Padding::Left,
+            thinking: self.thinking.clone(),
         }
     }
 

@@ -1,0 +1,36 @@
+//! Where a decoder's tensors come from. The blocks ask for tensors by their GGUF names
+//! (`blk.3.attn_q.weight`); each source answers in the engine's conventions, whatever its
+//! own: a Hugging Face checkpoint renames, permutes and shifts its tensors as llama.cpp's
+//! converter would have, so one loader per block serves every source.
+
+use crate::quant::Matrix;
+use crate::Result;
+use candle_core::quantized::QMatMul;
+use candle_core::Tensor;
+use std::path::Path;
+
+pub trait Weights {
+    /// The file or folder the tensors come from, for error messages.
+    fn origin(&self) -> &Path;
+
+    fn has(&self, name: &str) -> bool;
+
+    /// A weight used as a matrix `[out, in]`.
+    fn matrix(&mut self, name: &str) -> Result<Matrix>;
+
+    /// The token embedding table, whose rows are looked up.
+    fn embedding(&mut self, name: &str) -> Result<QMatMul>;
+
+    /// A small weight (norm, bias, rope factors) as f32.
+    fn vector(&mut self, name: &str) -> Result<Tensor>;
+
+    /// The output projection; small models tie it to the token embeddings.
+    fn output_head(&mut self) -> Result<Matrix> {
+        let name = if self.has("output.weight") {
+            "output.weight"
+        } else {
+            "token_embd.weight"
+        };
+        self.matrix(name)
+    }
+}
