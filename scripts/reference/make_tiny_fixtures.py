@@ -14,7 +14,7 @@ import argparse, hashlib, json, random, subprocess, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ["llama", "llama3", "qwen3"]
+VARIANTS = ["llama", "llama3", "qwen3", "qwen3moe"]
 TOP_K = 8
 
 

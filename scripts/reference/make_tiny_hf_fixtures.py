@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ["llama3", "qwen2", "qwen3", "gemma3"]
+VARIANTS = ["llama3", "qwen2", "qwen3", "gemma3", "qwen3moe"]
 TOP_K = 8
 TEXTS = ["Hello there, the in 1234!", "  two  spaces\n\nand lines\r\n", "I'm HE'LL 56789 théâtre",
          "<|im_start|>user\nthe end<|im_end|>\n", "中文 and emoji 🙂"]

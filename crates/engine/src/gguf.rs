@@ -3,6 +3,7 @@
 use crate::quant::Matrix;
 use crate::weights::Weights;
 use crate::{EngineError, Result};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Tensor};
@@ -160,5 +161,26 @@ impl Weights for GgufFile {
 
     fn vector(&mut self, name: &str) -> Result<Tensor> {
         Ok(self.qtensor(name)?.dequantize(&Device::Cpu)?)
+    }
+
+    /// Each expert's rows are one contiguous run of the stack's blocks.
+    fn experts(&mut self, name: &str, count: usize) -> Result<Vec<Matrix>> {
+        let stack = self.qtensor(name)?;
+        let bad = |detail: String| EngineError::BadFile {
+            path: self.path.clone(),
+            detail: format!("tensor '{name}': {detail}"),
+        };
+        let (n, rows, cols) = stack.shape().dims3().map_err(|e| bad(e.to_string()))?;
+        if n != count {
+            return Err(bad(format!("{n} experts, but the model has {count}")));
+        }
+        let data = stack.data()?;
+        let each = data.len() / n;
+        data.chunks(each)
+            .map(|bytes| {
+                let t = qtensor_from_ggml(stack.dtype(), bytes, vec![rows, cols], &Device::Cpu)?;
+                Matrix::new(t)
+            })
+            .collect()
     }
 }

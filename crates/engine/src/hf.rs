@@ -8,7 +8,7 @@
 //! norms apply; Llama 3's rope scaling becomes the `rope_freqs` factors.
 
 use crate::gemma3;
-use crate::model::{Architecture, Config};
+use crate::model::{Architecture, Config, Experts};
 use crate::quant::Matrix;
 use crate::weights::Weights;
 use crate::{EngineError, Result};
@@ -68,10 +68,11 @@ impl Checkpoint {
             "LlamaForCausalLM" => Architecture::Llama,
             "Qwen2ForCausalLM" => Architecture::Qwen2,
             "Qwen3ForCausalLM" => Architecture::Qwen3,
+            "Qwen3MoeForCausalLM" => Architecture::Qwen3Moe,
             "Gemma3ForCausalLM" | "Gemma3ForConditionalGeneration" => Architecture::Gemma3,
             other => {
                 return Err(bad(dir, format!(
-                    "config.json's architectures[0] is {other:?}; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text part)"
+                    "config.json's architectures[0] is {other:?}; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration (its text part)"
                 )))
             }
         };
@@ -187,6 +188,10 @@ impl Checkpoint {
             }
             _ => None,
         };
+        let experts = match self.architecture {
+            Architecture::Qwen3Moe => Some(self.experts_config(n_layers)?),
+            _ => None,
+        };
         Ok(Config {
             architecture: self.architecture,
             n_layers,
@@ -199,6 +204,34 @@ impl Checkpoint {
             rms_eps: self.f32_or("rms_norm_eps", 1e-6)?,
             rope_theta: self.rope_theta(GLOBAL, 10_000.0)?,
             sliding_window,
+            experts,
+        })
+    }
+
+    /// Qwen3-MoE's experts, in every layer and renormalised as llama.cpp runs them.
+    fn experts_config(&self, n_layers: usize) -> Result<Experts> {
+        let count = match self.params.get("num_experts") {
+            Some(_) => self.usize("num_experts")?,
+            None => self.usize("num_local_experts")?,
+        };
+        let sparse_everywhere = self.usize_or("decoder_sparse_step", 1)? == 1
+            && self.params["mlp_only_layers"]
+                .as_array()
+                .is_none_or(|layers| layers.is_empty());
+        if !sparse_everywhere {
+            return Err(bad(&self.dir, format!(
+                "decoder_sparse_step and mlp_only_layers give some of the {n_layers} layers a dense MLP; only experts in every layer are supported"
+            )));
+        }
+        if self.params["norm_topk_prob"].as_bool() == Some(false) {
+            return Err(bad(
+                &self.dir,
+                "norm_topk_prob is false; only renormalised top-k routing is supported",
+            ));
+        }
+        Ok(Experts {
+            count,
+            used: self.usize("num_experts_per_tok")?,
         })
     }
 
@@ -296,6 +329,7 @@ impl Checkpoint {
             "ffn_gate" => "mlp.gate_proj",
             "ffn_up" => "mlp.up_proj",
             "ffn_down" => "mlp.down_proj",
+            "ffn_gate_inp" => "mlp.gate",
             "ffn_norm" if gemma => "pre_feedforward_layernorm",
             "ffn_norm" => "post_attention_layernorm",
             "post_attention_norm" => "post_attention_layernorm",
@@ -443,5 +477,31 @@ impl Weights for Checkpoint {
             return self.rope_factors();
         }
         self.tensor(name)
+    }
+
+    /// `blk.N.ffn_gate_exps.weight` is `layers.N.mlp.experts.E.gate_proj.weight` for each E.
+    fn experts(&mut self, name: &str, count: usize) -> Result<Vec<Matrix>> {
+        let parsed = name.strip_prefix("blk.").and_then(|rest| {
+            let (layer, rest) = rest.split_once('.')?;
+            let part = rest.strip_prefix("ffn_")?.strip_suffix("_exps.weight")?;
+            Some((layer, part))
+        });
+        let Some((layer, part)) = parsed else {
+            return Err(bad(&self.dir, format!("no experts for {name}")));
+        };
+        (0..count)
+            .map(|e| {
+                let hf = format!(
+                    "{}layers.{layer}.mlp.experts.{e}.{part}_proj.weight",
+                    self.prefix
+                );
+                let t = self
+                    .tensors
+                    .load(&hf, &Device::Cpu)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .map_err(|err| bad(&self.dir, format!("tensor {hf}: {err}")))?;
+                Ok(Matrix::dense(t))
+            })
+            .collect()
     }
 }

@@ -16,6 +16,7 @@ pub mod kv_cache;
 mod layers;
 mod llama;
 pub mod model;
+mod moe;
 mod quant;
 pub mod thinking;
 pub mod tiny;

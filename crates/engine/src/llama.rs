@@ -1,14 +1,16 @@
-//! Llama-family decoder (SmolLM2, Llama 3), Qwen2 and Qwen3: one block. Qwen2 has biases on
-//! the q/k/v projections (loaded when the file has them); Qwen3 has none but RMS-normalises
-//! each query and key head before rope; both rotate halves. Llama 3.1+ files carry
+//! Llama-family decoder (SmolLM2, Llama 3), Qwen2, Qwen3 and Qwen3-MoE: one block. Qwen2 has
+//! biases on the q/k/v projections (loaded when the file has them); Qwen3 has none but
+//! RMS-normalises each query and key head before rope; both rotate halves. Qwen3-MoE is Qwen3
+//! with routed experts in place of the MLP (`moe.rs`). Llama 3.1+ files carry
 //! `rope_freqs.weight`, the per-frequency divisors of its long-context rope scaling.
 //!
-//! Block: x + attn(attn_norm(x)), then x + mlp(ffn_norm(x)).
+//! Block: x + attn(attn_norm(x)), then x + ffn(ffn_norm(x)).
 
 use crate::layers::{
     Activation, Attention, AttentionWiring, Mlp, RmsNorm, Rope, RopeStyle, StepContext,
 };
 use crate::model::{Architecture, Block, Config, Decoder};
+use crate::moe::{FeedForward, Moe};
 use crate::weights::Weights;
 use crate::{EngineError, Result};
 use candle_core::Tensor;
@@ -17,7 +19,7 @@ pub struct LlamaBlock {
     attn_norm: RmsNorm,
     attn: Attention,
     ffn_norm: RmsNorm,
-    mlp: Mlp,
+    ffn: FeedForward,
 }
 
 impl Block for LlamaBlock {
@@ -37,7 +39,7 @@ impl Block for LlamaBlock {
         let x = (x + self
             .attn
             .forward(&self.attn_norm.forward(x)?, ctx, wiring)?)?;
-        Ok((&x + self.mlp.forward(&self.ffn_norm.forward(&x)?)?)?)
+        Ok((&x + self.ffn.forward(&self.ffn_norm.forward(&x)?)?)?)
     }
 }
 
@@ -67,9 +69,17 @@ pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
         let p = format!("blk.{i}");
         blocks.push(Box::new(LlamaBlock {
             attn_norm: RmsNorm::load(file, &format!("{p}.attn_norm"), c.rms_eps)?,
-            attn: Attention::load(file, &p, c, c.architecture == Architecture::Qwen3)?,
+            attn: Attention::load(
+                file,
+                &p,
+                c,
+                matches!(c.architecture, Architecture::Qwen3 | Architecture::Qwen3Moe),
+            )?,
             ffn_norm: RmsNorm::load(file, &format!("{p}.ffn_norm"), c.rms_eps)?,
-            mlp: Mlp::load(file, &p, Activation::Silu)?,
+            ffn: match c.experts {
+                Some(e) => FeedForward::Experts(Moe::load(file, &p, e.count, e.used)?),
+                None => FeedForward::Dense(Mlp::load(file, &p, Activation::Silu)?),
+            },
         }));
     }
     Ok(Decoder {

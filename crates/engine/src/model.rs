@@ -21,17 +21,19 @@ pub enum Architecture {
     Llama,
     Qwen2,
     Qwen3,
+    Qwen3Moe,
     Gemma3,
 }
 
 impl Architecture {
-    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, gemma3";
+    pub const SUPPORTED: &'static str = "llama, qwen2, qwen3, qwen3moe, gemma3";
 
     pub fn from_gguf(name: &str) -> Result<Self> {
         match name {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "qwen3moe" => Ok(Self::Qwen3Moe),
             "gemma3" => Ok(Self::Gemma3),
             other => Err(EngineError::UnsupportedArchitecture(other.to_string())),
         }
@@ -42,6 +44,7 @@ impl Architecture {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3moe",
             Self::Gemma3 => "gemma3",
         }
     }
@@ -61,6 +64,15 @@ pub struct Config {
     pub rope_theta: f32,
     /// Layers that attend within a sliding window (gemma3).
     pub sliding_window: Option<SlidingWindow>,
+    /// Routed experts in place of each block's MLP (qwen3moe).
+    pub experts: Option<Experts>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Experts {
+    pub count: usize,
+    /// Experts each token runs on.
+    pub used: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +103,13 @@ impl Config {
             ),
             _ => None,
         };
+        let experts = match architecture {
+            Architecture::Qwen3Moe => Some(Experts {
+                count: file.usize(&format!("{a}.expert_count"))?,
+                used: file.usize(&format!("{a}.expert_used_count"))?,
+            }),
+            _ => None,
+        };
         let vocab_size = match file.content.tensor_infos.get("token_embd.weight") {
             Some(info) => info.shape.dims()[0],
             None => {
@@ -112,6 +131,7 @@ impl Config {
             rms_eps: file.f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
             rope_theta: file.f32_or(&format!("{a}.rope.freq_base"), 10_000.0)?,
             sliding_window,
+            experts,
         })
     }
 }
@@ -219,9 +239,10 @@ impl Model {
             });
         }
         let decoder = match config.architecture {
-            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => {
-                llama::load(weights, &config)?
-            }
+            Architecture::Llama
+            | Architecture::Qwen2
+            | Architecture::Qwen3
+            | Architecture::Qwen3Moe => llama::load(weights, &config)?,
             Architecture::Gemma3 => gemma3::load(weights, &config)?,
         };
         Ok(Self {

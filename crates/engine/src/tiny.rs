@@ -1,7 +1,8 @@
 //! A tiny llama-family model with random weights, written as a real GGUF file (byte-level BPE
 //! vocabulary with a reasoning model's `<think>` markers, ChatML template), so tests and
 //! benchmarks exercise the real loading path without downloading anything. [`Variant`]s add what other architectures carry (Qwen3's
-//! query/key norms and wider heads, Llama 3's rope frequency factors), so the forward pass of
+//! query/key norms and wider heads, Llama 3's rope frequency factors, Qwen3-MoE's routed
+//! experts), so the forward pass of
 //! each can be checked against llama.cpp on a file both read (`fixtures/llama.cpp/tiny/`).
 
 use crate::Result;
@@ -15,6 +16,9 @@ pub const D_MODEL: usize = 64;
 const N_HEADS: usize = 4;
 const N_KV_HEADS: usize = 2;
 const FFN: usize = 128;
+const EXPERTS: usize = 4;
+const EXPERTS_USED: usize = 2;
+const EXPERT_FFN: usize = 32;
 const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
 /// The 256 byte-level characters (GPT-2's table), then a few merges, then the special tokens.
@@ -80,16 +84,19 @@ pub enum Variant {
     Llama3,
     /// `qwen3`: per-head query/key RMS norms, heads twice as wide as `D_MODEL / N_HEADS`.
     Qwen3,
+    /// `qwen3moe`: Qwen3 with `EXPERTS` routed experts, `EXPERTS_USED` per token.
+    Qwen3Moe,
 }
 
 impl Variant {
-    pub const ALL: [Self; 3] = [Self::Llama, Self::Llama3, Self::Qwen3];
+    pub const ALL: [Self; 4] = [Self::Llama, Self::Llama3, Self::Qwen3, Self::Qwen3Moe];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
             Self::Llama3 => "llama3",
             Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3moe",
         }
     }
 }
@@ -104,12 +111,20 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
     let (tokens, merges, types) = vocabulary();
     let vocab = tokens.len();
     let head_dim = match variant {
-        Variant::Qwen3 => 2 * D_MODEL / N_HEADS,
+        Variant::Qwen3 | Variant::Qwen3Moe => 2 * D_MODEL / N_HEADS,
         _ => D_MODEL / N_HEADS,
     };
     let arch = match variant {
         Variant::Qwen3 => "qwen3",
+        Variant::Qwen3Moe => "qwen3moe",
         _ => "llama",
+    };
+    let qwen3 = matches!(variant, Variant::Qwen3 | Variant::Qwen3Moe);
+    // Routing turns a near-tie between experts into a different sum, so the experts' model
+    // stays in f32: no 8-bit rounding of activations to flip a route between two engines.
+    let matrix_type = match variant {
+        Variant::Qwen3Moe => GgmlDType::F32,
+        _ => GgmlDType::Q8_0,
     };
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut seed = 1;
@@ -120,7 +135,7 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
      -> Result<()> {
         seed += 1;
         let w = random(rows, cols, 1.0 / (cols as f64).sqrt() * 1.7, seed)?;
-        tensors.push((name, QTensor::quantize(&w, GgmlDType::Q8_0)?));
+        tensors.push((name, QTensor::quantize(&w, matrix_type)?));
         Ok(())
     };
     let mut norm_seed = 1000;
@@ -138,7 +153,7 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
     matrix("token_embd.weight".into(), vocab, D_MODEL, &mut tensors)?;
     for l in 0..N_LAYERS {
         norm(format!("blk.{l}.attn_norm.weight"), D_MODEL, &mut tensors)?;
-        if variant == Variant::Qwen3 {
+        if qwen3 {
             norm(
                 format!("blk.{l}.attn_q_norm.weight"),
                 head_dim,
@@ -175,6 +190,32 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
             &mut tensors,
         )?;
         norm(format!("blk.{l}.ffn_norm.weight"), D_MODEL, &mut tensors)?;
+        if variant == Variant::Qwen3Moe {
+            // The router in f32, as converters keep it; a wide scale so routes differ.
+            let router = random(EXPERTS, D_MODEL, 1.0, 700 + l as u64)?;
+            tensors.push((
+                format!("blk.{l}.ffn_gate_inp.weight"),
+                QTensor::quantize(&router, GgmlDType::F32)?,
+            ));
+            for (part, rows, cols) in [
+                ("gate", EXPERT_FFN, D_MODEL),
+                ("up", EXPERT_FFN, D_MODEL),
+                ("down", D_MODEL, EXPERT_FFN),
+            ] {
+                let w = random(
+                    EXPERTS * rows,
+                    cols,
+                    1.7 / (cols as f64).sqrt(),
+                    800 + l as u64,
+                )?
+                .reshape((EXPERTS, rows, cols))?;
+                tensors.push((
+                    format!("blk.{l}.ffn_{part}_exps.weight"),
+                    QTensor::quantize(&w, matrix_type)?,
+                ));
+            }
+            continue;
+        }
         matrix(
             format!("blk.{l}.ffn_gate.weight"),
             FFN,
@@ -249,9 +290,17 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
             Value::String(CHATML.into()),
         ),
     ];
-    if variant == Variant::Qwen3 {
+    if qwen3 {
         metadata.push((key("attention.key_length"), Value::U32(head_dim as u32)));
         metadata.push((key("attention.value_length"), Value::U32(head_dim as u32)));
+    }
+    if variant == Variant::Qwen3Moe {
+        metadata.push((key("expert_count"), Value::U32(EXPERTS as u32)));
+        metadata.push((key("expert_used_count"), Value::U32(EXPERTS_USED as u32)));
+        metadata.push((
+            key("expert_feed_forward_length"),
+            Value::U32(EXPERT_FFN as u32),
+        ));
     }
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -277,10 +326,18 @@ pub enum HfVariant {
     Qwen3,
     /// `Gemma3ForCausalLM`: `1 + w` norms, sliding window, two rope bases, GELU.
     Gemma3,
+    /// `Qwen3MoeForCausalLM`: Qwen3 with routed experts, one tensor per expert.
+    Qwen3Moe,
 }
 
 impl HfVariant {
-    pub const ALL: [Self; 4] = [Self::Llama3, Self::Qwen2, Self::Qwen3, Self::Gemma3];
+    pub const ALL: [Self; 5] = [
+        Self::Llama3,
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Gemma3,
+        Self::Qwen3Moe,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -288,6 +345,7 @@ impl HfVariant {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Qwen3Moe => "qwen3moe",
         }
     }
 }
@@ -303,7 +361,7 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
     let (tokens, merges, types) = vocabulary();
     let vocab = tokens.len();
     let head_dim = match variant {
-        HfVariant::Qwen3 => 2 * D_MODEL / N_HEADS,
+        HfVariant::Qwen3 | HfVariant::Qwen3Moe => 2 * D_MODEL / N_HEADS,
         _ => D_MODEL / N_HEADS,
     };
     let mut tensors: std::collections::HashMap<String, Tensor> = Default::default();
@@ -375,7 +433,10 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
             D_MODEL,
             N_HEADS * head_dim,
         )?;
-        if matches!(variant, HfVariant::Qwen3 | HfVariant::Gemma3) {
+        if matches!(
+            variant,
+            HfVariant::Qwen3 | HfVariant::Gemma3 | HfVariant::Qwen3Moe
+        ) {
             vector(
                 &mut tensors,
                 format!("{p}.self_attn.q_norm.weight"),
@@ -408,6 +469,32 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
                 D_MODEL,
                 norm_at,
             )?;
+        }
+        if variant == HfVariant::Qwen3Moe {
+            let router = random(EXPERTS, D_MODEL, 1.0, 700 + l as u64)?;
+            tensors.insert(format!("{p}.mlp.gate.weight"), router);
+            for e in 0..EXPERTS {
+                let q = format!("{p}.mlp.experts.{e}");
+                matrix(
+                    &mut tensors,
+                    format!("{q}.gate_proj.weight"),
+                    EXPERT_FFN,
+                    D_MODEL,
+                )?;
+                matrix(
+                    &mut tensors,
+                    format!("{q}.up_proj.weight"),
+                    EXPERT_FFN,
+                    D_MODEL,
+                )?;
+                matrix(
+                    &mut tensors,
+                    format!("{q}.down_proj.weight"),
+                    D_MODEL,
+                    EXPERT_FFN,
+                )?;
+            }
+            continue;
         }
         matrix(
             &mut tensors,
@@ -459,6 +546,13 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
         HfVariant::Qwen3 => json!({
             "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
             "rope_theta": 10000.0, "attention_bias": false,
+        }),
+        HfVariant::Qwen3Moe => json!({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "hidden_act": "silu", "rope_theta": 10000.0, "attention_bias": false,
+            "num_experts": EXPERTS, "num_experts_per_tok": EXPERTS_USED,
+            "moe_intermediate_size": EXPERT_FFN, "norm_topk_prob": true,
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
         }),
         HfVariant::Gemma3 => json!({
             "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",

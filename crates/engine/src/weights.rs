@@ -24,6 +24,9 @@ pub trait Weights {
     /// A small weight (norm, bias, rope factors) as f32.
     fn vector(&mut self, name: &str) -> Result<Tensor>;
 
+    /// The `count` matrices `[out, in]` of a stack of experts (`[count, out, in]` in GGUF).
+    fn experts(&mut self, name: &str, count: usize) -> Result<Vec<Matrix>>;
+
     /// The output projection; small models tie it to the token embeddings.
     fn output_head(&mut self) -> Result<Matrix> {
         let name = if self.has("output.weight") {

@@ -1,5 +1,5 @@
 //! Hugging Face checkpoint folders of every class the reader knows (Llama 3 rope scaling,
-//! Qwen2, Qwen3, Gemma 3) against transformers on the same folder
+//! Qwen2, Qwen3, Qwen3-MoE, Gemma 3) against transformers on the same folder
 //! (`fixtures/transformers/tiny/`, made by `scripts/reference/make_tiny_hf_fixtures.py`):
 //! the tokenizer read from `tokenizer.json` gives transformers' ids, and the forward pass its
 //! logits at every position of three token sequences.
@@ -118,9 +118,9 @@ fn a_broken_folder_is_refused_with_what_is_wrong() {
         std::fs::write(&config, c.to_string()).unwrap();
         outcome()
     };
-    let moe = load_with(&|c| c["architectures"] = serde_json::json!(["Qwen3MoeForCausalLM"]));
+    let moe = load_with(&|c| c["architectures"] = serde_json::json!(["MixtralForCausalLM"]));
     assert!(
-        moe.contains("Qwen3MoeForCausalLM") && moe.contains("supported:"),
+        moe.contains("MixtralForCausalLM") && moe.contains("supported:"),
         "{moe}"
     );
     let scaling = load_with(&|c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn"}));
@@ -137,4 +137,9 @@ fn a_broken_folder_is_refused_with_what_is_wrong() {
     std::fs::remove_file(&config).unwrap();
     let no_config = outcome();
     assert!(no_config.contains("config.json is missing"), "{no_config}");
+}
+
+#[test]
+fn tiny_qwen3moe_checkpoint_matches_transformers() {
+    check(HfVariant::Qwen3Moe);
 }
