@@ -16,7 +16,9 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapturePosition {
     /// The last token of the formatted prompt (after the assistant header): where the model
-    /// decides how to answer.
+    /// decides how to answer. For a reasoning model that is the last token its template
+    /// writes: the end of the empty reasoning block with thinking off, the header with it on
+    /// (or the reasoning's opening, where the template writes one).
     LastPrompt,
     /// The mean over all prompt tokens.
     MeanPrompt,
@@ -264,5 +266,52 @@ mod tests {
         let last = alone.at_point(tiny::N_LAYERS);
         let d = tiny::D_MODEL;
         assert_ne!(last[..d], last[d..2 * d]);
+    }
+
+    /// With a reasoning template, the last prompt token is the last token the template writes
+    /// after the assistant header: its empty reasoning block when thinking is off, the header
+    /// itself when on (the model opens its reasoning).
+    #[test]
+    fn a_thinking_template_is_captured_at_its_own_last_token() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny::write(&path).unwrap();
+        let mut model = Model::load(&path).unwrap();
+        let qwen3_like = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
+        model.template =
+            refusal_steer_tokenizer::ChatTemplate::jinja(qwen3_like, "", "<|im_end|>").unwrap();
+        let prompt = |text: &str| Prompt {
+            id: "p".into(),
+            prompt: text.into(),
+            set: None,
+        };
+        let capture_last = |model: &Model, p: &Prompt, raw: bool, name: &str| {
+            let out = dir.path().join(name);
+            let job = CaptureJob {
+                prompts: std::slice::from_ref(p),
+                format: &Format { system: None, raw },
+                position: CapturePosition::LastPrompt,
+                answers: None,
+                batch: 1,
+            };
+            capture(model, &job, &out, &ProgressBar::hidden()).unwrap();
+            Activations::load(&out)
+                .unwrap()
+                .at_point(tiny::N_LAYERS)
+                .to_vec()
+        };
+        let question = prompt("the cat sat");
+        let mut seen = Vec::new();
+        for (thinking, ending) in [(false, "</think>\n\n"), (true, "assistant\n")] {
+            model.template.set_thinking(Some(thinking)).unwrap();
+            let rendered = model.template.prompt(None, "the cat sat").unwrap();
+            assert!(rendered.ends_with(ending), "{rendered:?}");
+            let chat = capture_last(&model, &question, false, &format!("chat-{thinking}"));
+            let raw = capture_last(&model, &prompt(&rendered), true, &format!("raw-{thinking}"));
+            assert_eq!(chat, raw, "thinking {thinking}");
+            seen.push(chat);
+        }
+        assert_ne!(seen[0], seen[1]);
     }
 }
