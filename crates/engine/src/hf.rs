@@ -203,6 +203,10 @@ impl Checkpoint {
             context_length: self.usize("max_position_embeddings")?,
             rms_eps: self.f32_or("rms_norm_eps", 1e-6)?,
             rope_theta: self.rope_theta(GLOBAL, 10_000.0)?,
+            rope_scale: match self.rope_scaling_type(GLOBAL).as_deref() {
+                Some("linear") => self.f32_in_rope(GLOBAL, "factor")?,
+                _ => 1.0,
+            },
             sliding_window,
             experts,
         })
@@ -273,6 +277,18 @@ impl Checkpoint {
         }
     }
 
+    fn f32_in_rope(&self, layer_type: &str, key: &str) -> Result<f32> {
+        self.rope(layer_type)[key]
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or_else(|| {
+                bad(
+                    &self.dir,
+                    format!("the {layer_type} rope scaling has no number {key:?}"),
+                )
+            })
+    }
+
     fn rope_scaling_type(&self, layer_type: &str) -> Option<String> {
         self.rope(layer_type)["rope_type"]
             .as_str()
@@ -282,10 +298,14 @@ impl Checkpoint {
     fn check_rope_scaling(&self) -> Result<()> {
         for layer_type in [GLOBAL, SLIDING] {
             match (self.rope_scaling_type(layer_type).as_deref(), self.architecture) {
-                (None | Some("default"), _) | (Some("llama3"), Architecture::Llama) => {}
+                (None | Some("default"), _)
+                | (Some("llama3"), Architecture::Llama)
+                | (Some("linear"), _)
+                    if layer_type == GLOBAL => {}
+                (None | Some("default"), _) => {}
                 (Some(other), _) => {
                     return Err(bad(&self.dir, format!(
-                        "rope scaling {other:?} is not supported for {} (supported: llama3 on Llama)",
+                        "rope scaling {other:?} of the {layer_type} layers is not supported for {} (supported: linear, llama3 on Llama; none on gemma's sliding layers)",
                         self.architecture.name()
                     )))
                 }

@@ -2,7 +2,8 @@
 //! biases on the q/k/v projections (loaded when the file has them); Qwen3 has none but
 //! RMS-normalises each query and key head before rope; both rotate halves. Qwen3-MoE is Qwen3
 //! with routed experts in place of the MLP (`moe.rs`). Llama 3.1+ files carry
-//! `rope_freqs.weight`, the per-frequency divisors of its long-context rope scaling.
+//! `rope_freqs.weight`, the per-frequency divisors of its long-context rope scaling; linear
+//! scaling divides every frequency alike.
 //!
 //! Block: x + attn(attn_norm(x)), then x + ffn(ffn_norm(x)).
 
@@ -48,7 +49,7 @@ pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
         Architecture::Llama => RopeStyle::Interleaved,
         _ => RopeStyle::Halves,
     };
-    let freq_factors = if file.has("rope_freqs.weight") {
+    let mut freq_factors = if file.has("rope_freqs.weight") {
         let factors = file.vector("rope_freqs.weight")?.to_vec1::<f32>()?;
         if factors.len() != c.head_dim / 2 {
             return Err(EngineError::BadFile {
@@ -64,6 +65,10 @@ pub fn load(file: &mut dyn Weights, c: &Config) -> Result<Decoder> {
     } else {
         None
     };
+    if c.rope_scale != 1.0 {
+        let factors = freq_factors.unwrap_or_else(|| vec![1.0; c.head_dim / 2]);
+        freq_factors = Some(factors.iter().map(|f| f * c.rope_scale).collect());
+    }
     let mut blocks: Vec<Box<dyn Block>> = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
         let p = format!("blk.{i}");

@@ -62,6 +62,9 @@ pub struct Config {
     pub context_length: usize,
     pub rms_eps: f32,
     pub rope_theta: f32,
+    /// Linear rope scaling: positions are divided by this (1: none). Gemma 3's sliding-window
+    /// layers do not scale.
+    pub rope_scale: f32,
     /// Layers that attend within a sliding window (gemma3).
     pub sliding_window: Option<SlidingWindow>,
     /// Routed experts in place of each block's MLP (qwen3moe).
@@ -130,6 +133,7 @@ impl Config {
             context_length: file.usize(&format!("{a}.context_length"))?,
             rms_eps: file.f32(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
             rope_theta: file.f32_or(&format!("{a}.rope.freq_base"), 10_000.0)?,
+            rope_scale: linear_rope_scale(file, a)?,
             sliding_window,
             experts,
         })
@@ -158,6 +162,32 @@ fn tokenizer_and_template(md: &HashMap<String, Value>) -> Result<(Tokenizer, Cha
         &token_text(tokenizer.eos),
     )?;
     Ok((tokenizer, template))
+}
+
+/// The factor of a file's linear rope scaling, read as llama.cpp reads it: the type defaults
+/// to linear, the factor (`rope.scaling.factor`, or the older `rope.scale_linear`) to none.
+fn linear_rope_scale(file: &GgufFile, a: &str) -> Result<f32> {
+    let kind = format!("{a}.rope.scaling.type");
+    match file
+        .metadata()
+        .contains_key(&kind)
+        .then(|| file.string(&kind))
+        .transpose()?
+    {
+        None | Some("linear") => {}
+        Some("none") => return Ok(1.0),
+        Some(other) => {
+            return Err(EngineError::BadFile {
+                path: file.path.clone(),
+                detail: format!("rope scaling '{other}' is not supported (supported: linear)"),
+            })
+        }
+    }
+    let factor = file.f32_or(
+        &format!("{a}.rope.scaling.factor"),
+        file.f32_or(&format!("{a}.rope.scale_linear"), 0.0)?,
+    )?;
+    Ok(if factor == 0.0 { 1.0 } else { factor })
 }
 
 /// One decoder block: residual stream in, residual stream out.

@@ -80,7 +80,7 @@ fn random(rows: usize, cols: usize, scale: f64, seed: u64) -> Result<Tensor> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
     Llama,
-    /// `llama` with `rope_freqs.weight` (Llama 3.1's rope scaling).
+    /// `llama` with `rope_freqs.weight` (Llama 3.1's rope scaling) and linear rope scaling.
     Llama3,
     /// `qwen3`: per-head query/key RMS norms, heads twice as wide as `D_MODEL / N_HEADS`.
     Qwen3,
@@ -293,6 +293,11 @@ pub fn write_variant(path: &Path, variant: Variant) -> Result<()> {
     if qwen3 {
         metadata.push((key("attention.key_length"), Value::U32(head_dim as u32)));
         metadata.push((key("attention.value_length"), Value::U32(head_dim as u32)));
+    }
+    if variant == Variant::Llama3 {
+        // Linear scaling on top of the factors: llama.cpp applies both.
+        metadata.push((key("rope.scaling.type"), Value::String("linear".into())));
+        metadata.push((key("rope.scaling.factor"), Value::F32(2.0)));
     }
     if variant == Variant::Qwen3Moe {
         metadata.push((key("expert_count"), Value::U32(EXPERTS as u32)));
@@ -558,6 +563,8 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
             "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
             "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
             "rope_theta": 10000.0, "rope_local_base_freq": 100.0, "sliding_window": 4,
+            // As gemma-3-4b: linear scaling of the global layers' positions only.
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
             "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
             "final_logit_softcapping": null, "attn_logit_softcapping": null,
         }),

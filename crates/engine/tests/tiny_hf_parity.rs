@@ -124,7 +124,10 @@ fn a_broken_folder_is_refused_with_what_is_wrong() {
         "{moe}"
     );
     let scaling = load_with(&|c| c["rope_scaling"] = serde_json::json!({"rope_type": "yarn"}));
-    assert!(scaling.contains("\"yarn\" is not supported"), "{scaling}");
+    assert!(
+        scaling.contains("\"yarn\" of the full_attention layers is not supported"),
+        "{scaling}"
+    );
     let no_heads = load_with(&|c| {
         c.as_object_mut().unwrap().remove("num_attention_heads");
     });
