@@ -849,3 +849,60 @@ fn gate_eval_holds_each_source_out_and_bad_corpora_say_why() {
     let err = String::from_utf8_lossy(&other.stderr);
     assert!(err.contains("acts.safetensors"), "{err}");
 }
+
+#[test]
+fn a_checkpoint_folder_generates_and_is_captured_under_its_manifest_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("tiny-qwen3");
+    refusal_steer_engine::tiny::write_checkpoint(
+        &folder,
+        refusal_steer_engine::tiny::HfVariant::Qwen3,
+    )
+    .unwrap();
+    let model = folder.to_str().unwrap();
+    let answer = refusal_steer(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "the cat",
+        "--max-tokens",
+        "4",
+    ]);
+    assert!(
+        answer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&answer.stderr)
+    );
+    assert!(!answer.stdout.is_empty());
+
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"a\", \"prompt\": \"the cat\"}\n{\"id\": \"b\", \"prompt\": \"in an er\"}\n",
+    )
+    .unwrap();
+    let acts = dir.path().join("acts.safetensors");
+    let capture = refusal_steer(&[
+        "capture",
+        "--model",
+        model,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--out",
+        acts.to_str().unwrap(),
+    ]);
+    assert!(
+        capture.status.success(),
+        "{}",
+        String::from_utf8_lossy(&capture.stderr)
+    );
+    let header = refusal_steer_data::activations::Activations::load(&acts)
+        .unwrap()
+        .header;
+    assert_eq!(header.ids, ["a", "b"]);
+    assert_eq!(
+        header.metadata["model_sha256"],
+        refusal_steer_catalog::model_sha256(&folder).unwrap()
+    );
+}

@@ -264,3 +264,52 @@ fn bad_run_configs_say_what_is_wrong() {
         "\"target\" has 8 items, but its split asks for 24",
     );
 }
+
+/// `run --model DIR` on a checkpoint folder: the tiny random Qwen2 one, judged by a marker its
+/// random answers sometimes hold, so both classes have prompts. Its recipes name the folder by
+/// its manifest's sha256.
+#[test]
+fn a_miniature_run_on_a_checkpoint_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_data(&data);
+    std::fs::write(data.join("markers.json"), r#"{"markers": ["d"]}"#).unwrap();
+    let folder = dir.path().join("tiny-qwen2");
+    refusal_steer_engine::tiny::write_checkpoint(
+        &folder,
+        refusal_steer_engine::tiny::HfVariant::Qwen2,
+    )
+    .unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        CONFIG
+            .replace("DATA", data.to_str().unwrap())
+            .replace("smollm2-135m-instruct", folder.to_str().unwrap()),
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let result = refusal_steer(&[
+        "run",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let recipe = out.join("recipes/wrmd.steer.safetensors");
+    let bytes = std::fs::read(&recipe).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+    let made_for: serde_json::Value =
+        serde_json::from_str(header["__metadata__"]["recipe"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        made_for["model"]["sha256"],
+        refusal_steer_catalog::model_sha256(&folder).unwrap()
+    );
+}

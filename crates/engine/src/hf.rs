@@ -375,6 +375,17 @@ impl Checkpoint {
             .load(&name, &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| bad(&self.dir, format!("tensor {name}: {e}")))?;
+        if let Some(expected) = self.expected_shape(gguf)? {
+            if t.dims() != expected.as_slice() {
+                return Err(bad(
+                    &self.dir,
+                    format!(
+                        "tensor {name} has shape {:?}, but config.json makes it {expected:?}",
+                        t.dims()
+                    ),
+                ));
+            }
+        }
         let part = gguf.rsplit('.').nth(1).unwrap_or("");
         if self.architecture == Architecture::Llama && matches!(part, "attn_q" | "attn_k") {
             let heads = if part == "attn_q" {
@@ -391,6 +402,36 @@ impl Checkpoint {
             self.embeddings = Some(t.clone());
         }
         Ok(t)
+    }
+
+    /// The shape config.json gives a tensor (by GGUF name), where it gives one.
+    fn expected_shape(&self, gguf: &str) -> Result<Option<Vec<usize>>> {
+        let c = self.config()?;
+        let d = c.d_model;
+        let (q, kv) = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim);
+        let ff = self.usize_or("intermediate_size", 0)?;
+        let part = gguf.rsplit('.').nth(1).unwrap_or("");
+        let matrix = match part {
+            "token_embd" | "output" => Some((c.vocab_size, d)),
+            "attn_q" => Some((q, d)),
+            "attn_k" | "attn_v" => Some((kv, d)),
+            "attn_output" => Some((d, q)),
+            "ffn_gate" | "ffn_up" if ff > 0 => Some((ff, d)),
+            "ffn_down" if ff > 0 => Some((d, ff)),
+            "ffn_gate_inp" => c.experts.map(|e| (e.count, d)),
+            "attn_norm" | "ffn_norm" | "output_norm" | "post_attention_norm" | "post_ffw_norm" => {
+                return Ok(Some(vec![d]))
+            }
+            "attn_q_norm" | "attn_k_norm" => return Ok(Some(vec![c.head_dim])),
+            _ => None,
+        };
+        Ok(matrix.map(|(rows, cols)| {
+            if gguf.ends_with(".bias") {
+                vec![rows]
+            } else {
+                vec![rows, cols]
+            }
+        }))
     }
 
     /// Llama 3's rope scaling as the per-frequency divisors llama.cpp's converter computes.

@@ -132,9 +132,29 @@ fn a_broken_folder_is_refused_with_what_is_wrong() {
         c.as_object_mut().unwrap().remove("num_attention_heads");
     });
     assert!(no_heads.contains("num_attention_heads"), "{no_heads}");
+    let wrong_width = load_with(&|c| c["intermediate_size"] = serde_json::json!(96));
+    assert!(
+        wrong_width.contains("has shape [128, 64], but config.json makes it [96, 64]"),
+        "{wrong_width}"
+    );
     assert_eq!(load_with(&|_| {}), "loaded");
 
-    std::fs::remove_file(folder.join("model.safetensors")).unwrap();
+    let weights = folder.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let truncated = outcome();
+    assert!(truncated.contains("safetensors"), "{truncated}");
+
+    std::fs::rename(&weights, folder.join("shard-1.safetensors")).unwrap();
+    let index = r#"{"weight_map": {"model.embed_tokens.weight": "shard-1.safetensors",
+                                   "model.norm.weight": "shard-2.safetensors"}}"#;
+    std::fs::write(folder.join("model.safetensors.index.json"), index).unwrap();
+    let missing_shard = outcome();
+    assert!(
+        missing_shard.contains("shard-2.safetensors, which is missing"),
+        "{missing_shard}"
+    );
+    std::fs::remove_file(folder.join("model.safetensors.index.json")).unwrap();
     let no_weights = outcome();
     assert!(no_weights.contains("model.safetensors"), "{no_weights}");
     std::fs::remove_file(&config).unwrap();
