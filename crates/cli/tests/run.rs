@@ -302,14 +302,11 @@ fn a_miniature_run_on_a_checkpoint_folder() {
         "{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    let recipe = out.join("recipes/wrmd.steer.safetensors");
-    let bytes = std::fs::read(&recipe).unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let made_for: serde_json::Value =
-        serde_json::from_str(header["__metadata__"]["recipe"].as_str().unwrap()).unwrap();
+    let recipe =
+        refusal_steer_pipeline::recipe::Recipe::load(&out.join("recipes/wrmd.steer.safetensors"))
+            .unwrap();
     assert_eq!(
-        made_for["model"]["sha256"],
+        recipe.model.sha256,
         refusal_steer_catalog::model_sha256(&folder).unwrap()
     );
 }
