@@ -526,7 +526,7 @@ impl Weights for Checkpoint {
     }
 
     fn matrix(&mut self, name: &str) -> Result<Matrix> {
-        Ok(Matrix::dense(self.tensor(name)?))
+        Matrix::dense(self.tensor(name)?)
     }
 
     fn embedding(&mut self, name: &str) -> Result<QMatMul> {
@@ -561,7 +561,7 @@ impl Weights for Checkpoint {
                     .load(&hf, &Device::Cpu)
                     .and_then(|t| t.to_dtype(DType::F32))
                     .map_err(|err| bad(&self.dir, format!("tensor {hf}: {err}")))?;
-                Ok(Matrix::dense(t))
+                Matrix::dense(t)
             })
             .collect()
     }

@@ -28,6 +28,8 @@ const UNPACK_FROM_ROWS: usize = 3;
 const TILE_ROWS: usize = 4;
 /// Activation rows per pass of the unpacked kernel; each weight block is loaded once for all.
 const TILE_ACTS: usize = 2;
+/// Output rows per parallel task of a float matrix.
+const DENSE_RUN: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -62,6 +64,9 @@ impl Kind {
 /// A weight matrix used by a projection: our kernels where candle's are slow, candle's otherwise.
 pub enum Matrix {
     Own(QuantMatrix),
+    /// A float matrix in runs of output rows, multiplied in parallel: candle multiplies a few
+    /// activation rows by a whole matrix on one thread.
+    Dense(Vec<Tensor>),
     Candle {
         matmul: QMatMul,
         /// candle multiplies Q6_K by one activation row with another kernel than by several,
@@ -83,17 +88,29 @@ impl Matrix {
     }
 
     /// A float matrix `[out, in]`, multiplied in f32.
-    pub fn dense(t: Tensor) -> Self {
-        Matrix::Candle {
-            matmul: QMatMul::Tensor(t),
-            pad_lone_rows: false,
-        }
+    pub fn dense(t: Tensor) -> Result<Self> {
+        let out = t.dim(0)?;
+        let runs = (0..out)
+            .step_by(DENSE_RUN)
+            .map(|first| {
+                Ok(t.narrow(0, first, DENSE_RUN.min(out - first))?
+                    .contiguous()?)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Matrix::Dense(runs))
     }
 
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Matrix::Own(m) => m.forward(x),
+            Matrix::Dense(runs) => {
+                let parts: Vec<Tensor> = runs
+                    .par_iter()
+                    .map(|w| Ok(QMatMul::Tensor(w.clone()).forward(x)?))
+                    .collect::<Result<_>>()?;
+                Ok(Tensor::cat(&parts, x.rank() - 1)?)
+            }
             Matrix::Candle {
                 matmul,
                 pad_lone_rows,
