@@ -17,6 +17,7 @@ use candle_core::quantized::QMatMul;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value as Json;
+use std::cell::OnceCell;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,8 @@ pub struct Checkpoint {
     head: Option<&'static str>,
     /// Read once: a tied output head shares it.
     embeddings: Option<Tensor>,
+    /// Read once: every tensor's shape is checked against it.
+    config: OnceCell<Config>,
 }
 
 fn bad(dir: &Path, detail: impl Into<String>) -> EngineError {
@@ -107,6 +110,7 @@ impl Checkpoint {
             prefix,
             head,
             embeddings: None,
+            config: OnceCell::new(),
         })
     }
 
@@ -134,7 +138,15 @@ impl Checkpoint {
         }
     }
 
-    pub fn config(&self) -> Result<Config> {
+    pub fn config(&self) -> Result<&Config> {
+        if let Some(c) = self.config.get() {
+            return Ok(c);
+        }
+        let c = self.read_config()?;
+        Ok(self.config.get_or_init(|| c))
+    }
+
+    fn read_config(&self) -> Result<Config> {
         let n_heads = self.usize("num_attention_heads")?;
         let d_model = self.usize("hidden_size")?;
         let head_dim = self.usize_or("head_dim", d_model / n_heads)?;
@@ -388,10 +400,11 @@ impl Checkpoint {
         }
         let part = gguf.rsplit('.').nth(1).unwrap_or("");
         if self.architecture == Architecture::Llama && matches!(part, "attn_q" | "attn_k") {
+            let c = self.config()?;
             let heads = if part == "attn_q" {
-                self.usize("num_attention_heads")?
+                c.n_heads
             } else {
-                self.usize_or("num_key_value_heads", self.usize("num_attention_heads")?)?
+                c.n_kv_heads
             };
             return interleave_rope_rows(&t, heads);
         }

@@ -240,7 +240,7 @@ impl Model {
     pub fn load(path: &Path) -> Result<Self> {
         if path.is_dir() {
             let mut checkpoint = Checkpoint::open(path)?;
-            let config = checkpoint.config()?;
+            let config = checkpoint.config()?.clone();
             let (tokenizer, template) = tokenizer_and_template(&checkpoint.tokenizer_metadata()?)?;
             return Self::assemble(path, config, tokenizer, template, &mut checkpoint);
         }

@@ -355,10 +355,6 @@ impl HfVariant {
     }
 }
 
-/// The Split regexes of Qwen2 and Llama 3 tokenizers, as their tokenizer.json files write them.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-
 /// Writes the tiny checkpoint of `variant` into the folder `dir` (the same files every time):
 /// matrices in bf16, norms and biases in f32, tied embeddings.
 pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
@@ -589,10 +585,11 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
                    "rstrip": false, "normalized": false, "special": types[i] == 3})
         })
         .collect();
-    let split = match variant {
-        HfVariant::Llama3 => LLAMA3_SPLIT,
-        _ => QWEN2_SPLIT,
-    };
+    let split = refusal_steer_tokenizer::hf::split_regex(match variant {
+        HfVariant::Llama3 => "llama3",
+        _ => "qwen2",
+    })
+    .expect("a known pre-tokenizer");
     let tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": added,

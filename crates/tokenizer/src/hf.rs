@@ -24,6 +24,14 @@ const KNOWN_SPLITS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The `Split` regex a tokenizer.json of the named pre-tokenizer writes.
+pub fn split_regex(pre: &str) -> Option<&'static str> {
+    KNOWN_SPLITS
+        .iter()
+        .find(|(name, _)| *name == pre)
+        .map(|(_, regex)| *regex)
+}
+
 fn bad(detail: impl Into<String>) -> TokenizerError {
     TokenizerError::HfTokenizer(detail.into())
 }
