@@ -1,11 +1,13 @@
 """Load benchmark for an OpenAI-compatible server (ours or llama-server): N concurrent clients
-stream chat completions for a set time, alternating between the models given (a plain model
-and its `+RECIPE` names mix recipes per request). Prints one line per client count: requests/s,
-output tokens/s, time to first token p50/p99, per-token latency p50, errors and, with --pid,
-the server's resident memory (peak, and once a minute: the curve a soak test reports).
+stream chat completions for a set time, each client alternating between the models given (a
+plain model and its `+RECIPE` names mix recipes per request) while it cycles the prompts. Prints one line per client count: requests/s,
+output tokens/s (of the requests run, and streamed in the steady window: from the end of the
+warm-up, a tenth of the time, to the deadline, free of the ends of runs), time to first token
+p50/p99, per-token latency p50, errors and, with --pid, the server's resident memory (peak,
+and once a minute: the curve a soak test reports).
 
 Usage: load.py BASE_URL MODEL[,MODEL+RECIPE...] [--clients 1,8] [--seconds 30]
-           [--max-tokens 64] [--prompts FILE] [--pid SERVER_PID]
+           [--max-tokens 64] [--ignore-eos] [--prompts FILE] [--pid SERVER_PID]
 Standard library only, so it runs wherever Python does (the RSS is read from /proc)."""
 
 import argparse
@@ -25,13 +27,17 @@ PROMPTS = [
 ]
 
 
-def stream_one(base, model, prompt, max_tokens):
-    """Returns (time to first token, seconds, tokens) of one streamed chat completion."""
-    body = json.dumps({
+def stream_one(base, model, prompt, max_tokens, ignore_eos, arrivals):
+    """Returns (time to first token, seconds, tokens) of one streamed chat completion, and
+    appends each content chunk's arrival time to `arrivals`."""
+    body = {
         "model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens,
         "messages": [{"role": "user", "content": prompt}],
         "stream_options": {"include_usage": True},
-    }).encode()
+    }
+    if ignore_eos:  # both servers read it: every answer is max_tokens long
+        body["ignore_eos"] = True
+    body = json.dumps(body).encode()
     request = urllib.request.Request(f"{base}/chat/completions", body,
                                      {"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -47,6 +53,7 @@ def stream_one(base, model, prompt, max_tokens):
             choices = chunk.get("choices") or []
             if choices and choices[0].get("delta", {}).get("content"):
                 pieces += 1
+                arrivals.append(time.perf_counter())
                 if first is None:
                     first = time.perf_counter() - start
     # A server that sends no usage: one content chunk per token, as both servers stream.
@@ -61,9 +68,11 @@ def rss_mib(pid):
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def run(base, models, prompts, clients, seconds, max_tokens, pid=None):
+def run(base, models, prompts, clients, seconds, max_tokens, ignore_eos=False, pid=None):
     results, errors, lock = [], [], threading.Lock()
-    deadline = time.perf_counter() + seconds
+    arrivals = [[] for _ in range(clients)]
+    began = time.perf_counter()
+    deadline = began + seconds
     rss = []  # (seconds since start, MiB), once a second
 
     def sample_rss():
@@ -73,19 +82,21 @@ def run(base, models, prompts, clients, seconds, max_tokens, pid=None):
             time.sleep(1)
 
     def client(k):
-        i = k
+        # Each client alternates the models request by request, so every model meets every
+        # prompt (pairing both with one counter would tie models to prompts).
+        n = 0
         while time.perf_counter() < deadline:
-            model, prompt = models[i % len(models)], prompts[i % len(prompts)]
-            i += clients
+            model = models[(k + n) % len(models)]
+            prompt = prompts[(k + n * clients) % len(prompts)]
+            n += 1
             try:
-                r = stream_one(base, model, prompt, max_tokens)
+                r = stream_one(base, model, prompt, max_tokens, ignore_eos, arrivals[k])
                 with lock:
                     results.append(r)
             except Exception as e:  # a benchmark counts failures instead of stopping
                 with lock:
                     errors.append(repr(e))
 
-    began = time.perf_counter()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     if pid:
         threads.append(threading.Thread(target=sample_rss))
@@ -94,6 +105,8 @@ def run(base, models, prompts, clients, seconds, max_tokens, pid=None):
     for t in threads:
         t.join()
     wall = time.perf_counter() - began
+    steady_from = began + seconds / 10
+    steady = sum(steady_from <= t <= deadline for client in arrivals for t in client)
     ttft = sorted(r[0] for r in results)
     per_token = [(r[1] - r[0]) / max(r[2] - 1, 1) for r in results if r[2] > 1]
     pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")
@@ -110,6 +123,7 @@ def run(base, models, prompts, clients, seconds, max_tokens, pid=None):
         "clients": clients, "requests": len(results), "errors": len(errors),
         "requests_per_s": round(len(results) / wall, 3),
         "output_tokens_per_s": round(sum(r[2] for r in results) / wall, 2),
+        "steady_tokens_per_s": round(steady / (deadline - steady_from), 2),
         "ttft_p50_s": round(pct(ttft, 0.5), 3), "ttft_p99_s": round(pct(ttft, 0.99), 3),
         "per_token_p50_ms": round(1000 * statistics.median(per_token), 1) if per_token else None,
         "first_error": errors[0] if errors else None,
@@ -124,6 +138,8 @@ def main():
     p.add_argument("--clients", default="1,8")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="ask for all max_tokens of every answer (equal work per request)")
     p.add_argument("--prompts")
     p.add_argument("--pid", type=int, help="the server's process id: report its resident memory")
     a = p.parse_args()
@@ -132,7 +148,7 @@ def main():
         prompts = [json.loads(l)["prompt"] for l in open(a.prompts) if l.strip()]
     for clients in [int(c) for c in a.clients.split(",")]:
         print(json.dumps(run(a.base_url.rstrip("/"), a.models.split(","), prompts, clients,
-                             a.seconds, a.max_tokens, a.pid)), flush=True)
+                             a.seconds, a.max_tokens, a.ignore_eos, a.pid)), flush=True)
 
 
 if __name__ == "__main__":

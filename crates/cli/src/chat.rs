@@ -29,6 +29,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         .map(|r| r.interventions(&model))
         .transpose()?;
     let format = args.decoding.format.format();
+    let opening = format.shared_prefix(&model)?;
     let mut history: Vec<Message> = args
         .decoding
         .format
@@ -68,7 +69,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
         turn += 1;
         // With a gated recipe, each user message decides whether its answer is steered.
         let steering = match &recipe {
-            Some(r) if !r.steered(&model, &format, &[line.to_string()], 1)?[0] => {
+            Some(r)
+                if !r.steered(&model, &format, opening.as_ref(), &[line.to_string()], 1)?[0] =>
+            {
                 eprintln!("(the gate leaves this message unsteered)");
                 None
             }

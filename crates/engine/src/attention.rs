@@ -82,7 +82,7 @@ pub fn attend(
 }
 
 /// A dot product in a fixed order: eight running sums, then the remainder, then the lanes.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
     let (b8, b_rest) = b.split_at(a8.len());

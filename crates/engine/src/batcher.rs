@@ -8,9 +8,9 @@
 //! depend on what shares its batch. A finished row costs nothing after the step it finishes.
 
 use crate::generate::{
-    prefill, sample, FinishReason, Flow, Generation, Padding, Sampled, Sampling,
+    prefill, prefill_after, sample, FinishReason, Flow, Generation, Padding, Sampled, Sampling,
 };
-use crate::hooks::{Hooks, Intervention, Positions, Rows};
+use crate::hooks::{Hooks, Intervention, Rows};
 use crate::kv_cache::KvCache;
 use crate::layers::log_softmax;
 use crate::model::{Logits, Model};
@@ -34,6 +34,9 @@ pub struct Sequence {
     pub max_new_tokens: usize,
     pub steering: Option<Interventions>,
     pub thinking: Option<ThinkingBudget>,
+    /// Generate the whole budget: an end-of-generation token is kept as an ordinary token
+    /// (load benchmarks compare servers on answers of equal length).
+    pub ignore_eos: bool,
 }
 
 impl Sequence {
@@ -71,7 +74,13 @@ pub struct Batcher<'m, K> {
     /// The running rows' steering, each restricted to its rows.
     hooks: Hooks,
     prefix: Option<&'m SharedPrefix>,
+    /// `prefix` run under each steering that reaches into it, the most recent first.
+    steered_prefixes: Vec<(Interventions, SharedPrefix)>,
 }
+
+/// Steered openings kept: a server's recipes at the scales in use; an older one is run again
+/// when it comes back.
+const STEERED_PREFIXES: usize = 8;
 
 impl<'m, K> Batcher<'m, K> {
     pub fn new(model: &'m Model) -> Self {
@@ -81,11 +90,12 @@ impl<'m, K> Batcher<'m, K> {
             cache: None,
             hooks: model.new_hooks(),
             prefix: None,
+            steered_prefixes: Vec::new(),
         }
     }
 
-    /// Joining sequences copy `prefix` (a chat template's opening) instead of computing it,
-    /// unless their steering touches prompt tokens.
+    /// Joining sequences copy `prefix` (a chat template's opening) instead of computing it;
+    /// one whose steering reaches into the opening copies it as run under that steering.
     pub fn with_shared_prefix(mut self, prefix: Option<&'m SharedPrefix>) -> Self {
         self.prefix = prefix;
         self
@@ -147,15 +157,12 @@ impl<'m, K> Batcher<'m, K> {
         }
         let prompts: Vec<&[u32]> = sequences.iter().map(|(_, s)| s.prompt.as_slice()).collect();
         let mut hooks = self.hooks_for(sequences.iter().map(|(_, s)| s))?;
-        let shared = self.prefix.filter(|_| {
-            padding == Padding::Left
-                && sequences
-                    .iter()
-                    .all(|(_, s)| leaves_openings_alone(s.steering.as_deref()))
-        });
-        let (joining, logits) = match shared {
-            Some(prefix) => prefix.prefill(self.model, &prompts, 0, &mut hooks, Logits::Last)?,
-            None => prefill(self.model, &prompts, padding, 0, &mut hooks, Logits::Last)?,
+        let model = self.model;
+        let (joining, logits) = match self.openings(sequences.iter().map(|(_, s)| s), padding)? {
+            Some(openings) => {
+                prefill_after(model, &openings, &prompts, 0, &mut hooks, Logits::Last)?
+            }
+            None => prefill(model, &prompts, padding, 0, &mut hooks, Logits::Last)?,
         };
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         let new: Vec<Running<K>> = sequences
@@ -225,7 +232,10 @@ impl<'m, K> Batcher<'m, K> {
                 if let (Some(thinking), None) = (r.thinking.as_mut(), forced) {
                     thinking.record(token);
                 }
-                if forced.is_none() && self.model.tokenizer.is_end_of_generation(token) {
+                if forced.is_none()
+                    && !r.sequence.ignore_eos
+                    && self.model.tokenizer.is_end_of_generation(token)
+                {
                     out.finish = FinishReason::Stop;
                     out.stop_token = Some(token);
                     true
@@ -305,6 +315,53 @@ impl<'m, K> Batcher<'m, K> {
         Ok(())
     }
 
+    /// The opening each of `sequences` copies (running the steered ones not kept yet), or
+    /// `None` when there is no shared prefix to copy.
+    fn openings<'a>(
+        &mut self,
+        sequences: impl Iterator<Item = &'a Sequence> + Clone,
+        padding: Padding,
+    ) -> Result<Option<Vec<&SharedPrefix>>> {
+        let Some(prefix) = self.prefix.filter(|_| padding == Padding::Left) else {
+            return Ok(None);
+        };
+        let reaching = |s: &'a Sequence| {
+            s.steering
+                .as_ref()
+                .filter(|st| st.iter().any(|iv| iv.positions.reach_openings()))
+        };
+        for steering in sequences.clone().filter_map(reaching) {
+            match self
+                .steered_prefixes
+                .iter()
+                .position(|(kept, _)| Arc::ptr_eq(kept, steering))
+            {
+                Some(i) => {
+                    let found = self.steered_prefixes.remove(i);
+                    self.steered_prefixes.insert(0, found);
+                }
+                None => {
+                    let opening = prefix.steered(self.model, steering)?;
+                    self.steered_prefixes.insert(0, (steering.clone(), opening));
+                    self.steered_prefixes.truncate(STEERED_PREFIXES);
+                }
+            }
+        }
+        Ok(Some(
+            sequences
+                .map(|s| match reaching(s) {
+                    Some(steering) => self
+                        .steered_prefixes
+                        .iter()
+                        .find(|(kept, _)| Arc::ptr_eq(kept, steering))
+                        .map(|(_, opening)| opening)
+                        .expect("run above"),
+                    None => prefix,
+                })
+                .collect(),
+        ))
+    }
+
     /// Slots enough for the gathered rows plus every decode step their sequences may still run.
     fn capacity_for<'a>(
         parts: &[(&KvCache, &[usize])],
@@ -348,12 +405,4 @@ impl<'m, K> Batcher<'m, K> {
         }
         Ok(hooks)
     }
-}
-
-/// Whether `steering` leaves alone the prompt tokens a shared opening would hold.
-fn leaves_openings_alone(steering: Option<&[Intervention]>) -> bool {
-    steering.is_none_or(|s| {
-        s.iter()
-            .all(|iv| matches!(iv.positions, Positions::Generated | Positions::LastPrompt))
-    })
 }

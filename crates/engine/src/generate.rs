@@ -3,7 +3,7 @@
 //! batch it ran in.
 
 use crate::batcher::{Batcher, Interventions, Sequence};
-use crate::hooks::Hooks;
+use crate::hooks::{Hooks, Intervention};
 use crate::kv_cache::KvCache;
 use crate::layers::log_softmax;
 use crate::model::{Logits, Model};
@@ -232,8 +232,8 @@ fn check_prompts(model: &Model, prompts: &[&[u32]], room: usize) -> Result<()> {
 
 /// The tokens every prompt of a job opens with (a chat template's system turn and user
 /// header), run once: each batch copies their keys and values instead of computing them.
-/// Hooks do not see these tokens, so it serves passes whose hooks leave prompt openings
-/// alone: capturing at the last prompt token, unhooked scoring.
+/// Hooks do not see the copied tokens, so a row whose hooks reach into the opening (steering
+/// at every prompt position) copies the opening run under those hooks ([`SharedPrefix::steered`]).
 pub struct SharedPrefix {
     tokens: Vec<u32>,
     cache: KvCache,
@@ -247,15 +247,31 @@ impl SharedPrefix {
         if tokens.is_empty() {
             return Ok(None);
         }
+        Ok(Some(Self::run(model, tokens, &[])?))
+    }
+
+    /// This opening run again under the interventions of `steering` that reach openings:
+    /// copied into a row steered so, it holds exactly what the row would compute itself.
+    pub fn steered(&self, model: &Model, steering: &[Intervention]) -> Result<Self> {
+        let reaching: Vec<Intervention> = steering
+            .iter()
+            .filter(|iv| iv.positions.reach_openings())
+            .cloned()
+            .collect();
+        Self::run(model, self.tokens.clone(), &reaching)
+    }
+
+    fn run(model: &Model, tokens: Vec<u32>, interventions: &[Intervention]) -> Result<Self> {
+        let mut hooks = model.hooks_with(interventions)?;
         let (cache, _) = prefill(
             model,
             &[&tokens],
             Padding::Left,
             0,
-            &mut model.new_hooks(),
+            &mut hooks,
             Logits::Last,
         )?;
-        Ok(Some(Self { tokens, cache }))
+        Ok(Self { tokens, cache })
     }
 
     /// What [`prefill`] (left padding) returns for `prompts`, the opening they all share
@@ -269,32 +285,63 @@ impl SharedPrefix {
         hooks: &mut Hooks,
         logits: Logits,
     ) -> Result<(KvCache, Tensor)> {
-        check_prompts(model, prompts, room)?;
-        let shared = prompts
-            .iter()
-            .map(|p| common_len(p, &self.tokens).min(p.len() - 1))
-            .min()
-            .unwrap_or(0);
-        if shared == 0 {
-            return prefill(model, prompts, Padding::Left, room, hooks, logits);
-        }
-        let batch = prompts.len();
-        let longest = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
-        let mut cache = KvCache::from_prefix(&self.cache, shared, batch, shared + longest + room)?;
-        // Left padding between the shared opening and each row's own tokens: padding slots
-        // are never attended to and positions count real tokens only.
-        let mut tokens = vec![0u32; batch * longest];
-        let mut valid = vec![false; batch * longest];
-        for (row, prompt) in prompts.iter().enumerate() {
-            let own = &prompt[shared..];
-            let offset = row * longest + longest - own.len();
-            tokens[offset..offset + own.len()].copy_from_slice(own);
-            valid[offset..offset + own.len()].fill(true);
-        }
-        let chunk = cache.begin(valid, longest, true)?;
-        let logits = model.forward(&tokens, &chunk, &mut cache, hooks, logits)?;
-        Ok((cache, logits))
+        prefill_after(
+            model,
+            &vec![self; prompts.len()],
+            prompts,
+            room,
+            hooks,
+            logits,
+        )
     }
+}
+
+/// [`SharedPrefix::prefill`] with each row's opening copied from its own prefix: one opening,
+/// run under each row's steering.
+pub(crate) fn prefill_after(
+    model: &Model,
+    openings: &[&SharedPrefix],
+    prompts: &[&[u32]],
+    room: usize,
+    hooks: &mut Hooks,
+    logits: Logits,
+) -> Result<(KvCache, Tensor)> {
+    check_prompts(model, prompts, room)?;
+    let Some(first) = openings.first() else {
+        return prefill(model, prompts, Padding::Left, room, hooks, logits);
+    };
+    if openings.len() != prompts.len() || openings.iter().any(|o| o.tokens != first.tokens) {
+        return Err(EngineError::Batch(format!(
+            "{} openings for {} prompts: every row needs one, all of the same tokens",
+            openings.len(),
+            prompts.len()
+        )));
+    }
+    let shared = prompts
+        .iter()
+        .map(|p| common_len(p, &first.tokens).min(p.len() - 1))
+        .min()
+        .unwrap_or(0);
+    if shared == 0 {
+        return prefill(model, prompts, Padding::Left, room, hooks, logits);
+    }
+    let batch = prompts.len();
+    let longest = prompts.iter().map(|p| p.len() - shared).max().unwrap_or(0);
+    let caches: Vec<&KvCache> = openings.iter().map(|o| &o.cache).collect();
+    let mut cache = KvCache::from_prefixes(&caches, shared, shared + longest + room)?;
+    // Left padding between the shared opening and each row's own tokens: padding slots
+    // are never attended to and positions count real tokens only.
+    let mut tokens = vec![0u32; batch * longest];
+    let mut valid = vec![false; batch * longest];
+    for (row, prompt) in prompts.iter().enumerate() {
+        let own = &prompt[shared..];
+        let offset = row * longest + longest - own.len();
+        tokens[offset..offset + own.len()].copy_from_slice(own);
+        valid[offset..offset + own.len()].fill(true);
+    }
+    let chunk = cache.begin(valid, longest, true)?;
+    let logits = model.forward(&tokens, &chunk, &mut cache, hooks, logits)?;
+    Ok((cache, logits))
 }
 
 /// How many leading tokens `a` and `b` share.
@@ -343,6 +390,7 @@ pub fn generate(
                 max_new_tokens: options.max_new_tokens,
                 steering: steering.cloned(),
                 thinking: options.thinking.clone(),
+                ignore_eos: false,
             };
             (i, sequence)
         })

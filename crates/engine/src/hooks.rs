@@ -7,7 +7,10 @@
 //! At each point an intervention can capture the residual stream, add `alpha * v`, or project
 //! a direction out (`h <- h - scale * (h . u) u`, `u` the unit direction), each restricted to
 //! chosen rows of the batch and chosen positions. Points with no intervention cost nothing.
+//! A point's interventions run in plain loops over each chosen token's vector: a token's
+//! result never depends on which other tokens share its batch.
 
+use crate::attention::dot;
 use crate::kv_cache::Chunk;
 use crate::{EngineError, Result};
 use candle_core::{Device, Tensor};
@@ -29,6 +32,14 @@ pub enum Positions {
     LastPrompt,
     /// Token positions `start..end` within each row.
     Range(u32, u32),
+}
+
+impl Positions {
+    /// Whether these positions may fall in a prompt's shared opening (the template's first
+    /// tokens, which never include a row's last prompt token).
+    pub fn reach_openings(&self) -> bool {
+        !matches!(self, Positions::Generated | Positions::LastPrompt)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -58,10 +69,10 @@ pub struct Captured {
 
 enum Prepared {
     Capture,
-    /// `alpha * v`, shape `[d]`.
-    Add(Tensor),
-    /// Unit direction `[d, 1]` and scale.
-    ProjectOut(Tensor, f32),
+    /// `alpha * v`.
+    Add(Vec<f32>),
+    /// Unit direction and scale.
+    ProjectOut(Vec<f32>, f32),
 }
 
 struct Active {
@@ -122,8 +133,7 @@ impl Hooks {
             Action::Capture => Prepared::Capture,
             Action::Add { vector, alpha } => {
                 check(vector)?;
-                let scaled: Vec<f32> = vector.iter().map(|x| x * alpha).collect();
-                Prepared::Add(Tensor::from_vec(scaled, self.d_model, &Device::Cpu)?)
+                Prepared::Add(vector.iter().map(|x| x * alpha).collect())
             }
             Action::ProjectOut { direction, scale } => {
                 check(direction)?;
@@ -135,14 +145,11 @@ impl Hooks {
                 if norm == 0.0 {
                     return bad("cannot project out a zero direction".into());
                 }
-                let unit: Vec<f32> = direction
+                let unit = direction
                     .iter()
                     .map(|x| (*x as f64 / norm) as f32)
                     .collect();
-                Prepared::ProjectOut(
-                    Tensor::from_vec(unit, (self.d_model, 1), &Device::Cpu)?,
-                    *scale,
-                )
+                Prepared::ProjectOut(unit, *scale)
             }
         };
         self.by_point[iv.point].push(Active {
@@ -168,52 +175,35 @@ impl Hooks {
     }
 
     /// Applies the interventions at `point` to `h` (`[batch, chunk.len, d]`), in the order added.
-    pub(crate) fn apply(&mut self, point: usize, mut h: Tensor, chunk: &Chunk) -> Result<Tensor> {
-        for active in &self.by_point[point] {
-            let selected = selection(&active.rows, &active.positions, chunk);
-            let n_selected = selected.iter().filter(|&&s| s).count();
-            if n_selected == 0 {
-                continue;
-            }
-            let everything = n_selected == selected.len();
-            let mask = || -> Result<Tensor> {
-                let m: Vec<f32> = selected
-                    .iter()
-                    .map(|&s| if s { 1.0 } else { 0.0 })
-                    .collect();
-                Ok(Tensor::from_vec(
-                    m,
-                    (chunk.batch, chunk.len, 1),
-                    &Device::Cpu,
-                )?)
-            };
-            h = match &active.prepared {
-                Prepared::Capture => {
-                    let rows: Vec<Vec<Vec<f32>>> = h.to_vec3()?;
-                    for (slot, _) in selected.iter().enumerate().filter(|(_, &s)| s) {
-                        let (row, i) = (slot / chunk.len, slot % chunk.len);
-                        self.captured.push(Captured {
-                            point,
-                            row,
-                            position: chunk.positions[slot],
-                            prompt: chunk.prompt,
-                            values: rows[row][i].clone(),
-                        });
-                    }
-                    h
-                }
-                Prepared::Add(v) if everything => h.broadcast_add(v)?,
-                Prepared::Add(v) => (h + mask()?.broadcast_mul(v)?)?,
-                Prepared::ProjectOut(u, scale) => {
-                    let (b, t, d) = h.dims3()?;
-                    let coef =
-                        (h.reshape((b * t, d))?.matmul(u)?.reshape((b, t, 1))? * (*scale as f64))?;
-                    let coef = if everything { coef } else { (coef * mask()?)? };
-                    (h - coef.broadcast_mul(&u.reshape(d)?)?)?
-                }
-            };
+    pub(crate) fn apply(&mut self, point: usize, h: Tensor, chunk: &Chunk) -> Result<Tensor> {
+        let actives = &self.by_point[point];
+        if actives.is_empty() {
+            return Ok(h);
         }
-        Ok(h)
+        let shape = h.dims3()?;
+        let d = shape.2;
+        let mut data: Vec<f32> = h.flatten_all()?.to_vec1()?;
+        for active in actives {
+            let selected = selection(&active.rows, &active.positions, chunk);
+            for slot in (0..selected.len()).filter(|&s| selected[s]) {
+                let x = &mut data[slot * d..(slot + 1) * d];
+                match &active.prepared {
+                    Prepared::Capture => self.captured.push(Captured {
+                        point,
+                        row: slot / chunk.len,
+                        position: chunk.positions[slot],
+                        prompt: chunk.prompt,
+                        values: x.to_vec(),
+                    }),
+                    Prepared::Add(v) => x.iter_mut().zip(v).for_each(|(x, v)| *x += v),
+                    Prepared::ProjectOut(u, scale) => {
+                        let coef = dot(x, u) * scale;
+                        x.iter_mut().zip(u).for_each(|(x, u)| *x -= coef * u);
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }
 }
 

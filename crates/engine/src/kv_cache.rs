@@ -63,47 +63,51 @@ impl KvCache {
         }
     }
 
-    /// A cache of `batch` rows whose first `len` slots all hold row 0 of `prefix` (its first
-    /// `len` tokens, no padding): prompts that open with the same tokens compute them once.
-    /// Keys and values of a token depend only on the tokens before it, so the copies are
-    /// exactly what each row would have computed itself.
-    pub fn from_prefix(
-        prefix: &KvCache,
-        len: usize,
-        batch: usize,
-        capacity: usize,
-    ) -> Result<Self> {
-        if len > prefix.len || len > capacity || !prefix.valid[..len].iter().all(|&v| v) {
-            return Err(EngineError::Batch(format!(
-                "cannot share {len} prefix slots from a cache of {} (row 0 must be all real tokens) into {capacity} slots",
-                prefix.len
-            )));
+    /// A cache of one row per prefix whose first `len` slots hold row 0 of that prefix (its
+    /// first `len` tokens, no padding): prompts that open with the same tokens compute them
+    /// once. Keys and values of a token depend only on the tokens before it (and on the
+    /// steering it ran under), so the copies are exactly what each row would have computed.
+    pub fn from_prefixes(prefixes: &[&KvCache], len: usize, capacity: usize) -> Result<Self> {
+        let Some(first) = prefixes.first() else {
+            return Err(EngineError::Batch("no prefix to copy rows from".into()));
+        };
+        for prefix in prefixes {
+            if len > prefix.len || len > capacity || !prefix.valid[..len].iter().all(|&v| v) {
+                return Err(EngineError::Batch(format!(
+                    "cannot share {len} prefix slots from a cache of {} (row 0 must be all real tokens) into {capacity} slots",
+                    prefix.len
+                )));
+            }
         }
-        let mut cache = Self::new(batch, capacity, prefix.layers.len());
-        for (dst, src) in cache.layers.iter_mut().zip(&prefix.layers) {
-            let Some((k, v)) = src else {
-                return Err(EngineError::Batch(
-                    "the prefix cache has a layer without keys and values; run the prefix first"
-                        .into(),
-                ));
-            };
-            let spread = |t: &Tensor| -> Result<Tensor> {
-                let (_, heads, _, dim) = t.dims4()?;
-                let rows = t.narrow(0, 0, 1)?.narrow(2, 0, len)?;
-                let full = Tensor::zeros((batch, heads, capacity, dim), t.dtype(), &Device::Cpu)?;
-                full.slice_set(
-                    &rows.broadcast_as((batch, heads, len, dim))?.contiguous()?,
-                    2,
-                    0,
-                )?;
+        let batch = prefixes.len();
+        let mut cache = Self::new(batch, capacity, first.layers.len());
+        for (layer, dst) in cache.layers.iter_mut().enumerate() {
+            let mut keys = Vec::with_capacity(batch);
+            let mut values = Vec::with_capacity(batch);
+            for prefix in prefixes {
+                let Some((k, v)) = &prefix.layers[layer] else {
+                    return Err(EngineError::Batch(
+                        "the prefix cache has a layer without keys and values; run the prefix first"
+                            .into(),
+                    ));
+                };
+                keys.push(k.narrow(0, 0, 1)?.narrow(2, 0, len)?);
+                values.push(v.narrow(0, 0, 1)?.narrow(2, 0, len)?);
+            }
+            let spread = |rows: &[Tensor]| -> Result<Tensor> {
+                let rows = Tensor::cat(rows, 0)?;
+                let (_, heads, _, dim) = rows.dims4()?;
+                let full =
+                    Tensor::zeros((batch, heads, capacity, dim), rows.dtype(), &Device::Cpu)?;
+                full.slice_set(&rows.contiguous()?, 2, 0)?;
                 Ok(full)
             };
-            *dst = Some((spread(k)?, spread(v)?));
+            *dst = Some((spread(&keys)?, spread(&values)?));
         }
         for row in 0..batch {
             for i in 0..len {
                 cache.valid[row * capacity + i] = true;
-                cache.positions[row * capacity + i] = prefix.positions[i];
+                cache.positions[row * capacity + i] = first.positions[i];
             }
             cache.next_position[row] = len as u32;
         }

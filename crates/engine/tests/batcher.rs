@@ -32,12 +32,13 @@ const SAMPLED: Sampling = Sampling {
 
 /// Six sequences that differ in prompt, steering, sampling and budget.
 fn sequences(model: &Model) -> Vec<Sequence> {
+    // Sequences 1 and 4, steered at every position, share the opening of 0 and 3.
     let prompts = [
         "the cat sat",
-        "in an hour there",
+        "the cat in an hour there",
         "a",
-        "the dog and the cat",
-        "an",
+        "the cat and the dog",
+        "the cat an",
         "there",
     ];
     let everywhere = steering(model, 1, Positions::All);
@@ -60,6 +61,7 @@ fn sequences(model: &Model) -> Vec<Sequence> {
                 _ => Some(generated.clone()),
             },
             thinking: None,
+            ignore_eos: false,
         })
         .collect()
 }
@@ -168,6 +170,39 @@ fn a_finished_row_leaves_at_once_and_a_halted_one_keeps_its_tokens() {
     );
     assert_eq!(g.finish, FinishReason::Halted);
     assert_eq!(g.tokens, free.tokens[..3]);
+}
+
+#[test]
+fn ignore_eos_runs_the_whole_budget_past_the_end_token() {
+    let (_d, model) = model();
+    // A sampled sequence with a long budget that the model ends early on its own.
+    let stopping = (0..64u64)
+        .map(|seed| Sequence {
+            seed,
+            max_new_tokens: 40,
+            sampling: SAMPLED,
+            steering: None,
+            ..sequences(&model)[0].clone()
+        })
+        .find(|s| alone(&model, s).finish == FinishReason::Stop)
+        .expect("the tiny model ends some sampled answer before 40 tokens");
+    let ended = alone(&model, &stopping);
+    let mut got = None;
+    let ignoring = Sequence {
+        ignore_eos: true,
+        ..stopping
+    };
+    Batcher::new(&model)
+        .run_queue(vec![(0, ignoring)], 1, Padding::Left, &mut |_, g| {
+            got = Some(g);
+            Ok::<(), refusal_steer_engine::EngineError>(())
+        })
+        .unwrap();
+    let got = got.unwrap();
+    assert_eq!(got.finish, FinishReason::Length);
+    assert_eq!(got.tokens.len(), 40);
+    assert_eq!(got.tokens[..ended.tokens.len()], ended.tokens);
+    assert_eq!(Some(got.tokens[ended.tokens.len()]), ended.stop_token);
 }
 
 #[test]

@@ -16,6 +16,7 @@ fn run(model: &Model, prompt: &str, max_new: usize, budget: Option<&ThinkingBudg
         max_new_tokens: max_new,
         steering: None,
         thinking: budget.cloned(),
+        ignore_eos: false,
     };
     let mut out = None;
     Batcher::new(model)

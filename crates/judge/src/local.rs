@@ -289,6 +289,7 @@ impl LocalJudge {
                 max_new_tokens: max_tokens,
                 steering: None,
                 thinking: None,
+                ignore_eos: false,
             };
             queue.push((i, sequence));
         }

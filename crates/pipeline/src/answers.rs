@@ -150,6 +150,7 @@ pub fn answer(
                     max_new_tokens: job.options.max_new_tokens,
                     steering: steered(i).map(|s| s.interventions.clone()),
                     thinking: job.options.thinking.clone(),
+                    ignore_eos: false,
                 };
                 queue.push(((i, sample), sequence));
             }

@@ -183,7 +183,13 @@ fn selection(
 ) -> Result<Vec<bool>> {
     match recipe {
         None => Ok(vec![false; texts.len()]),
-        Some(r) => r.steered(model, format, texts, batch),
+        Some(r) => r.steered(
+            model,
+            format,
+            format.shared_prefix(model)?.as_ref(),
+            texts,
+            batch,
+        ),
     }
 }
 

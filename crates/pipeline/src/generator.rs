@@ -107,7 +107,13 @@ impl<'a> Generator<'a> {
                 let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
                 Some(JobSteering {
                     interventions: recipe.interventions(self.model)?,
-                    gate: recipe.gate_decisions(self.model, &self.format, &texts, self.batch)?,
+                    gate: recipe.gate_decisions(
+                        self.model,
+                        &self.format,
+                        self.format.shared_prefix(self.model)?.as_ref(),
+                        &texts,
+                        self.batch,
+                    )?,
                     description: self
                         .description
                         .clone()

@@ -25,7 +25,7 @@ use crate::answers::Format;
 use crate::gate::{Decision, Gate, GateMethod, Readout};
 use crate::steering::{SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
-use refusal_steer_engine::{Action, Hooks, Intervention, Interventions, Model, Rows};
+use refusal_steer_engine::{Action, Hooks, Intervention, Interventions, Model, Rows, SharedPrefix};
 use refusal_steer_steer::linalg;
 use refusal_steer_steer::protect::orthonormal_basis;
 use safetensors::tensor::TensorView;
@@ -268,18 +268,22 @@ impl Recipe {
         Ok(model.hooks_with(&self.interventions(model)?)?)
     }
 
-    /// Which of `prompts` this recipe steers: those its gate lets through, or all.
+    /// Which of `prompts` this recipe steers: those its gate lets through, or all
+    /// (`opening` as in [`Gate::select`]).
     pub fn steered(
         &self,
         model: &Model,
         format: &Format,
+        opening: Option<&SharedPrefix>,
         prompts: &[String],
         batch: usize,
     ) -> Result<Vec<bool>> {
-        Ok(match self.gate_decisions(model, format, prompts, batch)? {
-            Some(decisions) => decisions.iter().map(|d| d.gated_in).collect(),
-            None => vec![true; prompts.len()],
-        })
+        Ok(
+            match self.gate_decisions(model, format, opening, prompts, batch)? {
+                Some(decisions) => decisions.iter().map(|d| d.gated_in).collect(),
+                None => vec![true; prompts.len()],
+            },
+        )
     }
 
     /// What the recipe's gate makes of each prompt; `None` for an ungated recipe.
@@ -287,12 +291,13 @@ impl Recipe {
         &self,
         model: &Model,
         format: &Format,
+        opening: Option<&SharedPrefix>,
         prompts: &[String],
         batch: usize,
     ) -> Result<Option<Vec<Decision>>> {
         self.gate
             .as_ref()
-            .map(|gate| gate.select(model, format, prompts, batch))
+            .map(|gate| gate.select(model, format, opening, prompts, batch))
             .transpose()
     }
 

@@ -106,6 +106,10 @@ pub struct Common {
     pub stream_options: Option<StreamOptions>,
     pub n: Option<usize>,
     pub steering: Option<SteeringField>,
+    /// Not in OpenAI's API (vLLM and llama-server read it): generate all `max_tokens`, past
+    /// the end-of-generation token, so load benchmarks compare answers of equal length.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -191,6 +195,7 @@ pub struct Decoding {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    pub ignore_eos: bool,
 }
 
 impl Common {
@@ -259,6 +264,7 @@ impl Common {
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+            ignore_eos: self.ignore_eos,
         })
     }
 }
@@ -289,7 +295,7 @@ mod tests {
             (d.temperature, d.top_p, d.n, d.max_tokens),
             (1.0, 1.0, 1, None)
         );
-        assert!(d.stop.is_empty() && !d.stream);
+        assert!(d.stop.is_empty() && !d.stream && !d.ignore_eos);
         let d = common(
             json!({"stop": "\n", "max_completion_tokens": 5, "stream": true,
             "stream_options": {"include_usage": true}}),

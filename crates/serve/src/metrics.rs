@@ -1,5 +1,6 @@
 //! What `/metrics` reports, in Prometheus' text format: requests (per recipe), failures,
-//! queue depth, generated tokens and the time they took, and time to first token.
+//! queue depth, generated tokens and the time they took, the time spent on topic gates and on
+//! prompts, and time to first token.
 
 use crate::scheduler::Applied;
 use std::collections::BTreeMap;
@@ -21,6 +22,8 @@ struct Counts {
     queued: u64,
     generated_tokens: u64,
     generation_seconds: f64,
+    gate_seconds: f64,
+    prefill_seconds: f64,
     first_token_seconds: f64,
     first_tokens: u64,
 }
@@ -63,6 +66,14 @@ impl Metrics {
         self.with(|c| {
             c.generated_tokens += tokens as u64;
             c.generation_seconds += took.as_secs_f64();
+        });
+    }
+
+    /// Time spent letting newcomers in: their gates' reads and their prompts' prefill.
+    pub fn admitted(&self, gate: Duration, prefill: Duration) {
+        self.with(|c| {
+            c.gate_seconds += gate.as_secs_f64();
+            c.prefill_seconds += prefill.as_secs_f64();
         });
     }
 
@@ -123,6 +134,18 @@ impl Metrics {
                 c.generation_seconds,
             ),
             (
+                "gate_seconds_total",
+                "counter",
+                "Seconds spent reading prompts for the topic gates of gated recipes.",
+                c.gate_seconds,
+            ),
+            (
+                "prefill_seconds_total",
+                "counter",
+                "Seconds spent running the prompts of joining requests.",
+                c.prefill_seconds,
+            ),
+            (
                 "time_to_first_token_seconds_sum",
                 "counter",
                 "Seconds from queueing to each request's first token, summed.",
@@ -163,6 +186,7 @@ mod tests {
         };
         m.request(Some(&applied));
         m.generated(10, Duration::from_secs(2));
+        m.admitted(Duration::from_millis(500), Duration::from_secs(1));
         let text = m.render();
         for line in [
             "refusal_steer_requests_total{recipe=\"\",steered=\"false\"} 1",
@@ -171,6 +195,8 @@ mod tests {
             "refusal_steer_queue_depth 1",
             "refusal_steer_generated_tokens_total 10",
             "refusal_steer_generation_seconds_total 2",
+            "refusal_steer_gate_seconds_total 0.5",
+            "refusal_steer_prefill_seconds_total 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::stop::StopFilter;
 use refusal_steer_engine::{
     log_softmax, Batcher, Flow, Generation, Interventions, Model, Padding, Sampled, Sampling,
-    Sequence,
+    Sequence, SharedPrefix,
 };
 use refusal_steer_pipeline::answers::Format;
 use refusal_steer_pipeline::Recipe;
@@ -114,6 +114,7 @@ pub fn run(
         model: &model,
         served: &served,
         metrics: &metrics,
+        opening: prefix.as_ref(),
         batcher: Batcher::new(&model).with_shared_prefix(prefix.as_ref()),
         active: HashMap::new(),
         rows: HashMap::new(),
@@ -145,6 +146,9 @@ pub fn run(
     }
 }
 
+/// Steerings (recipe, scale) kept built at once.
+const KEPT_STEERINGS: usize = 64;
+
 /// A sequence's name in the batch: its request and which of the request's `n` choices.
 type RowKey = (u64, usize);
 
@@ -166,10 +170,13 @@ struct Engine<'a> {
     model: &'a Model,
     served: &'a [Served],
     metrics: &'a Metrics,
+    /// The chat template's opening, run once (gates copy it too).
+    opening: Option<&'a SharedPrefix>,
     batcher: Batcher<'a, RowKey>,
     active: HashMap<u64, Active>,
     rows: HashMap<RowKey, Row>,
-    /// Each (recipe, scale) built once, so the rows that share it share hooks.
+    /// Each (recipe, scale) built once, so the rows that share it share hooks (and the
+    /// batcher's steered opening); at most [`KEPT_STEERINGS`].
     steering: HashMap<(usize, u32), Interventions>,
     next_id: u64,
 }
@@ -181,7 +188,8 @@ impl Engine<'_> {
         if jobs.is_empty() {
             return;
         }
-        let steered = match gate(self.model, self.served, &jobs) {
+        let gating = Instant::now();
+        let steered = match gate(self.model, self.served, self.opening, &jobs) {
             Ok(s) => s,
             Err(e) => {
                 for job in &jobs {
@@ -190,6 +198,7 @@ impl Engine<'_> {
                 return;
             }
         };
+        let gated = gating.elapsed();
         let mut joining = Vec::new();
         let mut ids = Vec::new();
         for (job, steered) in jobs.into_iter().zip(steered) {
@@ -230,6 +239,7 @@ impl Engine<'_> {
                         max_new_tokens: job.max_tokens,
                         steering: steering.clone(),
                         thinking: None,
+                        ignore_eos: d.ignore_eos,
                     };
                     ((self.next_id, choice), sequence)
                 })
@@ -260,11 +270,13 @@ impl Engine<'_> {
             self.next_id += 1;
             joining.extend(sequences);
         }
+        let prefilling = Instant::now();
         if let Err(e) = self.batcher.admit(joining, Padding::Left) {
             for id in ids {
                 self.drop_request(id, &format!("generation failed: {e}"));
             }
         }
+        self.metrics.admitted(gated, prefilling.elapsed());
     }
 
     /// The steering of a served recipe at a scale, built once.
@@ -278,6 +290,11 @@ impl Engine<'_> {
             .clone()
             .scaled(choice.scale);
         let interventions = recipe.interventions(self.model)?;
+        if self.steering.len() == KEPT_STEERINGS {
+            // Requests choose scales freely: forget them all rather than grow without end
+            // (running rows keep their own copies).
+            self.steering.clear();
+        }
         self.steering.insert(key, interventions.clone());
         Ok(interventions)
     }
@@ -388,7 +405,12 @@ fn fail(job: &Job, message: &str, metrics: &Metrics) {
 }
 
 /// Per job, whether its steering applies: a gated recipe's gate must let its text through.
-fn gate(model: &Model, served: &[Served], jobs: &[Job]) -> anyhow::Result<Vec<bool>> {
+fn gate(
+    model: &Model,
+    served: &[Served],
+    opening: Option<&SharedPrefix>,
+    jobs: &[Job],
+) -> anyhow::Result<Vec<bool>> {
     let mut steered = vec![true; jobs.len()];
     for (index, s) in served.iter().enumerate() {
         let asking: Vec<usize> = (0..jobs.len())
@@ -400,7 +422,7 @@ fn gate(model: &Model, served: &[Served], jobs: &[Job]) -> anyhow::Result<Vec<bo
         let texts: Vec<String> = asking.iter().map(|&i| jobs[i].gate_text.clone()).collect();
         let pass = s
             .recipe
-            .steered(model, &Format::default(), &texts, texts.len())?;
+            .steered(model, &Format::default(), opening, &texts, texts.len())?;
         for (&i, pass) in asking.iter().zip(pass) {
             steered[i] = pass;
         }

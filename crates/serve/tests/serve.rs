@@ -211,11 +211,38 @@ fn answers_equal_the_library_unsteered_and_under_each_recipe() {
 }
 
 #[test]
+fn ignore_eos_writes_the_whole_budget() {
+    let budget = 24;
+    // A sampled answer the model ends on its own before the budget.
+    let (sampling, ended) = (0..32)
+        .map(|seed| json!({"max_tokens": budget, "temperature": 1.0, "seed": seed}))
+        .map(|sampling| (sampling.clone(), chat("tiny", PROMPTS[0], sampling).1))
+        .find(|(_, reply)| reply["choices"][0]["finish_reason"] == "stop")
+        .expect("the tiny model ends some sampled answer before 24 tokens");
+    let mut ignoring = sampling.clone();
+    ignoring["ignore_eos"] = json!(true);
+    let (status, full) = chat("tiny", PROMPTS[0], ignoring);
+    assert_eq!(status, 200, "{full}");
+    assert_eq!(full["choices"][0]["finish_reason"], "length");
+    assert_eq!(full["usage"]["completion_tokens"], json!(budget));
+    assert!(
+        content(&full).starts_with(&content(&ended)),
+        "{full}\n{ended}"
+    );
+}
+
+#[test]
 fn a_gated_recipe_steers_only_what_its_gate_lets_through_and_says_so() {
     let f = fixture();
     let passes = f
         .gated
-        .steered(&f.model, &Default::default(), &PROMPTS.map(String::from), 4)
+        .steered(
+            &f.model,
+            &Default::default(),
+            None,
+            &PROMPTS.map(String::from),
+            4,
+        )
         .unwrap();
     assert!(
         passes.contains(&true) && passes.contains(&false),

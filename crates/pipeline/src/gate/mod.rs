@@ -23,7 +23,7 @@ use crate::capture::{capture_pooled, CapturePosition};
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
-use refusal_steer_engine::Model;
+use refusal_steer_engine::{Model, SharedPrefix};
 use refusal_steer_steer::classify::balanced_ridge;
 use refusal_steer_steer::linalg::{dot, norm};
 use refusal_steer_steer::{auc, fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
@@ -251,16 +251,17 @@ impl Gate {
         Ok(())
     }
 
-    /// What the gate makes of each prompt (one unsteered prefill per batch, the chat
-    /// template's opening run once).
+    /// What the gate makes of each prompt: one unsteered prefill per batch, which copies
+    /// `opening` (the format's [`Format::shared_prefix`], run once by the caller) instead of
+    /// computing it.
     pub fn select(
         &self,
         model: &Model,
         format: &Format,
+        opening: Option<&SharedPrefix>,
         prompts: &[String],
         batch: usize,
     ) -> Result<Vec<Decision>> {
-        let prefix = format.shared_prefix(model)?;
         let position = self.method.pooling().capture_position();
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
@@ -269,7 +270,7 @@ impl Gate {
                 .map(|p| format.encode(model, p))
                 .collect::<Result<_>>()?;
             let rows: Vec<(&[u32], u32)> = tokens.iter().map(|t| (t.as_slice(), 0)).collect();
-            let pooled = capture_pooled(model, &rows, &self.points, position, prefix.as_ref())?;
+            let pooled = capture_pooled(model, &rows, &self.points, position, opening)?;
             out.extend(pooled.iter().map(|features| self.decide(features)));
         }
         Ok(out)
@@ -783,7 +784,10 @@ mod tests {
         )
         .unwrap();
         let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
-        let live = gate.select(&model, &format, &texts, 3).unwrap();
+        let opening = format.shared_prefix(&model).unwrap();
+        let live = gate
+            .select(&model, &format, opening.as_ref(), &texts, 3)
+            .unwrap();
         for (i, decision) in live.iter().enumerate() {
             let captured = gate.decide(&gate.features(&acts, i));
             assert_eq!(decision.gated_in, captured.gated_in, "prompt {i}");
