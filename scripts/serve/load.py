@@ -1,10 +1,11 @@
 """Load benchmark for an OpenAI-compatible server (ours or llama-server): N concurrent clients
 stream chat completions for a set time, each client alternating between the models given (a
-plain model and its `+RECIPE` names mix recipes per request) while it cycles the prompts. Prints one line per client count: requests/s,
-output tokens/s (of the requests run, and streamed in the steady window: from the end of the
-warm-up, a tenth of the time, to the deadline, free of the ends of runs), time to first token
-p50/p99, per-token latency p50, errors and, with --pid, the server's resident memory (peak,
-and once a minute: the curve a soak test reports).
+plain model and its `+RECIPE` names mix recipes per request) while it cycles the prompts.
+Prints one line per client count: requests/s, output tokens/s (of the requests run, and
+streamed in the steady window: from the end of the warm-up, a tenth of the time, to the
+deadline, free of the ends of runs), time to first token p50/p99, per-token latency p50,
+errors and, with --pid, the server's resident memory (peak, and once a minute: the curve a
+soak test reports).
 
 Usage: load.py BASE_URL MODEL[,MODEL+RECIPE...] [--clients 1,8] [--seconds 30]
            [--max-tokens 64] [--ignore-eos] [--prompts FILE] [--pid SERVER_PID]
