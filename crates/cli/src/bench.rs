@@ -2,6 +2,10 @@
 //! llama-bench measures (`pp`: one forward pass over N prompt tokens; `tg`: N tokens decoded
 //! one at a time), so `scripts/bench/engine_vs_llama_cpp.sh` can print the ratio.
 //!
+//! `--batch B` runs every test on B sequences at once, as `llama-batched-bench -npl B` does
+//! (`pp`: B prompts of N tokens in one forward pass; `tg`: N steps of B tokens each), and
+//! counts every row's tokens: the aggregate throughput of batched generation.
+//!
 //! With `--recipe FILE` or `--steer FILE` (and the other steering options of `generate`), every test is also run
 //! with the steering hooks installed, repetitions interleaved with the plain ones so that a
 //! loaded machine slows both alike, and the steered/plain ratio of the medians is printed.
@@ -29,6 +33,10 @@ pub struct BenchArgs {
     /// what decode and prefill cost deep into a long conversation.
     #[arg(long, default_value_t = 0)]
     depth: usize,
+    /// Sequences run side by side in every test (prefill and decode), each its own row of
+    /// the cache; tokens per second count all of them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=256))]
+    batch: u64,
     /// Timed repetitions of each test (after one warm-up).
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
@@ -45,12 +53,21 @@ fn tokens(model: &Model, n: usize) -> Vec<u32> {
         .collect()
 }
 
-/// A one-row cache holding `depth` tokens, unsteered, with room for `more`.
-fn cache_at_depth(model: &Model, depth: usize, more: usize) -> Result<KvCache> {
-    let mut cache = model.new_cache(1, depth + more);
+/// What one timed test runs: `rows` sequences, each `depth` tokens deep before it starts.
+#[derive(Clone, Copy)]
+struct Shape {
+    rows: usize,
+    depth: usize,
+}
+
+/// A cache of `shape.rows` rows, each holding `shape.depth` tokens, unsteered, with room for
+/// `more`.
+fn cache_at_depth(model: &Model, shape: Shape, more: usize) -> Result<KvCache> {
+    let Shape { rows, depth } = shape;
+    let mut cache = model.new_cache(rows, depth + more);
     if depth > 0 {
-        let chunk = cache.begin(vec![true; depth], depth, true)?;
-        let ids = tokens(model, depth);
+        let chunk = cache.begin(vec![true; rows * depth], depth, true)?;
+        let ids = tokens(model, depth).repeat(rows);
         model.forward(
             &ids,
             &chunk,
@@ -62,20 +79,22 @@ fn cache_at_depth(model: &Model, depth: usize, more: usize) -> Result<KvCache> {
     Ok(cache)
 }
 
-fn prefill(model: &Model, ids: &[u32], depth: usize, mut hooks: Hooks) -> Result<f64> {
-    let mut cache = cache_at_depth(model, depth, ids.len())?;
-    let chunk = cache.begin(vec![true; ids.len()], ids.len(), true)?;
+fn prefill(model: &Model, ids: &[u32], shape: Shape, mut hooks: Hooks) -> Result<f64> {
+    let mut cache = cache_at_depth(model, shape, ids.len())?;
+    let chunk = cache.begin(vec![true; shape.rows * ids.len()], ids.len(), true)?;
+    let batch = ids.repeat(shape.rows);
     let start = Instant::now();
-    model.forward(ids, &chunk, &mut cache, &mut hooks, Logits::Last)?;
+    model.forward(&batch, &chunk, &mut cache, &mut hooks, Logits::Last)?;
     Ok(start.elapsed().as_secs_f64())
 }
 
-fn decode(model: &Model, ids: &[u32], depth: usize, mut hooks: Hooks) -> Result<f64> {
-    let mut cache = cache_at_depth(model, depth, ids.len())?;
+fn decode(model: &Model, ids: &[u32], shape: Shape, mut hooks: Hooks) -> Result<f64> {
+    let mut cache = cache_at_depth(model, shape, ids.len())?;
     let start = Instant::now();
     for &id in ids {
-        let chunk = cache.begin(vec![true], 1, false)?;
-        model.forward(&[id], &chunk, &mut cache, &mut hooks, Logits::Last)?;
+        let chunk = cache.begin(vec![true; shape.rows], 1, false)?;
+        let step = vec![id; shape.rows];
+        model.forward(&step, &chunk, &mut cache, &mut hooks, Logits::Last)?;
     }
     Ok(start.elapsed().as_secs_f64())
 }
@@ -117,7 +136,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let steered = recipe.is_some();
     let mut results = Vec::new();
     let mut ratios = Vec::new();
-    type Run = fn(&Model, &[u32], usize, Hooks) -> Result<f64>;
+    let shape = Shape {
+        rows: args.batch as usize,
+        depth: args.depth,
+    };
+    type Run = fn(&Model, &[u32], Shape, Hooks) -> Result<f64>;
     for (test, n, run) in [
         ("pp", args.prompt_tokens, prefill as Run),
         ("tg", args.gen_tokens, decode as Run),
@@ -128,26 +151,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let ids = tokens(&model, n);
         let with_steering = || hooks_for(&model, recipe.as_ref());
         // Warm-up, then the timed repetitions, plain and steered interleaved.
-        run(&model, &ids, args.depth, model.new_hooks())?;
+        run(&model, &ids, shape, model.new_hooks())?;
         if steered {
-            run(&model, &ids, args.depth, with_steering()?)?;
+            run(&model, &ids, shape, with_steering()?)?;
         }
         let (mut plain, mut steered_times) = (Vec::new(), Vec::new());
         for _ in 0..args.repetitions.max(1) {
-            plain.push(run(&model, &ids, args.depth, model.new_hooks())?);
+            plain.push(run(&model, &ids, shape, model.new_hooks())?);
             if steered {
-                steered_times.push(run(&model, &ids, args.depth, with_steering()?)?);
+                steered_times.push(run(&model, &ids, shape, with_steering()?)?);
             }
         }
-        let test = match args.depth {
-            0 => format!("{test}{n}"),
-            depth => format!("{test}{n}@d{depth}"),
-        };
-        let (plain_record, plain_median) = record(test.clone(), n, &plain);
+        let mut test = format!("{test}{n}");
+        if shape.depth > 0 {
+            test += &format!("@d{}", shape.depth);
+        }
+        if shape.rows > 1 {
+            test += &format!("x{}", shape.rows);
+        }
+        let counted = n * shape.rows;
+        let (plain_record, plain_median) = record(test.clone(), counted, &plain);
         results.push(plain_record);
         if steered {
             let (steered_record, steered_median) =
-                record(format!("{test}+steer"), n, &steered_times);
+                record(format!("{test}+steer"), counted, &steered_times);
             results.push(steered_record);
             ratios.push(serde_json::json!({
                 "test": test,

@@ -28,6 +28,10 @@ const UNPACK_FROM_ROWS: usize = 3;
 const TILE_ROWS: usize = 4;
 /// Activation rows per pass of the unpacked kernel; each weight block is loaded once for all.
 const TILE_ACTS: usize = 2;
+/// Activation rows that every unpacked weight row of a task meets before the next ones are
+/// read: a run of them (up to ~350 KB of quantized blocks for Qwen2.5's widest matrix) stays
+/// in a core's L2 cache.
+const ACTS_PER_RUN: usize = 64;
 /// Output rows per parallel task of a float matrix.
 const DENSE_RUN: usize = 512;
 
@@ -269,43 +273,49 @@ impl QuantMatrix {
                 }
                 return;
             }
-            let mut unpacked: Vec<Unpacked> = Vec::with_capacity(TILE_ROWS * blocks);
-            let mut col = first;
-            while col < last {
-                let n = if last - col >= TILE_ROWS {
-                    TILE_ROWS
-                } else {
-                    1
-                };
-                unpacked.clear();
-                simd::unpack::<F>(
-                    &self.data[col * row_bytes..(col + n) * row_bytes],
-                    &mut unpacked,
-                );
-                let w = simd::Unpacking::<F>::new(&unpacked, blocks);
-                let mut put = |r: usize, sums: &[f32]| {
-                    let at = r * width + col - first;
-                    part[at..at + sums.len()].copy_from_slice(sums);
-                };
-                let mut r = 0;
-                while r < m {
-                    if n == TILE_ROWS && m - r >= TILE_ACTS {
-                        let acts = std::array::from_fn(|i| act(r + i));
-                        let s = simd::tile::<F, _, TILE_ROWS, TILE_ACTS>(&w, acts);
-                        for i in 0..TILE_ACTS {
-                            put(r + i, &s.map(|c| c[i]));
-                        }
-                        r += TILE_ACTS;
-                    } else if n == TILE_ROWS {
-                        let s = simd::tile::<F, _, TILE_ROWS, 1>(&w, [act(r)]);
-                        put(r, &s.map(|c| c[0]));
-                        r += 1;
+            // The task's weight rows are unpacked once; activation rows then come in runs
+            // that stay in cache while every weight row meets them (one pass over all the
+            // activations per weight tile would stream them from memory when they are many).
+            let mut unpacked: Vec<Unpacked> = Vec::with_capacity(width * blocks);
+            simd::unpack::<F>(
+                &self.data[first * row_bytes..last * row_bytes],
+                &mut unpacked,
+            );
+            let mut put = |r: usize, col: usize, sums: &[f32]| {
+                let at = r * width + col - first;
+                part[at..at + sums.len()].copy_from_slice(sums);
+            };
+            for run in (0..m).step_by(ACTS_PER_RUN) {
+                let run_end = (run + ACTS_PER_RUN).min(m);
+                let mut col = first;
+                while col < last {
+                    let n = if last - col >= TILE_ROWS {
+                        TILE_ROWS
                     } else {
-                        put(r, &[simd::tile::<F, _, 1, 1>(&w, [act(r)])[0][0]]);
-                        r += 1;
+                        1
+                    };
+                    let at = (col - first) * blocks;
+                    let w = simd::Unpacking::<F>::new(&unpacked[at..at + n * blocks], blocks);
+                    let mut r = run;
+                    while r < run_end {
+                        if n == TILE_ROWS && run_end - r >= TILE_ACTS {
+                            let acts = std::array::from_fn(|i| act(r + i));
+                            let s = simd::tile::<F, _, TILE_ROWS, TILE_ACTS>(&w, acts);
+                            for i in 0..TILE_ACTS {
+                                put(r + i, col, &s.map(|c| c[i]));
+                            }
+                            r += TILE_ACTS;
+                        } else if n == TILE_ROWS {
+                            let s = simd::tile::<F, _, TILE_ROWS, 1>(&w, [act(r)]);
+                            put(r, col, &s.map(|c| c[0]));
+                            r += 1;
+                        } else {
+                            put(r, col, &[simd::tile::<F, _, 1, 1>(&w, [act(r)])[0][0]]);
+                            r += 1;
+                        }
                     }
+                    col += n;
                 }
-                col += n;
             }
         })
     }
@@ -862,6 +872,18 @@ mod tests {
                         .unwrap();
                     assert_eq!(&part[r - start], row, "{dtype:?} row {r} in {n}");
                 }
+            }
+            // More rows than one run of activations: the rows of the second run too.
+            let many = ACTS_PER_RUN + 5;
+            let batch = (weights(many, 320, 8) * 2.0).unwrap();
+            let together: Vec<Vec<f32>> = m.forward(&batch).unwrap().to_vec2().unwrap();
+            for (r, row) in together.iter().enumerate() {
+                let alone = m.forward(&batch.narrow(0, r, 1).unwrap()).unwrap();
+                assert_eq!(
+                    &alone.to_vec2::<f32>().unwrap()[0],
+                    row,
+                    "{dtype:?} row {r} of {many}"
+                );
             }
         }
     }
