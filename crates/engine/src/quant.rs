@@ -32,6 +32,9 @@ const TILE_ACTS: usize = 2;
 /// read: a run of them (up to ~350 KB of quantized blocks for Qwen2.5's widest matrix) stays
 /// in a core's L2 cache.
 const ACTS_PER_RUN: usize = 64;
+/// Values from which quantizing the activations and gathering the output are split between
+/// threads: a decode step's few rows are not worth it.
+const PARALLEL_FROM_VALUES: usize = 32 * 1024;
 /// Output rows per parallel task of a float matrix.
 const DENSE_RUN: usize = 512;
 
@@ -185,7 +188,8 @@ impl QuantMatrix {
         let m = x.elem_count() / self.cols;
         let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let activations: Vec<BlockQ8> = input
-            .chunks(BLOCK)
+            .par_chunks(BLOCK)
+            .with_min_len(PARALLEL_FROM_VALUES / BLOCK)
             .map(|b| quantize_block(b, self.kind))
             .collect();
         let out = match self.kind {
@@ -235,14 +239,16 @@ impl QuantMatrix {
             })
             .collect();
         let mut out = vec![0f32; m * self.rows];
-        for (task, part) in parts.iter().enumerate() {
-            let first = task * COLUMNS_PER_TASK;
-            let width = part.len() / m.max(1);
-            for r in 0..m {
-                out[r * self.rows + first..r * self.rows + first + width]
-                    .copy_from_slice(&part[r * width..(r + 1) * width]);
-            }
-        }
+        out.par_chunks_mut(self.rows.max(1))
+            .with_min_len(PARALLEL_FROM_VALUES.div_ceil(self.rows.max(1)))
+            .enumerate()
+            .for_each(|(r, row)| {
+                for (task, part) in parts.iter().enumerate() {
+                    let first = task * COLUMNS_PER_TASK;
+                    let width = part.len() / m;
+                    row[first..first + width].copy_from_slice(&part[r * width..(r + 1) * width]);
+                }
+            });
         out
     }
 

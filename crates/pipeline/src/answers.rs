@@ -30,8 +30,11 @@ impl Format {
     }
 
     /// The opening every prompt formatted this way shares (the chat template's system turn
-    /// and user header), run once for passes that reuse it.
+    /// and user header), run once for passes that reuse it; none for raw prompts.
     pub fn shared_prefix(&self, model: &Model) -> Result<Option<SharedPrefix>> {
+        if self.raw {
+            return Ok(None);
+        }
         let (a, b) = (self.encode(model, "?")?, self.encode(model, "x")?);
         Ok(SharedPrefix::common(model, &a, &b)?)
     }
@@ -82,6 +85,8 @@ pub struct AnswerJob<'a> {
     pub batch: usize,
     pub seed: u64,
     pub steering: Option<JobSteering>,
+    /// The format's opening ([`Format::shared_prefix`]), which every row copies.
+    pub opening: Option<&'a SharedPrefix>,
 }
 
 /// Steering for some of a job's prompts.
@@ -157,12 +162,7 @@ pub fn answer(
         }
     }
     progress.set_length(queue.len() as u64);
-    let prefix = if job.format.raw {
-        None
-    } else {
-        job.format.shared_prefix(model)?
-    };
-    let mut batcher = Batcher::new(model).with_shared_prefix(prefix.as_ref());
+    let mut batcher = Batcher::new(model).with_shared_prefix(job.opening);
     batcher.run_queue(
         queue,
         job.batch,

@@ -102,6 +102,7 @@ impl<'a> Generator<'a> {
         progress: &ProgressBar,
         sink: &mut dyn FnMut(Answer) -> Result<()>,
     ) -> Result<()> {
+        let opening = self.format.shared_prefix(self.model)?;
         let steering = match self.recipe {
             Some(recipe) => {
                 let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
@@ -110,7 +111,7 @@ impl<'a> Generator<'a> {
                     gate: recipe.gate_decisions(
                         self.model,
                         &self.format,
-                        self.format.shared_prefix(self.model)?.as_ref(),
+                        opening.as_ref(),
                         &texts,
                         self.batch,
                     )?,
@@ -130,6 +131,7 @@ impl<'a> Generator<'a> {
             batch: self.batch,
             seed: self.seed,
             steering,
+            opening: opening.as_ref(),
         };
         answer(self.model, &job, done, progress, sink)
     }
