@@ -128,6 +128,56 @@ fn malformed_prompt_lines_are_reported_with_their_number() {
 }
 
 #[test]
+fn bench_runs_batched_tests_at_depth_and_refuses_an_empty_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    refusal_steer_engine::tiny::write(&model).unwrap();
+    let model = model.to_str().unwrap();
+    let shape = ["--prompt-tokens", "5", "--gen-tokens", "3", "--depth", "4"];
+    let result = refusal_steer(
+        &[
+            &[
+                "bench",
+                "--model",
+                model,
+                "--batch",
+                "3",
+                "--repetitions",
+                "1",
+            ][..],
+            &shape,
+        ]
+        .concat(),
+    );
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&result.stdout).unwrap();
+    let tests: Vec<(&str, f64)> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["test"].as_str().unwrap(), r["median"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        tests.iter().map(|t| t.0).collect::<Vec<_>>(),
+        ["pp5@d4x3", "tg3@d4x3"]
+    );
+    assert!(tests.iter().all(|t| t.1 > 0.0), "{tests:?}");
+
+    let result =
+        refusal_steer(&[&["bench", "--model", model, "--batch", "0"][..], &shape].concat());
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("--batch") && stderr.contains("1..=256"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn unknown_model_and_missing_file_say_what_to_do() {
     let result = refusal_steer(&["generate", "--model", "no-such-model", "--prompt", "hi"]);
     assert!(!result.status.success());
