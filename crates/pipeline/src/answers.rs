@@ -30,11 +30,8 @@ impl Format {
     }
 
     /// The opening every prompt formatted this way shares (the chat template's system turn
-    /// and user header), run once for passes that reuse it; none for raw prompts.
+    /// and user header), run once for passes that reuse it.
     pub fn shared_prefix(&self, model: &Model) -> Result<Option<SharedPrefix>> {
-        if self.raw {
-            return Ok(None);
-        }
         let (a, b) = (self.encode(model, "?")?, self.encode(model, "x")?);
         Ok(SharedPrefix::common(model, &a, &b)?)
     }
@@ -85,7 +82,7 @@ pub struct AnswerJob<'a> {
     pub batch: usize,
     pub seed: u64,
     pub steering: Option<JobSteering>,
-    /// The format's opening ([`Format::shared_prefix`]), which every row copies.
+    /// The chat opening ([`Format::shared_prefix`]) every row copies; none for raw prompts.
     pub opening: Option<&'a SharedPrefix>,
 }
 

@@ -131,7 +131,7 @@ impl<'a> Generator<'a> {
             batch: self.batch,
             seed: self.seed,
             steering,
-            opening: opening.as_ref(),
+            opening: opening.as_ref().filter(|_| !self.format.raw),
         };
         answer(self.model, &job, done, progress, sink)
     }
