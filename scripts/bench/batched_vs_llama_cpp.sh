@@ -25,13 +25,17 @@ models=("$@")
 cargo build --release -q -p refusal-steer
 ours=target/release/refusal-steer
 
+npl=$(echo $BATCHES | tr ' ' ,)
+largest=$(printf '%s\n' $BATCHES | sort -n | tail -1)
+context=$(( (PP + TG) * largest + 64 ))
+
 printf "%-30s %3s %4s %6s %12s %12s %7s\n" model thr B phase "ours tok/s" "llama.cpp" ratio
 for model in "${models[@]}"; do
   if [ -f "$model" ]; then path=$model; else path=$($ours models fetch "$model"); fi
   for t in $THREADS; do
-    npl=$(echo $BATCHES | tr ' ' ,)
-    peer=$("$PEER" -m "$path" -t "$t" -npp "$PP" -ntg "$TG" -npl "$npl" -c $(( (PP + TG) * 16 + 64 )) \
-      --output-format jsonl 2>/dev/null | grep '^{')
+    peer=$("$PEER" -m "$path" -t "$t" -npp "$PP" -ntg "$TG" -npl "$npl" -c "$context" \
+      --output-format jsonl 2>/dev/null | grep '^{') ||
+      { echo "llama-batched-bench gave no results for $model at $t threads" >&2; exit 1; }
     for b in $BATCHES; do
       pp=$($ours --threads "$t" bench --model "$path" --batch "$b" --prompt-tokens "$PP" \
         --gen-tokens 0 --repetitions "$REPS")
