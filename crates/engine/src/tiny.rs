@@ -372,6 +372,9 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
         random(rows, cols, scale, seed)
     };
     let gemma = variant == HfVariant::Gemma3;
+    // Gemma 3 as the real models: five windowed layers, then a global one. (A GGUF has no
+    // key for the pattern that llama.cpp's converter writes; readers assume this one.)
+    let n_layers = if gemma { 6 } else { N_LAYERS };
     let mut matrix = |tensors: &mut std::collections::HashMap<String, Tensor>,
                       name: String,
                       rows: usize,
@@ -400,7 +403,7 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
         vocab,
         D_MODEL,
     )?;
-    for l in 0..N_LAYERS {
+    for l in 0..n_layers {
         let p = format!("model.layers.{l}");
         vector(
             &mut tensors,
@@ -521,7 +524,7 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
     let mut config = json!({
         "hidden_size": D_MODEL,
         "intermediate_size": FFN,
-        "num_hidden_layers": N_LAYERS,
+        "num_hidden_layers": n_layers,
         "num_attention_heads": N_HEADS,
         "num_key_value_heads": N_KV_HEADS,
         "head_dim": head_dim,
@@ -561,7 +564,9 @@ pub fn write_checkpoint(dir: &Path, variant: HfVariant) -> Result<()> {
             "rope_theta": 10000.0, "rope_local_base_freq": 100.0, "sliding_window": 4,
             // As gemma-3-4b: linear scaling of the global layers' positions only.
             "rope_scaling": {"rope_type": "linear", "factor": 8.0},
-            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "layer_types": (0..n_layers)
+                .map(|l| if l % 6 == 5 { "full_attention" } else { "sliding_attention" })
+                .collect::<Vec<_>>(),
             "final_logit_softcapping": null, "attn_logit_softcapping": null,
         }),
     };

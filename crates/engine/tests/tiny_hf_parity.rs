@@ -1,28 +1,45 @@
 //! Hugging Face checkpoint folders of every class the reader knows (Llama 3 rope scaling,
 //! Qwen2, Qwen3, Qwen3-MoE, Gemma 3) against transformers on the same folder
-//! (`fixtures/transformers/tiny/`, made by `scripts/reference/make_tiny_hf_fixtures.py`):
-//! the tokenizer read from `tokenizer.json` gives transformers' ids, and the forward pass its
-//! logits at every position of three token sequences.
+//! (`fixtures/transformers/tiny/`, made by `scripts/reference/make_tiny_hf_fixtures.py`), and
+//! the same folders converted to GGUF by llama.cpp's own `convert_hf_to_gguf.py`
+//! (`fixtures/llama.cpp/converted/`, f32 and Q8_0) against the same reference:
+//! - the tokenizer gives transformers' ids for texts and for 20 chat prompts rendered by the
+//!   model's chat template;
+//! - the forward pass gives its logits at every position of three token sequences and of the
+//!   chat prompts, the same top token everywhere, and the same greedy continuations (the Q8_0
+//!   file: the same top token wherever transformers' margin is clear of its bound).
 //!
-//! Both compute in f32 from the same bf16 and f32 weights, so only the summation order
-//! differs: logits agree within 2e-5. `TOLERANCE` still fails a Llama file read without
-//! the row permutation or the rope factors, a Gemma file without `1 + w` or with the window
-//! one token off (checked when this test was written).
+//! The folder and the f32 file compute in f32 from the same bf16-exact weights, so only the
+//! summation order differs: logits agree within 2e-5. `EXACT` still fails a Llama file
+//! read without the row permutation or the rope factors, a Gemma file without `1 + w` or with
+//! the window one token off (checked when this test was written).
+//!
+//! Q8_0 rounds the weights to 8 bits per block of 32 and, as llama.cpp does, the activations
+//! too, at the same precision. Rounding the weights alone moves transformers' logits (of scale
+//! 2.7 here) by `q8_0_weight_effect` at most (0.07-0.28, recorded with the fixture); the Q8_0
+//! file's logits may differ by three times that at most and by that on average. A misread
+//! file misses by the logits' own scale.
 
 mod common;
 
 use refusal_steer_engine::tiny::{write_checkpoint, HfVariant};
 use refusal_steer_engine::Model;
+use refusal_steer_tokenizer::Message;
 use serde::Deserialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-const TOLERANCE: f32 = 1e-3;
+const EXACT: Bound = Bound {
+    largest: 1e-3,
+    mean: 1e-3,
+};
 
 #[derive(Deserialize)]
 struct Fixture {
     sha256: String,
     tokens: Vec<Tokens>,
     cases: Vec<Case>,
+    chats: Vec<Chat>,
+    q8_0_weight_effect: f32,
 }
 
 #[derive(Deserialize)]
@@ -38,16 +55,128 @@ struct Case {
     top_logits: Vec<Vec<f32>>,
 }
 
+#[derive(Deserialize)]
+struct Chat {
+    prompt: String,
+    ids: Vec<u32>,
+    top_ids: Vec<Vec<u32>>,
+    top_logits: Vec<Vec<f32>>,
+    greedy: Vec<u32>,
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn fixture(variant: HfVariant) -> Fixture {
+    let path = repo(&format!(
+        "fixtures/transformers/tiny/logits-{}.json",
+        variant.name()
+    ));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// How far a model's logits may be from transformers'.
+struct Bound {
+    largest: f32,
+    mean: f32,
+}
+
+/// |ours - transformers'| for the reference's top logits at every position, after checking
+/// that the top token is the same (logits within `largest` can only swap two tokens whose
+/// reference margin is under twice that).
+fn logit_errors(
+    what: &str,
+    model: &Model,
+    ids: &[u32],
+    (top_ids, top): (&[Vec<u32>], &[Vec<f32>]),
+    bound: &Bound,
+) -> Vec<f32> {
+    let logits = common::logits_at_every_position(model, ids);
+    let mut errors = Vec::new();
+    for (pos, (ids, reference)) in top_ids.iter().zip(top).enumerate() {
+        let ours = &logits[pos];
+        let argmax = (0..ours.len())
+            .max_by(|&a, &b| ours[a].total_cmp(&ours[b]))
+            .unwrap();
+        let margin = reference[0] - reference[1];
+        assert!(
+            argmax == ids[0] as usize || margin < 2.0 * bound.largest,
+            "{what}, position {pos}: top token {argmax} here, {} in transformers (margin {margin})",
+            ids[0]
+        );
+        for (&id, &r) in ids.iter().zip(reference) {
+            errors.push((ours[id as usize] - r).abs());
+        }
+    }
+    errors
+}
+
+fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut sequence = prompt.to_vec();
+    for _ in 0..n {
+        let logits = common::logits_at_every_position(model, &sequence);
+        let last = logits.last().unwrap();
+        let next = (0..last.len())
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
+            .unwrap();
+        sequence.push(next as u32);
+    }
+    sequence.split_off(prompt.len())
+}
+
+/// Checks `model` against the fixture: tokens, logits within `bound`, and (when `exact`) the
+/// greedy continuations.
+fn check_model(what: &str, model: &Model, fixture: &Fixture, bound: &Bound, exact: bool) {
+    for t in &fixture.tokens {
+        assert_eq!(
+            model.tokenizer.encode(&t.text, true, true),
+            t.ids,
+            "{what}: tokens of {:?}",
+            t.text
+        );
+    }
+    let mut errors = Vec::new();
+    for case in &fixture.cases {
+        let what = format!("{what}, sequence of {}", case.ids.len());
+        let reference = (&case.top_ids[..], &case.top_logits[..]);
+        errors.extend(logit_errors(&what, model, &case.ids, reference, bound));
+    }
+    for chat in &fixture.chats {
+        let text = model
+            .template
+            .render(&[Message::new("user", &chat.prompt)], true)
+            .unwrap();
+        let ids = model.tokenizer.encode(&text, true, true);
+        assert_eq!(ids, chat.ids, "{what}: the chat prompt {:?}", chat.prompt);
+        let what = format!("{what}, chat {:?}", chat.prompt);
+        let reference = (&chat.top_ids[..], &chat.top_logits[..]);
+        errors.extend(logit_errors(&what, model, &ids, reference, bound));
+        if exact {
+            assert_eq!(
+                greedy(model, &ids, chat.greedy.len()),
+                chat.greedy,
+                "{what}: greedy continuation"
+            );
+        }
+    }
+    let largest = errors.iter().copied().fold(0f32, f32::max);
+    let mean = errors.iter().sum::<f32>() / errors.len() as f32;
+    eprintln!("{what}: logits differ by {largest:.2e} at most, {mean:.2e} on average");
+    assert!(
+        largest < bound.largest && mean < bound.mean,
+        "{what}: logits differ from transformers' by {largest} at most and {mean} on average, over {} and {}",
+        bound.largest,
+        bound.mean
+    );
+}
+
 fn check(variant: HfVariant) {
     std::env::set_var("RAYON_NUM_THREADS", "1");
     let name = variant.name();
-    let fixture: Fixture = serde_json::from_str(
-        &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!(
-            "../../fixtures/transformers/tiny/logits-{name}.json"
-        )))
-        .unwrap(),
-    )
-    .unwrap();
+    let fixture = fixture(variant);
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join(format!("tiny-hf-{name}"));
     write_checkpoint(&folder, variant).unwrap();
@@ -56,48 +185,63 @@ fn check(variant: HfVariant) {
         fixture.sha256,
         "the tiny {name} checkpoint is not the one transformers read: rerun scripts/reference/make_tiny_hf_fixtures.py"
     );
-    let model = Model::load(&folder).unwrap();
-    for t in &fixture.tokens {
-        assert_eq!(
-            model.tokenizer.encode(&t.text, true, true),
-            t.ids,
-            "{name}: tokens of {:?}",
-            t.text
-        );
-    }
-    for case in &fixture.cases {
-        let logits = common::logits_at_every_position(&model, &case.ids);
-        for (pos, (ids, reference)) in case.top_ids.iter().zip(&case.top_logits).enumerate() {
-            for (&id, &r) in ids.iter().zip(reference) {
-                let ours = logits[pos][id as usize];
-                assert!(
-                    (ours - r).abs() < TOLERANCE,
-                    "{name}, sequence of {}, position {pos}: token {id} has logit {ours} here, {r} in transformers",
-                    case.ids.len()
-                );
-            }
-        }
-    }
+    check_model(
+        &format!("{name} folder"),
+        &Model::load(&folder).unwrap(),
+        &fixture,
+        &EXACT,
+        true,
+    );
+    let converted = |outtype: &str| -> Model {
+        let path = repo(&format!(
+            "fixtures/llama.cpp/converted/tiny-{name}-{outtype}.gguf"
+        ));
+        Model::load(Path::new(&path)).unwrap()
+    };
+    check_model(
+        &format!("{name} f32 GGUF"),
+        &converted("f32"),
+        &fixture,
+        &EXACT,
+        true,
+    );
+    let effect = fixture.q8_0_weight_effect;
+    let q8_0 = Bound {
+        largest: 3.0 * effect,
+        mean: effect,
+    };
+    check_model(
+        &format!("{name} Q8_0 GGUF"),
+        &converted("q8_0"),
+        &fixture,
+        &q8_0,
+        false,
+    );
 }
 
 #[test]
-fn tiny_llama3_checkpoint_matches_transformers() {
+fn tiny_llama3_checkpoint_and_its_gguf_match_transformers() {
     check(HfVariant::Llama3);
 }
 
 #[test]
-fn tiny_qwen2_checkpoint_matches_transformers() {
+fn tiny_qwen2_checkpoint_and_its_gguf_match_transformers() {
     check(HfVariant::Qwen2);
 }
 
 #[test]
-fn tiny_qwen3_checkpoint_matches_transformers() {
+fn tiny_qwen3_checkpoint_and_its_gguf_match_transformers() {
     check(HfVariant::Qwen3);
 }
 
 #[test]
-fn tiny_gemma3_checkpoint_matches_transformers() {
+fn tiny_gemma3_checkpoint_and_its_gguf_match_transformers() {
     check(HfVariant::Gemma3);
+}
+
+#[test]
+fn tiny_qwen3moe_checkpoint_and_its_gguf_match_transformers() {
+    check(HfVariant::Qwen3Moe);
 }
 
 #[test]
@@ -160,9 +304,4 @@ fn a_broken_folder_is_refused_with_what_is_wrong() {
     std::fs::remove_file(&config).unwrap();
     let no_config = outcome();
     assert!(no_config.contains("config.json is missing"), "{no_config}");
-}
-
-#[test]
-fn tiny_qwen3moe_checkpoint_matches_transformers() {
-    check(HfVariant::Qwen3Moe);
 }
