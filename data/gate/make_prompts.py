@@ -79,11 +79,13 @@ emit("benign", "xstest-safe", column("xstest/xstest_prompts.csv", "prompt", {"la
 emit("benign", "benign-zh", [r["zh"] for r in topics["benign_zh"]])
 
 # Every topic in every phrasing and both languages, one template drawn per (topic, phrasing,
-# language).
+# language), from a generator seeded by the set, phrasing and language, so that adding a
+# phrasing leaves the others' prompts as they were.
 for set_, key in (("china", "china"), ("other-country", "other_country")):
     for phrasing, by_lang in topics["templates"].items():
         for lang in ("en", "zh"):
-            prompts = [rng.choice(by_lang[lang]).replace("{topic}", t[lang]) for t in topics[key]]
+            draw = random.Random(f"11-{set_}-{phrasing}-{lang}")
+            prompts = [draw.choice(by_lang[lang]).replace("{topic}", t[lang]) for t in topics[key]]
             prefix = "template" if set_ == "china" else "template-other"
             for n, p in enumerate(prompts, 1):
                 seen.add(p)

@@ -66,7 +66,7 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct GateCorpus {
     /// A JSONL file of prompts with a "set" field (relative to the data directory, or
-    /// absolute), or `built-in`: the China-political corpus of `data/gate/` (2,500 prompts).
+    /// absolute), or `built-in`: the China-political corpus of `data/gate/` (2,640 prompts).
     pub prompts: String,
     /// Its sets that are on the topic.
     pub on: Vec<String>,
