@@ -7,7 +7,7 @@ use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{
     Batcher, GenerateOptions, Interventions, Model, Sequence, SharedPrefix,
 };
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// How a prompt becomes the model's input text.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -84,6 +84,10 @@ pub struct AnswerJob<'a> {
     pub steering: Option<JobSteering>,
     /// The chat opening ([`Format::shared_prefix`]) every row copies; none for raw prompts.
     pub opening: Option<&'a SharedPrefix>,
+    /// Answers of the unsteered model to these prompts with the same format, options and seed
+    /// (a run's baseline). A prompt the gate keeps out takes its answer from here instead of
+    /// being generated again: batch invariance makes the two the same, to the bit.
+    pub unsteered: Option<&'a [Answer]>,
 }
 
 /// Steering for some of a job's prompts.
@@ -137,6 +141,12 @@ pub fn answer(
         );
     }
     let steered = |i: usize| job.steering.as_ref().filter(|s| s.steers(i));
+    let unsteered: HashMap<(&str, usize), &Answer> = job
+        .unsteered
+        .unwrap_or_default()
+        .iter()
+        .map(|a| ((a.id.as_str(), a.sample), a))
+        .collect();
     let mut queue = Vec::new();
     for (i, p) in job.prompts.iter().enumerate() {
         let tokens = job
@@ -144,18 +154,31 @@ pub fn answer(
             .encode(model, &p.prompt)
             .with_context(|| format!("formatting prompt {}", p.id))?;
         for sample in 0..job.samples {
-            if !done.contains(&(p.id.clone(), sample)) {
-                let sequence = Sequence {
-                    prompt: tokens.clone(),
-                    seed: answer_seed(job.seed, &p.id, sample),
-                    sampling: job.options.sampling,
-                    max_new_tokens: job.options.max_new_tokens,
-                    steering: steered(i).map(|s| s.interventions.clone()),
-                    thinking: job.options.thinking.clone(),
-                    ignore_eos: false,
-                };
-                queue.push(((i, sample), sequence));
+            if done.contains(&(p.id.clone(), sample)) {
+                continue;
             }
+            let kept_out = job.steering.as_ref().filter(|s| !s.steers(i));
+            let known = unsteered
+                .get(&(p.id.as_str(), sample))
+                .filter(|a| a.prompt == p.prompt);
+            if let (Some(s), Some(&known)) = (kept_out, known) {
+                sink(Answer {
+                    set: p.set.clone(),
+                    steering: Some(s.record(i)),
+                    ..known.clone()
+                })?;
+                continue;
+            }
+            let sequence = Sequence {
+                prompt: tokens.clone(),
+                seed: answer_seed(job.seed, &p.id, sample),
+                sampling: job.options.sampling,
+                max_new_tokens: job.options.max_new_tokens,
+                steering: steered(i).map(|s| s.interventions.clone()),
+                thinking: job.options.thinking.clone(),
+                ignore_eos: false,
+            };
+            queue.push(((i, sample), sequence));
         }
     }
     progress.set_length(queue.len() as u64);
@@ -186,6 +209,108 @@ pub fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use refusal_steer_engine::{tiny, Action, Intervention, Padding, Positions, Rows, Sampling};
+    use std::sync::Arc;
+
+    #[test]
+    fn prompts_the_gate_keeps_out_are_copied_from_the_unsteered_answers() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny::write(&path).unwrap();
+        let model = Model::load(&path).unwrap();
+        let prompts: Vec<Prompt> = ["one two", "three", "four five six"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Prompt {
+                id: format!("p{i}"),
+                prompt: p.to_string(),
+                set: Some("s".into()),
+            })
+            .collect();
+        let options = GenerateOptions {
+            max_new_tokens: 6,
+            sampling: Sampling {
+                temperature: 0.8,
+                top_p: 1.0,
+                top_k: 0,
+                repetition_penalty: 1.0,
+            },
+            padding: Padding::Left,
+            thinking: None,
+        };
+        let run = |steering: Option<JobSteering>, unsteered: Option<&[Answer]>| {
+            let format = Format::default();
+            let opening = format.shared_prefix(&model).unwrap();
+            let job = AnswerJob {
+                prompts: &prompts,
+                format: &format,
+                options: &options,
+                samples: 2,
+                batch: 3,
+                seed: 7,
+                steering,
+                opening: opening.as_ref(),
+                unsteered,
+            };
+            let mut out = Vec::new();
+            answer(
+                &model,
+                &job,
+                &HashSet::new(),
+                &ProgressBar::hidden(),
+                &mut |a| {
+                    out.push(a);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            out.sort_by(|a, b| (&a.id, a.sample).cmp(&(&b.id, b.sample)));
+            out
+        };
+        let decision = |gated_in| Decision {
+            gated_in,
+            topic: if gated_in { 1.0 } else { -1.0 },
+            harm: None,
+        };
+        let steering = || JobSteering {
+            interventions: Arc::from(vec![Intervention {
+                point: 2,
+                action: Action::Add {
+                    vector: vec![1.0; tiny::D_MODEL],
+                    alpha: 4.0,
+                },
+                rows: Rows::All,
+                positions: Positions::All,
+            }]),
+            gate: Some(vec![decision(false), decision(true), decision(false)]),
+            description: serde_json::json!({"method": "test"}),
+        };
+        let baseline = run(None, None);
+        let generated = run(Some(steering()), None);
+        // Generated anew, a kept-out prompt's answers are the unsteered ones to the bit: what
+        // makes copying them right.
+        for (g, b) in generated.iter().zip(&baseline) {
+            if g.id != "p1" {
+                assert_eq!((&g.answer, g.mean_logprob), (&b.answer, b.mean_logprob));
+            }
+        }
+        // With the unsteered answers given, kept-out prompts are copied from them (a planted
+        // text shows it), marked as kept out; the prompt the gate lets in is generated.
+        let mut planted = baseline.clone();
+        planted[4].answer = "copied".into();
+        let copied = run(Some(steering()), Some(&planted));
+        for (c, g) in copied.iter().zip(&generated) {
+            assert_eq!(c.steering, g.steering, "{} {}", c.id, c.sample);
+            let want = if (c.id.as_str(), c.sample) == ("p2", 0) {
+                "copied"
+            } else {
+                g.answer.as_str()
+            };
+            assert_eq!(c.answer, want, "{} {}", c.id, c.sample);
+        }
+        assert_eq!(copied[0].steering.as_ref().unwrap()["gated_in"], false);
+    }
 
     #[test]
     fn answer_seeds_differ_by_id_and_sample_and_repeat() {

@@ -193,7 +193,8 @@ fn selection(
     }
 }
 
-/// Greedy answers to `prompts` in `path` (resumable), in prompt order.
+/// Greedy answers to `prompts` in `path` (resumable), in prompt order; the prompts a gated
+/// `recipe` keeps out are answered from `unsteered` where it holds them.
 #[allow(clippy::too_many_arguments)]
 pub fn answers_for(
     model: &Model,
@@ -203,6 +204,7 @@ pub fn answers_for(
     batch: usize,
     seed: u64,
     recipe: Option<&Recipe>,
+    unsteered: Option<&[Answer]>,
     path: &Path,
     progress: &ProgressBar,
 ) -> Result<Vec<Answer>> {
@@ -214,6 +216,7 @@ pub fn answers_for(
         batch,
         seed,
         description: None,
+        unsteered,
     };
     let all = generator.answer_to_file(prompts, 1, path, progress)?;
     let by_id: std::collections::HashMap<&str, &Answer> = all

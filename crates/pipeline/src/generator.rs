@@ -39,6 +39,10 @@ pub struct Generator<'a> {
     pub seed: u64,
     /// Recorded with each steered answer; the recipe's own description unless set.
     pub description: Option<serde_json::Value>,
+    /// The unsteered answers to the same prompts with the same format, options and seed: the
+    /// prompts the recipe's gate keeps out are answered from here, not generated again
+    /// ([`AnswerJob::unsteered`]).
+    pub unsteered: Option<&'a [Answer]>,
 }
 
 impl<'a> Generator<'a> {
@@ -62,6 +66,7 @@ impl<'a> Generator<'a> {
             batch: 8,
             seed: 0,
             description: None,
+            unsteered: None,
         }
     }
 
@@ -132,6 +137,7 @@ impl<'a> Generator<'a> {
             seed: self.seed,
             steering,
             opening: opening.as_ref().filter(|_| !self.format.raw),
+            unsteered: self.unsteered,
         };
         answer(self.model, &job, done, progress, sink)
     }

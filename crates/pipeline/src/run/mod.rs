@@ -186,11 +186,14 @@ impl Ctx<'_> {
         }
     }
 
-    /// Greedy answers to `prompts` under `recipe` in `path` (resumable), in prompt order.
+    /// Greedy answers to `prompts` under `recipe` in `path` (resumable), in prompt order. The
+    /// prompts a gated recipe keeps out are copied from `baseline` (the unsteered answers to
+    /// the same prompts) instead of generated again.
     fn answers(
         &self,
         prompts: &[Prompt],
         recipe: Option<&Recipe>,
+        baseline: Option<&[Answer]>,
         path: &Path,
     ) -> Result<Vec<Answer>> {
         std::fs::create_dir_all(path.parent().expect("has a parent"))?;
@@ -203,6 +206,7 @@ impl Ctx<'_> {
             self.config.batch,
             self.config.seed,
             recipe,
+            baseline,
             path,
             &progress,
         )?;

@@ -24,6 +24,7 @@ pub fn test(
     let mut evaluations = Vec::new();
     let mut recipes = BTreeMap::new();
     let mut kl_prompts = Vec::new();
+    let mut baseline_answers = BTreeMap::new();
     let conditions = std::iter::once(None).chain(tuned.iter().map(Some));
     for t in conditions {
         let name = t.map_or("baseline", |t| t.method.as_str());
@@ -51,12 +52,16 @@ pub fn test(
         for set in TRIAL_SETS {
             let prompts = &splits.prompts[set].test;
             let path = ctx.folder.answers(Stage::Test, name, strength, set);
-            let answers = ctx.answers(prompts, recipe.as_ref(), &path)?;
+            let baseline = baseline_answers.get(set).map(Vec::as_slice);
+            let answers = ctx.answers(prompts, recipe.as_ref(), baseline, &path)?;
             let assessed = judges.assess(&answers)?;
             if set == "benign" && recipe.is_none() {
                 kl_prompts = answered(prompts, &assessed);
             }
             rates.insert(set.to_string(), rate(&assessed).with_gate(&answers));
+            if recipe.is_none() {
+                baseline_answers.insert(set, answers);
+            }
         }
         let (batch, format) = (ctx.config.batch, &ctx.format);
         let kl = match &recipe {

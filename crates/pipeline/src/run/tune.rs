@@ -15,7 +15,7 @@ use crate::config::{Direction, TuneConfig};
 use crate::evaluate::{mean_kl, rate, Assessed, Judges, SetRate};
 use crate::steering::SteerMode;
 use anyhow::Result;
-use refusal_steer_data::Prompt;
+use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_steer::best_points;
 use std::collections::BTreeMap;
 
@@ -32,14 +32,17 @@ pub fn tune(
 ) -> Result<(BTreeMap<String, SetRate>, Vec<Tuned>)> {
     let validation = |set: &str| &splits.prompts[set].validation;
     let mut baseline = BTreeMap::new();
+    let mut baseline_answers = BTreeMap::new();
     let mut kl_prompts = Vec::new();
     for set in TRIAL_SETS {
         let path = ctx.folder.answers(Stage::Validation, "baseline", None, set);
-        let assessed = judges.assess(&ctx.answers(validation(set), None, &path)?)?;
+        let answers = ctx.answers(validation(set), None, None, &path)?;
+        let assessed = judges.assess(&answers)?;
         if set == "benign" {
             kl_prompts = answered(validation(set), &assessed);
         }
         baseline.insert(set.to_string(), rate(&assessed));
+        baseline_answers.insert(set, answers);
     }
     log(&format!(
         "baseline: target {:.0}%  safety {:.0}%  benign {:.0}%",
@@ -57,7 +60,7 @@ pub fn tune(
             method,
             splits,
             fit,
-            &baseline,
+            (&baseline, &baseline_answers),
             &kl_prompts,
             judges,
             log,
@@ -87,7 +90,7 @@ fn tune_method(
     method: &MethodSpec,
     splits: &Splits,
     fit: &Fit,
-    baseline: &BTreeMap<String, SetRate>,
+    (baseline, baseline_answers): (&BTreeMap<String, SetRate>, &BTreeMap<&str, Vec<Answer>>),
     kl_prompts: &[Prompt],
     judges: &mut Judges,
     log: &mut dyn FnMut(&str),
@@ -135,7 +138,12 @@ fn tune_method(
                 let path = ctx
                     .folder
                     .answers(Stage::Validation, name, Some(strength), set);
-                let answers = ctx.answers(&splits.prompts[set].validation, Some(&recipe), &path)?;
+                let answers = ctx.answers(
+                    &splits.prompts[set].validation,
+                    Some(&recipe),
+                    Some(&baseline_answers[set]),
+                    &path,
+                )?;
                 let rates_here = rate(&judges.assess(&answers)?).with_gate(&answers);
                 rates.insert(set.to_string(), rates_here);
             }
