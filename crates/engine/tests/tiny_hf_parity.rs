@@ -98,9 +98,7 @@ fn logit_errors(
     let mut errors = Vec::new();
     for (pos, (ids, reference)) in top_ids.iter().zip(top).enumerate() {
         let ours = &logits[pos];
-        let argmax = (0..ours.len())
-            .max_by(|&a, &b| ours[a].total_cmp(&ours[b]))
-            .unwrap();
+        let argmax = argmax(ours);
         let margin = reference[0] - reference[1];
         assert!(
             argmax == ids[0] as usize || margin < 2.0 * bound.largest,
@@ -114,15 +112,17 @@ fn logit_errors(
     errors
 }
 
+fn argmax(logits: &[f32]) -> usize {
+    (0..logits.len())
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap()
+}
+
 fn greedy(model: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut sequence = prompt.to_vec();
     for _ in 0..n {
         let logits = common::logits_at_every_position(model, &sequence);
-        let last = logits.last().unwrap();
-        let next = (0..last.len())
-            .max_by(|&a, &b| last[a].total_cmp(&last[b]))
-            .unwrap();
-        sequence.push(next as u32);
+        sequence.push(argmax(logits.last().unwrap()) as u32);
     }
     sequence.split_off(prompt.len())
 }
