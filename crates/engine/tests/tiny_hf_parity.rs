@@ -91,7 +91,8 @@ fn logit_errors(
     what: &str,
     model: &Model,
     ids: &[u32],
-    (top_ids, top): (&[Vec<u32>], &[Vec<f32>]),
+    top_ids: &[Vec<u32>],
+    top: &[Vec<f32>],
     bound: &Bound,
 ) -> Vec<f32> {
     let logits = common::logits_at_every_position(model, ids);
@@ -141,8 +142,14 @@ fn check_model(what: &str, model: &Model, fixture: &Fixture, bound: &Bound, exac
     let mut errors = Vec::new();
     for case in &fixture.cases {
         let what = format!("{what}, sequence of {}", case.ids.len());
-        let reference = (&case.top_ids[..], &case.top_logits[..]);
-        errors.extend(logit_errors(&what, model, &case.ids, reference, bound));
+        errors.extend(logit_errors(
+            &what,
+            model,
+            &case.ids,
+            &case.top_ids,
+            &case.top_logits,
+            bound,
+        ));
     }
     for chat in &fixture.chats {
         let text = model
@@ -152,8 +159,14 @@ fn check_model(what: &str, model: &Model, fixture: &Fixture, bound: &Bound, exac
         let ids = model.tokenizer.encode(&text, true, true);
         assert_eq!(ids, chat.ids, "{what}: the chat prompt {:?}", chat.prompt);
         let what = format!("{what}, chat {:?}", chat.prompt);
-        let reference = (&chat.top_ids[..], &chat.top_logits[..]);
-        errors.extend(logit_errors(&what, model, &ids, reference, bound));
+        errors.extend(logit_errors(
+            &what,
+            model,
+            &ids,
+            &chat.top_ids,
+            &chat.top_logits,
+            bound,
+        ));
         if exact {
             assert_eq!(
                 greedy(model, &ids, chat.greedy.len()),
