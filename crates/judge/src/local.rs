@@ -327,24 +327,18 @@ impl LocalJudge {
     }
 
     /// Runs `prompts` as one left-padded batch with room for `room` more tokens per row, the
-    /// shared opening copied in rather than recomputed; returns the cache and each row's
-    /// last-token logits, as [`prefill`] does.
+    /// shared opening copied in rather than recomputed; returns the cache and the `logits`
+    /// asked for, as [`prefill`] does.
     pub(crate) fn prefill_batch(
         &self,
         prompts: &[&[u32]],
         room: usize,
         hooks: &mut refusal_steer_engine::Hooks,
+        logits: Logits,
     ) -> Result<(KvCache, candle_core::Tensor)> {
         Ok(match &self.shared_prefix {
-            Some(prefix) => prefix.prefill(&self.model, prompts, room, hooks, Logits::Last)?,
-            None => prefill(
-                &self.model,
-                prompts,
-                Padding::Left,
-                room,
-                hooks,
-                Logits::Last,
-            )?,
+            Some(prefix) => prefix.prefill(&self.model, prompts, room, hooks, logits)?,
+            None => prefill(&self.model, prompts, Padding::Left, room, hooks, logits)?,
         })
     }
 
@@ -358,7 +352,8 @@ impl LocalJudge {
             self.paths.clone()
         };
         for (p, path) in paths.iter().enumerate() {
-            let (mut cache, last) = self.prefill_batch(prompts, path.len(), &mut hooks)?;
+            let (mut cache, last) =
+                self.prefill_batch(prompts, path.len(), &mut hooks, Logits::Last)?;
             let first: Vec<Vec<f64>> = last
                 .to_vec2::<f32>()
                 .map_err(EngineError::from)?

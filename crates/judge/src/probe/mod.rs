@@ -25,7 +25,7 @@ pub use linear::{cross_validate, select_all, Choice, FeatureBank, LinearProbe, S
 use crate::corpus::AnswerType;
 use crate::local::LocalJudge;
 use crate::{Judge, JudgeError, Result, Verdict, VerdictKind};
-use refusal_steer_engine::{Action, Intervention, Positions, Rows};
+use refusal_steer_engine::{Action, Intervention, Logits, Positions, Rows};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -106,7 +106,8 @@ pub fn read_residuals(
                 positions: Positions::Prompt,
             })?;
         }
-        judge.prefill_batch(prompts, 0, &mut hooks)?;
+        // The pass stops at the last captured point: later blocks and the head read nothing.
+        judge.prefill_batch(prompts, 0, &mut hooks, Logits::None)?;
         let width = points.len() * d;
         let mut sums = vec![vec![0f64; width]; prompts.len()];
         let mut counts = vec![vec![0usize; points.len()]; prompts.len()];
