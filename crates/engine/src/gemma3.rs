@@ -27,13 +27,31 @@ pub fn sliding_window(
     rope_theta: f32,
     n_layers: usize,
 ) -> Option<SlidingWindow> {
-    (size > 0).then(|| SlidingWindow {
+    let layers = (0..n_layers)
+        .map(|i| pattern == 0 || i % pattern < pattern - 1)
+        .collect();
+    windowed_layers(size, layers, rope_theta, n_layers).expect("one flag per layer")
+}
+
+/// The window of a file that names the windowed layers one by one (GGUF's array form of the
+/// pattern, Hugging Face's `layer_types`); `Err` says how the count is wrong.
+pub fn windowed_layers(
+    size: usize,
+    layers: Vec<bool>,
+    rope_theta: f32,
+    n_layers: usize,
+) -> std::result::Result<Option<SlidingWindow>, String> {
+    if layers.len() != n_layers {
+        return Err(format!(
+            "{} sliding-window flags for {n_layers} layers",
+            layers.len()
+        ));
+    }
+    Ok((size > 0).then_some(SlidingWindow {
         size,
-        layers: (0..n_layers)
-            .map(|i| pattern == 0 || i % pattern < pattern - 1)
-            .collect(),
+        layers,
         rope_theta,
-    })
+    }))
 }
 
 pub struct Gemma3Block {

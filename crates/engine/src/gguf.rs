@@ -87,6 +87,18 @@ impl GgufFile {
         v.to_f32().map_err(|e| self.bad_meta(key, e))
     }
 
+    /// An array of booleans; `None` when the key is absent or holds something else.
+    pub fn bools(&self, key: &str) -> Result<Option<Vec<bool>>> {
+        let Some(Value::Array(items)) = self.content.metadata.get(key) else {
+            return Ok(None);
+        };
+        items
+            .iter()
+            .map(|v| v.to_bool().map_err(|e| self.bad_meta(key, e)))
+            .collect::<Result<_>>()
+            .map(Some)
+    }
+
     pub fn usize_or(&self, key: &str, default: usize) -> Result<usize> {
         if self.content.metadata.contains_key(key) {
             self.usize(key)

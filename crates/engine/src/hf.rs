@@ -174,22 +174,13 @@ impl Checkpoint {
                 let rope_theta = self.rope_theta(SLIDING, gemma3::SLIDING_ROPE_THETA)?;
                 let size = self.usize_or("sliding_window", 0)?;
                 match self.params["layer_types"].as_array() {
-                    Some(types) if types.len() == n_layers => {
-                        (size > 0).then(|| crate::model::SlidingWindow {
-                            size,
-                            layers: types.iter().map(|t| t.as_str() == Some(SLIDING)).collect(),
-                            rope_theta,
-                        })
-                    }
-                    Some(types) => {
-                        return Err(bad(
-                            &self.dir,
-                            format!(
-                                "layer_types has {} entries for {n_layers} layers",
-                                types.len()
-                            ),
-                        ))
-                    }
+                    Some(types) => gemma3::windowed_layers(
+                        size,
+                        types.iter().map(|t| t.as_str() == Some(SLIDING)).collect(),
+                        rope_theta,
+                        n_layers,
+                    )
+                    .map_err(|e| bad(&self.dir, format!("layer_types: {e}")))?,
                     None => gemma3::sliding_window(
                         size,
                         self.usize_or("sliding_window_pattern", gemma3::SLIDING_PATTERN)?,

@@ -95,15 +95,26 @@ impl Config {
         let d_model = file.usize(&format!("{a}.embedding_length"))?;
         let n_layers = file.usize(&format!("{a}.block_count"))?;
         let sliding_window = match architecture {
-            Architecture::Gemma3 => gemma3::sliding_window(
-                file.usize_or("gemma3.attention.sliding_window", 0)?,
-                file.usize_or(
-                    "gemma3.attention.sliding_window_pattern",
-                    gemma3::SLIDING_PATTERN,
-                )?,
-                file.f32_or("gemma3.rope.freq_base_swa", gemma3::SLIDING_ROPE_THETA)?,
-                n_layers,
-            ),
+            Architecture::Gemma3 => {
+                let size = file.usize_or("gemma3.attention.sliding_window", 0)?;
+                let theta = file.f32_or("gemma3.rope.freq_base_swa", gemma3::SLIDING_ROPE_THETA)?;
+                let pattern = "gemma3.attention.sliding_window_pattern";
+                // llama.cpp reads the pattern as a number (every n-th layer global) or as one
+                // flag per layer.
+                match file.bools(pattern)? {
+                    Some(layers) => gemma3::windowed_layers(size, layers, theta, n_layers)
+                        .map_err(|detail| EngineError::BadFile {
+                            path: file.path.clone(),
+                            detail: format!("metadata key '{pattern}': {detail}"),
+                        })?,
+                    None => gemma3::sliding_window(
+                        size,
+                        file.usize_or(pattern, gemma3::SLIDING_PATTERN)?,
+                        theta,
+                        n_layers,
+                    ),
+                }
+            }
             _ => None,
         };
         let experts = match architecture {

@@ -318,3 +318,60 @@ fn a_broken_folder_is_refused_with_what_is_wrong() {
     let no_config = outcome();
     assert!(no_config.contains("config.json is missing"), "{no_config}");
 }
+
+/// llama.cpp reads `sliding_window_pattern` as a number (every n-th layer global) or as one
+/// flag per layer; the tiny Gemma 3 file's converter wrote neither (llama.cpp's default, every
+/// sixth layer global). The flags of that same pattern give the same logits to the bit, other
+/// flags other logits, and a flag count that is not the layer count is refused.
+#[test]
+fn a_gemma3_pattern_given_as_one_flag_per_layer_reads_as_the_number() {
+    use candle_core::quantized::gguf_file::{self, Content, Value};
+    std::env::set_var("RAYON_NUM_THREADS", "1");
+    let source = repo("fixtures/llama.cpp/converted/tiny-gemma3-f32.gguf");
+    let mut reader = std::fs::File::open(&source).unwrap();
+    let content = Content::read(&mut reader).unwrap();
+    let key = "gemma3.attention.sliding_window_pattern";
+    assert!(!content.metadata.contains_key(key));
+    let tensors: Vec<_> = content
+        .tensor_infos
+        .keys()
+        .map(|name| {
+            let t = content
+                .tensor(&mut reader, name, &candle_core::Device::Cpu)
+                .unwrap();
+            (name.clone(), t)
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let with_flags = |flags: &[bool]| -> PathBuf {
+        let mut metadata = content.metadata.clone();
+        let array = flags.iter().map(|&f| Value::Bool(f)).collect();
+        metadata.insert(key.to_string(), Value::Array(array));
+        let path = dir.path().join(format!("flags-{}.gguf", flags.len()));
+        let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let tensors: Vec<(&str, &_)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(
+            &mut std::fs::File::create(&path).unwrap(),
+            &metadata,
+            &tensors,
+        )
+        .unwrap();
+        path
+    };
+    // Longer than the window (4 tokens), so that windowed and global layers differ.
+    let ids: Vec<u32> = (10..22).collect();
+    let logits = |path: &Path| common::logits_at_every_position(&Model::load(path).unwrap(), &ids);
+    let by_number = logits(&source);
+    let sixth_global: Vec<bool> = (0..6).map(|l| l % 6 != 5).collect();
+    assert_eq!(logits(&with_flags(&sixth_global)), by_number);
+    let all_global = [false; 6];
+    assert_ne!(logits(&with_flags(&all_global)), by_number);
+    let message = Model::load(&with_flags(&[true; 5]))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("5 sliding-window flags for 6 layers"),
+        "{message}"
+    );
+}
