@@ -13,7 +13,7 @@ use refusal_steer_data::{Answer, Prompt};
 use refusal_steer_engine::{prefill, GenerateOptions, Logits, Model, Padding};
 use refusal_steer_judge::{assess, Assessment, Judge, VerdictCache, VerdictKind};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Refusals in one set under one condition.
@@ -193,21 +193,21 @@ fn selection(
     }
 }
 
-/// Greedy answers to `prompts` in `path` (resumable), in prompt order; the prompts a gated
-/// `recipe` keeps out are answered from `unsteered` where it holds them.
+/// Greedy answers to each group's prompts in its file (resumable), in prompt order, the
+/// groups sharing the batch; the prompts a gated `recipe` keeps out are answered from
+/// `unsteered` where it holds them.
 #[allow(clippy::too_many_arguments)]
 pub fn answers_for(
     model: &Model,
-    prompts: &[Prompt],
+    groups: &[(&[Prompt], &Path)],
     format: &Format,
     options: &GenerateOptions,
     batch: usize,
     seed: u64,
     recipe: Option<&Recipe>,
     unsteered: Option<&[Answer]>,
-    path: &Path,
     progress: &ProgressBar,
-) -> Result<Vec<Answer>> {
+) -> Result<Vec<Vec<Answer>>> {
     let generator = Generator {
         model,
         recipe,
@@ -218,19 +218,27 @@ pub fn answers_for(
         description: None,
         unsteered,
     };
-    let all = generator.answer_to_file(prompts, 1, path, progress)?;
-    let by_id: std::collections::HashMap<&str, &Answer> = all
+    let files = generator.answer_to_files(groups, 1, progress)?;
+    groups
         .iter()
-        .filter(|a| a.sample == 0)
-        .map(|a| (a.id.as_str(), a))
-        .collect();
-    prompts
-        .iter()
-        .map(|p| {
-            by_id
-                .get(p.id.as_str())
-                .map(|a| (*a).clone())
-                .with_context(|| format!("no answer to prompt {} in {}", p.id, path.display()))
+        .zip(files)
+        .map(|((prompts, path), all)| {
+            let by_id: HashMap<&str, &Answer> = all
+                .iter()
+                .filter(|a| a.sample == 0)
+                .map(|a| (a.id.as_str(), a))
+                .collect();
+            prompts
+                .iter()
+                .map(|p| {
+                    by_id
+                        .get(p.id.as_str())
+                        .map(|a| (*a).clone())
+                        .with_context(|| {
+                            format!("no answer to prompt {} in {}", p.id, path.display())
+                        })
+                })
+                .collect()
         })
         .collect()
 }
@@ -256,25 +264,43 @@ fn next_token_logprobs(
     Ok(out)
 }
 
-/// Log-probabilities after each text: steered where `steered[i]`, else unsteered.
+/// The unsteered model's next-token log-probabilities after token sequences it has read,
+/// kept for reuse: every condition of a run reads the same unsteered rows (a gated one, those
+/// its gate keeps out).
+#[derive(Default)]
+pub struct UnsteeredLogprobs(HashMap<Vec<u32>, Vec<f32>>);
+
+/// Log-probabilities after each text: steered where `steered[i]`, else unsteered (from
+/// `unsteered` where it holds them; the others are computed and added to it).
 fn mixed_logprobs(
     model: &Model,
     tokens: &[Vec<u32>],
     steered: &[bool],
     batch: usize,
     recipe: Option<&Recipe>,
+    unsteered: &mut UnsteeredLogprobs,
 ) -> Result<Vec<Vec<f32>>> {
-    let pick =
-        |want: bool| -> Vec<usize> { (0..tokens.len()).filter(|&i| steered[i] == want).collect() };
     let mut out = vec![Vec::new(); tokens.len()];
-    for (want, s) in [(true, recipe), (false, None)] {
-        let rows = pick(want);
+    let to_steer: Vec<usize> = (0..tokens.len()).filter(|&i| steered[i]).collect();
+    let to_read: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !steered[i] && !unsteered.0.contains_key(&tokens[i]))
+        .collect();
+    for (rows, s) in [(to_steer, recipe), (to_read, None)] {
         let group: Vec<Vec<u32>> = rows.iter().map(|&i| tokens[i].clone()).collect();
         for (i, lp) in rows
             .into_iter()
             .zip(next_token_logprobs(model, &group, batch, s)?)
         {
-            out[i] = lp;
+            if steered[i] {
+                out[i] = lp;
+            } else {
+                unsteered.0.insert(tokens[i].clone(), lp);
+            }
+        }
+    }
+    for (i, row) in out.iter_mut().enumerate() {
+        if !steered[i] {
+            row.clone_from(&unsteered.0[&tokens[i]]);
         }
     }
     Ok(out)
@@ -321,6 +347,7 @@ pub fn choice_accuracy(
     format: &Format,
     batch: usize,
     recipe: Option<&Recipe>,
+    unsteered: &mut UnsteeredLogprobs,
 ) -> Result<f64> {
     let texts: Vec<String> = items.iter().map(Choice::prompt).collect();
     let steered = selection(recipe, model, format, &texts, batch)?;
@@ -328,7 +355,7 @@ pub fn choice_accuracy(
         .iter()
         .map(|t| format.encode(model, t))
         .collect::<Result<_>>()?;
-    let logprobs = mixed_logprobs(model, &tokens, &steered, batch, recipe)?;
+    let logprobs = mixed_logprobs(model, &tokens, &steered, batch, recipe, unsteered)?;
     // A letter may be written with or without a leading space; either counts.
     let letter_tokens = |label: &str| -> Vec<u32> {
         [label.to_string(), format!(" {label}")]
@@ -423,6 +450,27 @@ pub(crate) mod tests {
         old.as_object_mut().unwrap().remove("kinds");
         let back: SetRate = serde_json::from_value(old).unwrap();
         assert!(back.kinds.is_empty());
+    }
+
+    #[test]
+    fn unsteered_rows_are_read_once_and_then_reused() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        refusal_steer_engine::tiny::write(&path).unwrap();
+        let model = Model::load(&path).unwrap();
+        let tokens: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![8, 9], vec![10, 11, 12, 13]];
+        let read = next_token_logprobs(&model, &tokens, 2, None).unwrap();
+        let mut memo = UnsteeredLogprobs::default();
+        let steered = [false; 3];
+        let first = mixed_logprobs(&model, &tokens, &steered, 2, None, &mut memo).unwrap();
+        assert_eq!(first, read);
+        // What is held is what a later call gets: a planted row shows it is not read again.
+        memo.0.get_mut(&tokens[1]).unwrap()[0] = 42.0;
+        let again =
+            mixed_logprobs(&model, &tokens[1..], &steered[1..], 2, None, &mut memo).unwrap();
+        assert_eq!(again[0][0], 42.0);
+        assert_eq!(again[1], read[2]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use anyhow::Result;
 use indicatif::ProgressBar;
 use refusal_steer_data::{Answer, JsonlAppender, Prompt};
 use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 /// A model, optionally steered by a recipe, and how it answers.
@@ -152,13 +152,121 @@ impl<'a> Generator<'a> {
         path: &Path,
         progress: &ProgressBar,
     ) -> Result<Vec<Answer>> {
-        let (mut writer, mut all) = JsonlAppender::open::<Answer>(path)?;
-        let done: HashSet<(String, usize)> = all.iter().map(|a| (a.id.clone(), a.sample)).collect();
-        self.answer_each(prompts, samples, &done, progress, &mut |a| {
-            writer.append(&a)?;
-            all.push(a);
+        let mut all = self.answer_to_files(&[(prompts, path)], samples, progress)?;
+        Ok(all.pop().expect("one group, one file"))
+    }
+
+    /// [`Generator::answer_to_file`] for several groups of prompts at once, each into its own
+    /// file: the groups share the batch, so a row that finishes in one group makes room for
+    /// the next prompt of any group. A prompt id may appear in one group only. Returns every
+    /// answer in each file, in group order.
+    pub fn answer_to_files(
+        &self,
+        groups: &[(&[Prompt], &Path)],
+        samples: usize,
+        progress: &ProgressBar,
+    ) -> Result<Vec<Vec<Answer>>> {
+        let mut group_of: HashMap<&str, usize> = HashMap::new();
+        let mut prompts = Vec::new();
+        let mut done = HashSet::new();
+        let (mut writers, mut all) = (Vec::new(), Vec::new());
+        for (g, (group, path)) in groups.iter().enumerate() {
+            for p in *group {
+                if let Some(other) = group_of.insert(&p.id, g).filter(|&other| other != g) {
+                    anyhow::bail!(
+                        "prompt id {} is in two groups ({} and {}): ids must be unique across \
+                         the files answered together",
+                        p.id,
+                        groups[other].1.display(),
+                        path.display()
+                    );
+                }
+            }
+            prompts.extend_from_slice(group);
+            let (writer, answers) = JsonlAppender::open::<Answer>(path)?;
+            done.extend(answers.iter().map(|a| (a.id.clone(), a.sample)));
+            writers.push(writer);
+            all.push(answers);
+        }
+        self.answer_each(&prompts, samples, &done, progress, &mut |a| {
+            let g = group_of[a.id.as_str()];
+            writers[g].append(&a)?;
+            all[g].push(a);
             Ok(())
         })?;
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refusal_steer_engine::tiny;
+
+    fn prompts(set: &str, texts: &[&str]) -> Vec<Prompt> {
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Prompt {
+                id: format!("{set}/{i}"),
+                prompt: p.to_string(),
+                set: Some(set.into()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn groups_answered_together_equal_each_answered_alone_and_resume() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        tiny::write(&path).unwrap();
+        let model = Model::load(&path).unwrap();
+        let mut generator = Generator::new(&model);
+        generator.options.max_new_tokens = 5;
+        generator.batch = 2;
+        let a = prompts("a", &["one two", "three", "four five six"]);
+        let b = prompts("b", &["seven", "eight nine"]);
+        let file = |name: &str| dir.path().join(name);
+        let alone: Vec<Vec<Answer>> = [(&a, "a-alone"), (&b, "b-alone")]
+            .iter()
+            .map(|(p, name)| {
+                generator
+                    .answer_to_file(p, 1, &file(name), &ProgressBar::hidden())
+                    .unwrap()
+            })
+            .collect();
+        // Half of group a already answered, as a killed run leaves it: only the rest is made.
+        let mut writer = JsonlAppender::open::<Answer>(&file("a.jsonl")).unwrap().0;
+        writer.append(&alone[0][1]).unwrap();
+        drop(writer);
+        let together = generator
+            .answer_to_files(
+                &[(&a, &file("a.jsonl")), (&b, &file("b.jsonl"))],
+                1,
+                &ProgressBar::hidden(),
+            )
+            .unwrap();
+        let texts = |answers: &[Answer]| {
+            let mut t: Vec<(String, String)> = answers
+                .iter()
+                .map(|x| (x.id.clone(), x.answer.clone()))
+                .collect();
+            t.sort();
+            t
+        };
+        for (g, name) in ["a.jsonl", "b.jsonl"].iter().enumerate() {
+            assert_eq!(texts(&together[g]), texts(&alone[g]), "group {g}");
+            let (_, on_disk) = JsonlAppender::open::<Answer>(&file(name)).unwrap();
+            assert_eq!(texts(&on_disk), texts(&alone[g]), "{name}");
+        }
+
+        let clash = generator.answer_to_files(
+            &[(&a, &file("x.jsonl")), (&a[..1], &file("y.jsonl"))],
+            1,
+            &ProgressBar::hidden(),
+        );
+        let message = clash.unwrap_err().to_string();
+        assert!(message.contains("a/0 is in two groups"), "{message}");
     }
 }

@@ -285,7 +285,10 @@ fn examples(report: &RunReport, out: &Path) -> String {
             .into_iter()
             .map(|a| (a.id.clone(), a))
             .collect();
-        for a in read("baseline", role).iter().take(2) {
+        // The first two by id: a file holds answers in the order they finished.
+        let mut baseline = read("baseline", role);
+        baseline.sort_by(|a, b| a.id.cmp(&b.id));
+        for a in baseline.iter().take(2) {
             let Some(b) = after.get(&a.id) else { continue };
             let _ = writeln!(
                 md,

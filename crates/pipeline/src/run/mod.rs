@@ -31,7 +31,7 @@ use refusal_steer_engine::{GenerateOptions, Model, Padding, Sampling, ThinkingBu
 use refusal_steer_judge::{Judge, VerdictCache};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The prompts of every role, split.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +158,14 @@ impl Runner<'_> {
     }
 }
 
+/// One set's prompts for [`Ctx::answers`], the file their answers go to, and the unsteered
+/// answers to them where a gated recipe may copy some.
+struct SetAnswers<'p> {
+    prompts: &'p [Prompt],
+    path: PathBuf,
+    baseline: Option<&'p [Answer]>,
+}
+
 /// What every stage reads: the config, the folder, the model, and how prompts and recipes
 /// are made.
 struct Ctx<'a> {
@@ -186,28 +194,31 @@ impl Ctx<'_> {
         }
     }
 
-    /// Greedy answers to `prompts` under `recipe` in `path` (resumable), in prompt order. The
-    /// prompts a gated recipe keeps out are copied from `baseline` (the unsteered answers to
-    /// the same prompts) instead of generated again.
-    fn answers(
-        &self,
-        prompts: &[Prompt],
-        recipe: Option<&Recipe>,
-        baseline: Option<&[Answer]>,
-        path: &Path,
-    ) -> Result<Vec<Answer>> {
-        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    /// Greedy answers to each set's prompts under `recipe` in its file (resumable), in prompt
+    /// order, the sets sharing the batch. The prompts a gated recipe keeps out are copied
+    /// from the set's `baseline` (the unsteered answers to the same prompts) instead of
+    /// generated again.
+    fn answers(&self, sets: &[SetAnswers], recipe: Option<&Recipe>) -> Result<Vec<Vec<Answer>>> {
+        for set in sets {
+            std::fs::create_dir_all(set.path.parent().expect("has a parent"))?;
+        }
+        let groups: Vec<(&[Prompt], &Path)> =
+            sets.iter().map(|s| (s.prompts, s.path.as_path())).collect();
+        let unsteered: Vec<Answer> = sets
+            .iter()
+            .flat_map(|s| s.baseline.unwrap_or_default())
+            .cloned()
+            .collect();
         let progress = bar(0, "answers");
         let answers = answers_for(
             self.model,
-            prompts,
+            &groups,
             &self.format,
             &self.options(0.0),
             self.config.batch,
             self.config.seed,
             recipe,
-            baseline,
-            path,
+            Some(&unsteered),
             &progress,
         )?;
         progress.finish_and_clear();

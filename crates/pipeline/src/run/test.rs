@@ -6,8 +6,8 @@ use super::folder::Stage;
 use super::methods::MethodSpec;
 use super::outcome::{Evaluation, Tuned};
 use super::tune::{answered, TRIAL_SETS};
-use super::{Ctx, Splits};
-use crate::evaluate::{choice_accuracy, mean_kl, rate, Judges};
+use super::{Ctx, SetAnswers, Splits};
+use crate::evaluate::{choice_accuracy, mean_kl, rate, Judges, UnsteeredLogprobs};
 use crate::recipe::Recipe;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
@@ -25,6 +25,7 @@ pub fn test(
     let mut recipes = BTreeMap::new();
     let mut kl_prompts = Vec::new();
     let mut baseline_answers = BTreeMap::new();
+    let mut unsteered_capability = UnsteeredLogprobs::default();
     let conditions = std::iter::once(None).chain(tuned.iter().map(Some));
     for t in conditions {
         let name = t.map_or("baseline", |t| t.method.as_str());
@@ -48,15 +49,20 @@ pub fn test(
             }
         };
         let strength = t.and_then(|t| t.strength);
+        let sets: Vec<SetAnswers> = TRIAL_SETS
+            .iter()
+            .map(|&set| SetAnswers {
+                prompts: &splits.prompts[set].test,
+                path: ctx.folder.answers(Stage::Test, name, strength, set),
+                baseline: baseline_answers.get(set).map(Vec::as_slice),
+            })
+            .collect();
+        let answered_sets = ctx.answers(&sets, recipe.as_ref())?;
         let mut rates = BTreeMap::new();
-        for set in TRIAL_SETS {
-            let prompts = &splits.prompts[set].test;
-            let path = ctx.folder.answers(Stage::Test, name, strength, set);
-            let baseline = baseline_answers.get(set).map(Vec::as_slice);
-            let answers = ctx.answers(prompts, recipe.as_ref(), baseline, &path)?;
+        for (set, answers) in TRIAL_SETS.into_iter().zip(answered_sets) {
             let assessed = judges.assess(&answers)?;
             if set == "benign" && recipe.is_none() {
-                kl_prompts = answered(prompts, &assessed);
+                kl_prompts = answered(&splits.prompts[set].test, &assessed);
             }
             rates.insert(set.to_string(), rate(&assessed).with_gate(&answers));
             if recipe.is_none() {
@@ -74,6 +80,7 @@ pub fn test(
             format,
             batch,
             recipe.as_ref(),
+            &mut unsteered_capability,
         )?;
         log(&format!(
             "{name}: target {}  safety {}  benign {}  capability {:.0}%",
