@@ -31,11 +31,14 @@ cd "$TARGET_DIR"
 # sdist's build requirements (cmake itself) from source.
 if [ ! -f "$DIR.tar.gz" ]; then
     python3 - "$NAME" "$VER" <<'EOF'
-import json, sys, urllib.request
+import json, sys, urllib.parse, urllib.request
 name, ver = sys.argv[1:]
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/{name}/{ver}/json"))
-sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
-urllib.request.urlretrieve(sdist["url"], sdist["filename"])
+# The project's JSON (a registry mirror may answer 404 for the per-version one, and give the
+# files' addresses relative to the page).
+index = f"https://pypi.org/pypi/{name}/json"
+meta = json.load(urllib.request.urlopen(index))
+sdist = next(u for u in meta["releases"][ver] if u["packagetype"] == "sdist")
+urllib.request.urlretrieve(urllib.parse.urljoin(index, sdist["url"]), sdist["filename"])
 print("downloaded", sdist["filename"], sdist["digests"]["sha256"])
 EOF
 fi

@@ -963,6 +963,10 @@ mod speed {
             (GgmlDType::Q8_0, 151_936, 896),
             (GgmlDType::Q5_0, 4864, 896),
             (GgmlDType::Q5_0, 896, 896),
+            // SmolLM2's.
+            (GgmlDType::Q4_1, 1536, 576),
+            (GgmlDType::Q4_1, 576, 1536),
+            (GgmlDType::Q4_1, 49152, 576),
         ];
         for (dtype, rows, cols) in shapes {
             let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
