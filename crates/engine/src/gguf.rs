@@ -87,7 +87,7 @@ impl GgufFile {
         v.to_f32().map_err(|e| self.bad_meta(key, e))
     }
 
-    /// An array of booleans; `None` when the key is absent or holds something else.
+    /// An array of booleans; `None` when the key is absent or holds no array.
     pub fn bools(&self, key: &str) -> Result<Option<Vec<bool>>> {
         let Some(Value::Array(items)) = self.content.metadata.get(key) else {
             return Ok(None);
