@@ -184,7 +184,14 @@ impl<'a> Generator<'a> {
             }
             prompts.extend_from_slice(group);
             let (writer, answers) = JsonlAppender::open::<Answer>(path)?;
-            done.extend(answers.iter().map(|a| (a.id.clone(), a.sample)));
+            // Only this group's answers count as done here (a stray line of another group's
+            // prompt would otherwise keep that prompt from being answered in its own file).
+            done.extend(
+                answers
+                    .iter()
+                    .filter(|a| group_of.get(a.id.as_str()) == Some(&g))
+                    .map(|a| (a.id.clone(), a.sample)),
+            );
             writers.push(writer);
             all.push(answers);
         }
