@@ -158,14 +158,6 @@ impl Runner<'_> {
     }
 }
 
-/// One set's prompts for [`Ctx::answers`], the file their answers go to, and the unsteered
-/// answers to them where a gated recipe may copy some.
-struct SetAnswers<'p> {
-    prompts: &'p [Prompt],
-    path: PathBuf,
-    baseline: Option<&'p [Answer]>,
-}
-
 /// What every stage reads: the config, the folder, the model, and how prompts and recipes
 /// are made.
 struct Ctx<'a> {
@@ -194,21 +186,39 @@ impl Ctx<'_> {
         }
     }
 
-    /// Greedy answers to each set's prompts under `recipe` in its file (resumable), in prompt
-    /// order, the sets sharing the batch. The prompts a gated recipe keeps out are copied
-    /// from the set's `baseline` (the unsteered answers to the same prompts) instead of
-    /// generated again.
-    fn answers(&self, sets: &[SetAnswers], recipe: Option<&Recipe>) -> Result<Vec<Vec<Answer>>> {
-        for set in sets {
-            std::fs::create_dir_all(set.path.parent().expect("has a parent"))?;
-        }
-        let groups: Vec<(&[Prompt], &Path)> =
-            sets.iter().map(|s| (s.prompts, s.path.as_path())).collect();
-        let unsteered: Vec<Answer> = sets
+    /// Greedy answers to the trial sets' `stage` prompts ([`tune::TRIAL_SETS`], in that
+    /// order) under `recipe`, each set in its file of `condition` at `strength` (resumable), in
+    /// prompt order, the sets sharing the batch. The prompts a gated recipe keeps out are
+    /// copied from `baseline` (the unsteered answers by set) instead of generated again.
+    fn answers(
+        &self,
+        splits: &Splits,
+        stage: Stage,
+        condition: &str,
+        strength: Option<f64>,
+        recipe: Option<&Recipe>,
+        baseline: &BTreeMap<&str, Vec<Answer>>,
+    ) -> Result<Vec<Vec<Answer>>> {
+        let paths: Vec<PathBuf> = tune::TRIAL_SETS
             .iter()
-            .flat_map(|s| s.baseline.unwrap_or_default())
-            .cloned()
+            .map(|set| self.folder.answers(stage, condition, strength, set))
             .collect();
+        for path in &paths {
+            std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        }
+        let groups: Vec<(&[Prompt], &Path)> = tune::TRIAL_SETS
+            .iter()
+            .zip(&paths)
+            .map(|(set, path)| {
+                let split = &splits.prompts[*set];
+                let prompts = match stage {
+                    Stage::Validation => &split.validation,
+                    Stage::Test => &split.test,
+                };
+                (prompts.as_slice(), path.as_path())
+            })
+            .collect();
+        let unsteered: Vec<Answer> = baseline.values().flatten().cloned().collect();
         let progress = bar(0, "answers");
         let answers = answers_for(
             self.model,

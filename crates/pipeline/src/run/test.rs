@@ -6,7 +6,7 @@ use super::folder::Stage;
 use super::methods::MethodSpec;
 use super::outcome::{Evaluation, Tuned};
 use super::tune::{answered, TRIAL_SETS};
-use super::{Ctx, SetAnswers, Splits};
+use super::{Ctx, Splits};
 use crate::evaluate::{choice_accuracy, mean_kl, rate, Judges, UnsteeredLogprobs};
 use crate::recipe::Recipe;
 use anyhow::{Context, Result};
@@ -49,15 +49,14 @@ pub fn test(
             }
         };
         let strength = t.and_then(|t| t.strength);
-        let sets: Vec<SetAnswers> = TRIAL_SETS
-            .iter()
-            .map(|&set| SetAnswers {
-                prompts: &splits.prompts[set].test,
-                path: ctx.folder.answers(Stage::Test, name, strength, set),
-                baseline: baseline_answers.get(set).map(Vec::as_slice),
-            })
-            .collect();
-        let answered_sets = ctx.answers(&sets, recipe.as_ref())?;
+        let answered_sets = ctx.answers(
+            splits,
+            Stage::Test,
+            name,
+            strength,
+            recipe.as_ref(),
+            &baseline_answers,
+        )?;
         let mut rates = BTreeMap::new();
         for (set, answers) in TRIAL_SETS.into_iter().zip(answered_sets) {
             let assessed = judges.assess(&answers)?;

@@ -10,7 +10,7 @@ use super::fit::Fit;
 use super::folder::Stage;
 use super::methods::{MethodSpec, METHODS};
 use super::outcome::{target_metric, Trial, Tuned};
-use super::{Ctx, SetAnswers, Splits};
+use super::{Ctx, Splits};
 use crate::config::{Direction, TuneConfig};
 use crate::evaluate::{mean_kl, rate, Assessed, Judges, SetRate};
 use crate::steering::SteerMode;
@@ -34,15 +34,15 @@ pub fn tune(
     let mut baseline = BTreeMap::new();
     let mut baseline_answers = BTreeMap::new();
     let mut kl_prompts = Vec::new();
-    let sets: Vec<SetAnswers> = TRIAL_SETS
-        .iter()
-        .map(|&set| SetAnswers {
-            prompts: validation(set),
-            path: ctx.folder.answers(Stage::Validation, "baseline", None, set),
-            baseline: None,
-        })
-        .collect();
-    for (set, answers) in TRIAL_SETS.into_iter().zip(ctx.answers(&sets, None)?) {
+    let answered_sets = ctx.answers(
+        splits,
+        Stage::Validation,
+        "baseline",
+        None,
+        None,
+        &BTreeMap::new(),
+    )?;
+    for (set, answers) in TRIAL_SETS.into_iter().zip(answered_sets) {
         let assessed = judges.assess(&answers)?;
         if set == "benign" {
             kl_prompts = answered(validation(set), &assessed);
@@ -141,18 +141,16 @@ fn tune_method(
         },
         &mut |strength| {
             let recipe = recipe(strength)?;
-            let sets: Vec<SetAnswers> = TRIAL_SETS
-                .iter()
-                .map(|&set| SetAnswers {
-                    prompts: &splits.prompts[set].validation,
-                    path: ctx
-                        .folder
-                        .answers(Stage::Validation, name, Some(strength), set),
-                    baseline: Some(&baseline_answers[set]),
-                })
-                .collect();
             let mut rates = BTreeMap::new();
-            for (set, answers) in TRIAL_SETS.iter().zip(ctx.answers(&sets, Some(&recipe))?) {
+            let answered_sets = ctx.answers(
+                splits,
+                Stage::Validation,
+                name,
+                Some(strength),
+                Some(&recipe),
+                baseline_answers,
+            )?;
+            for (set, answers) in TRIAL_SETS.iter().zip(answered_sets) {
                 let rates_here = rate(&judges.assess(&answers)?).with_gate(&answers);
                 rates.insert(set.to_string(), rates_here);
             }
