@@ -215,10 +215,7 @@ mod tests {
     #[test]
     fn prompts_the_gate_keeps_out_are_copied_from_the_unsteered_answers() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_dir, model) = crate::testing::tiny_model();
         let prompts: Vec<Prompt> = ["one two", "three", "four five six"]
             .iter()
             .enumerate()

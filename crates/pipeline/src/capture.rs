@@ -218,10 +218,7 @@ mod tests {
     #[test]
     fn rows_stay_in_prompt_order_whatever_the_batching() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (dir, model) = crate::testing::tiny_model();
         // Lengths out of order, so the length sort moves rows between batches.
         let texts = [
             "the cat sat on the mat in an hour",
@@ -274,10 +271,7 @@ mod tests {
     #[test]
     fn a_thinking_template_is_captured_at_its_own_last_token() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let mut model = Model::load(&path).unwrap();
+        let (dir, mut model) = crate::testing::tiny_model();
         let qwen3_like = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}";
         model.template =
             refusal_steer_tokenizer::ChatTemplate::jinja(qwen3_like, "", "<|im_end|>").unwrap();

@@ -455,10 +455,7 @@ pub(crate) mod tests {
     #[test]
     fn unsteered_rows_are_read_once_and_then_reused() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        refusal_steer_engine::tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_dir, model) = crate::testing::tiny_model();
         let tokens: Vec<Vec<u32>> = vec![vec![5, 6, 7], vec![8, 9], vec![10, 11, 12, 13]];
         let read = next_token_logprobs(&model, &tokens, 2, None).unwrap();
         let mut memo = UnsteeredLogprobs::default();

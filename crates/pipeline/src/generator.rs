@@ -208,7 +208,6 @@ impl<'a> Generator<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use refusal_steer_engine::tiny;
 
     fn prompts(set: &str, texts: &[&str]) -> Vec<Prompt> {
         texts
@@ -225,10 +224,7 @@ mod tests {
     #[test]
     fn groups_answered_together_equal_each_answered_alone_and_resume() {
         std::env::set_var("RAYON_NUM_THREADS", "1");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (dir, model) = crate::testing::tiny_model();
         let mut generator = Generator::new(&model);
         generator.options.max_new_tokens = 5;
         generator.batch = 2;

@@ -15,6 +15,8 @@ pub mod report;
 pub mod run;
 pub mod sets;
 pub mod steering;
+#[cfg(test)]
+mod testing;
 
 pub use generator::Generator;
 pub use recipe::Recipe;

@@ -749,11 +749,7 @@ mod tests {
 
     #[test]
     fn a_recipe_applies_only_to_its_own_model() {
-        use refusal_steer_engine::tiny;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_dir, model) = crate::testing::tiny_model();
         let mut r = recipe(SteerMode::Add, false);
         let err = r.hooks(&model).err().unwrap().to_string();
         assert!(err.contains("use a recipe made on this model"), "{err}");

@@ -232,12 +232,9 @@ mod tests {
     #[test]
     fn ablating_with_another_file_removes_the_span_of_both_directions() {
         use refusal_steer_engine::{
-            prefill, tiny, Action, Intervention, Logits, Model, Padding, Positions, Rows,
+            prefill, tiny, Action, Intervention, Logits, Padding, Positions, Rows,
         };
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (_dir, model) = crate::testing::tiny_model();
         let (points, d) = (tiny::N_LAYERS + 1, tiny::D_MODEL);
         // Two overlapping directions per point (cosine 0.5 at every point).
         let a: Vec<f32> = (0..points * d).map(|i| f32::from(i % d == 0)).collect();

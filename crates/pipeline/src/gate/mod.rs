@@ -737,11 +737,7 @@ mod tests {
     fn the_gate_decides_on_live_prompts_as_on_their_captured_activations() {
         use crate::capture::{capture, CaptureJob};
         use indicatif::ProgressBar;
-        use refusal_steer_engine::tiny;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tiny.gguf");
-        tiny::write(&path).unwrap();
-        let model = Model::load(&path).unwrap();
+        let (dir, model) = crate::testing::tiny_model();
         let texts = [
             "the cat sat",
             "an hour there",
