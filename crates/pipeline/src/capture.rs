@@ -124,21 +124,16 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
                 rows.push((prompt, 0));
             }
         }
-        let mut order: Vec<usize> = (0..rows.len()).collect();
-        order.sort_by_key(|&i| rows[i].0.len());
-        let mut means: Vec<Vec<f32>> = vec![Vec::new(); rows.len()];
-        for members in order.chunks(batch) {
+        let lengths: Vec<usize> = rows.iter().map(|(tokens, _)| tokens.len()).collect();
+        let means = by_length(&lengths, batch, |members| {
             let batch_rows: Vec<(&[u32], u32)> = members
                 .iter()
                 .map(|&i| (rows[i].0.as_slice(), rows[i].1))
                 .collect();
-            let batch_means =
-                capture_pooled(model, &batch_rows, &all_points, position, prefix.as_ref())?;
-            for (&i, mean) in members.iter().zip(batch_means) {
-                means[i] = mean;
-            }
+            let means = capture_pooled(model, &batch_rows, &all_points, position, prefix.as_ref())?;
             progress.inc(members.len() as u64);
-        }
+            Ok(means)
+        })?;
         for mean in &means {
             writer.push_row(mean)?;
         }
@@ -149,6 +144,37 @@ pub fn capture(model: &Model, job: &CaptureJob, out: &Path, progress: &ProgressB
 /// Batches per window of length-sorted prompts: enough to find rows of similar length,
 /// few enough that a stop loses little.
 const WINDOW_BATCHES: usize = 8;
+
+/// `each` run on batches of at most `batch` rows (indices into `lengths`) cut from the rows
+/// sorted by length, so that a batch's rows need little padding; its per-row results come
+/// back in the rows' order. Batch invariance makes them what any other batching gives.
+pub(crate) fn by_length<T>(
+    lengths: &[usize],
+    batch: usize,
+    mut each: impl FnMut(&[usize]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| lengths[i]);
+    let mut out: Vec<Option<T>> = std::iter::repeat_with(|| None)
+        .take(lengths.len())
+        .collect();
+    for members in order.chunks(batch.max(1)) {
+        let results = each(members)?;
+        anyhow::ensure!(
+            results.len() == members.len(),
+            "{} results for a batch of {}",
+            results.len(),
+            members.len()
+        );
+        for (&i, result) in members.iter().zip(results) {
+            out[i] = Some(result);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every row is in one batch"))
+        .collect())
+}
 
 /// One prefill over `rows` (tokens, first position counted), capturing `points`; returns
 /// each row's `[points.len() * d]` mean, the points side by side in the order given.

@@ -3,6 +3,7 @@
 //! and multiple-choice accuracy by answer likelihood.
 
 use crate::answers::Format;
+use crate::capture::by_length;
 use crate::config::Direction;
 use crate::generator::Generator;
 use crate::recipe::{hooks_for, Recipe};
@@ -250,18 +251,21 @@ fn next_token_logprobs(
     batch: usize,
     recipe: Option<&Recipe>,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut out = Vec::with_capacity(tokens.len());
-    for chunk in tokens.chunks(batch.max(1)) {
+    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+    by_length(&lengths, batch, |members| {
         let mut hooks = hooks_for(model, recipe)?;
-        let refs: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let refs: Vec<&[u32]> = members.iter().map(|&i| tokens[i].as_slice()).collect();
         let (_, logits) = prefill(model, &refs, Padding::Left, 0, &mut hooks, Logits::Last)?;
-        for row in logits.to_vec2::<f32>()? {
-            let max = row.iter().copied().fold(f32::MIN, f32::max);
-            let log_z = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
-            out.push(row.iter().map(|x| x - log_z).collect());
-        }
-    }
-    Ok(out)
+        Ok(logits
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::MIN, f32::max);
+                let log_z = max + row.iter().map(|x| (x - max).exp()).sum::<f32>().ln();
+                row.iter().map(|x| x - log_z).collect()
+            })
+            .collect())
+    })
 }
 
 /// The unsteered model's next-token log-probabilities after token sequences it has read,
@@ -314,6 +318,7 @@ pub fn mean_kl(
     format: &Format,
     batch: usize,
     recipe: Option<&Recipe>,
+    unsteered: &mut UnsteeredLogprobs,
 ) -> Result<f64> {
     let texts: Vec<String> = prompts.iter().map(|p| p.prompt.clone()).collect();
     let steered = selection(recipe, model, format, &texts, batch)?;
@@ -323,7 +328,14 @@ pub fn mean_kl(
         .filter(|(_, &s)| s)
         .map(|(p, _)| format.encode(model, &p.prompt))
         .collect::<Result<_>>()?;
-    let base = next_token_logprobs(model, &tokens, batch, None)?;
+    let base = mixed_logprobs(
+        model,
+        &tokens,
+        &vec![false; tokens.len()],
+        batch,
+        None,
+        unsteered,
+    )?;
     let after = next_token_logprobs(model, &tokens, batch, recipe)?;
     let total: f64 = base
         .iter()
@@ -450,6 +462,25 @@ pub(crate) mod tests {
         old.as_object_mut().unwrap().remove("kinds");
         let back: SetRate = serde_json::from_value(old).unwrap();
         assert!(back.kinds.is_empty());
+    }
+
+    #[test]
+    fn rows_of_any_length_read_together_equal_each_read_alone() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+        let (_dir, model) = crate::testing::tiny_model();
+        // Lengths out of order, so the length sort moves rows between batches.
+        let tokens: Vec<Vec<u32>> = vec![
+            vec![5, 6, 7, 8, 9],
+            vec![8],
+            vec![10, 11, 12],
+            vec![13, 14],
+            vec![6, 6, 6, 6],
+        ];
+        let together = next_token_logprobs(&model, &tokens, 2, None).unwrap();
+        for (row, t) in together.iter().zip(&tokens) {
+            let alone = next_token_logprobs(&model, std::slice::from_ref(t), 1, None).unwrap();
+            assert_eq!(row, &alone[0], "{t:?}");
+        }
     }
 
     #[test]

@@ -561,6 +561,7 @@ impl Recipe {
                     veto,
                     heldout_auc: g.heldout_auc,
                     heldout_accuracy: g.heldout_accuracy,
+                    read: Default::default(),
                 })
             }
             None => None,
@@ -622,6 +623,7 @@ mod tests {
             }),
             heldout_auc: 0.9,
             heldout_accuracy: 0.8,
+            read: Default::default(),
         };
         Recipe::from_steering(
             &identity(),

@@ -46,6 +46,7 @@ fn recipe(model: &Model, gated: bool) -> Recipe {
         veto: None,
         heldout_auc: 0.5,
         heldout_accuracy: 0.5,
+        read: Default::default(),
     };
     let mut alphas = vec![0.0; n_points];
     alphas[1] = 1.0;

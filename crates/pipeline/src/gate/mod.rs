@@ -19,7 +19,7 @@ pub mod corpus;
 pub mod eval;
 
 use crate::answers::Format;
-use crate::capture::{capture_pooled, CapturePosition};
+use crate::capture::{by_length, capture_pooled, CapturePosition};
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
@@ -28,7 +28,9 @@ use refusal_steer_steer::classify::balanced_ridge;
 use refusal_steer_steer::linalg::{dot, norm};
 use refusal_steer_steer::{auc, fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 /// How the topic read-out is fitted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,7 +67,7 @@ impl GateMethod {
 }
 
 /// Which tokens' residual vectors make a prompt's vector at a point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pooling {
     /// The last token of the formatted prompt.
     LastPrompt,
@@ -134,6 +136,53 @@ pub struct Gate {
     /// Held-out balanced accuracy of the topic rule (score and midpoint threshold) on the
     /// train prompts.
     pub heldout_accuracy: f64,
+    #[serde(skip)]
+    pub read: ReadPrompts,
+}
+
+/// The pooled vectors of prompts a gate has read, by what makes them (pooling, points, the
+/// prompt's tokens; the model is the one the gate was fitted on): shared by every clone of the
+/// gate, so the conditions of a run, which all carry the run's gate, read each prompt once.
+/// Never part of a gate's equality or file.
+#[derive(Clone, Default)]
+pub struct ReadPrompts(Arc<Mutex<HashMap<ReadKey, Vec<f32>>>>);
+
+/// How a prompt was read: the pooling, the points, the prompt's tokens.
+type ReadKey = (Pooling, Vec<usize>, Vec<u32>);
+
+/// Prompts held at most: a server reading new prompts forever starts afresh past this.
+const READ_PROMPTS_HELD: usize = 2048;
+
+impl ReadPrompts {
+    fn get(&self, pooling: Pooling, points: &[usize], tokens: &[u32]) -> Option<Vec<f32>> {
+        let held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        held.get(&(pooling, points.to_vec(), tokens.to_vec()))
+            .cloned()
+    }
+
+    fn put(&self, pooling: Pooling, points: &[usize], tokens: &[u32], features: &[f32]) {
+        let mut held = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= READ_PROMPTS_HELD {
+            held.clear();
+        }
+        held.insert(
+            (pooling, points.to_vec(), tokens.to_vec()),
+            features.to_vec(),
+        );
+    }
+}
+
+impl PartialEq for ReadPrompts {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ReadPrompts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map_or(0, |h| h.len());
+        write!(f, "ReadPrompts({held} held)")
+    }
 }
 
 impl Gate {
@@ -254,6 +303,7 @@ impl Gate {
     /// What the gate makes of each prompt: one unsteered prefill per batch, which copies
     /// `opening` (the format's [`Format::shared_prefix`], run once by the caller) instead of
     /// computing it.
+    /// A prompt read before, by this gate or a clone of it, is not read again.
     pub fn select(
         &self,
         model: &Model,
@@ -262,18 +312,40 @@ impl Gate {
         prompts: &[String],
         batch: usize,
     ) -> Result<Vec<Decision>> {
-        let position = self.method.pooling().capture_position();
-        let mut out = Vec::with_capacity(prompts.len());
-        for chunk in prompts.chunks(batch.max(1)) {
-            let tokens: Vec<Vec<u32>> = chunk
+        let pooling = self.method.pooling();
+        let tokens: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| format.encode(model, p))
+            .collect::<Result<_>>()?;
+        let mut features: Vec<Option<Vec<f32>>> = tokens
+            .iter()
+            .map(|t| self.read.get(pooling, &self.points, t))
+            .collect();
+        let unread: Vec<usize> = (0..tokens.len())
+            .filter(|&i| features[i].is_none())
+            .collect();
+        let lengths: Vec<usize> = unread.iter().map(|&i| tokens[i].len()).collect();
+        let pooled = by_length(&lengths, batch, |members| {
+            let rows: Vec<(&[u32], u32)> = members
                 .iter()
-                .map(|p| format.encode(model, p))
-                .collect::<Result<_>>()?;
-            let rows: Vec<(&[u32], u32)> = tokens.iter().map(|t| (t.as_slice(), 0)).collect();
-            let pooled = capture_pooled(model, &rows, &self.points, position, opening)?;
-            out.extend(pooled.iter().map(|features| self.decide(features)));
+                .map(|&m| (tokens[unread[m]].as_slice(), 0))
+                .collect();
+            capture_pooled(
+                model,
+                &rows,
+                &self.points,
+                pooling.capture_position(),
+                opening,
+            )
+        })?;
+        for (&i, pooled) in unread.iter().zip(pooled) {
+            self.read.put(pooling, &self.points, &tokens[i], &pooled);
+            features[i] = Some(pooled);
         }
-        Ok(out)
+        Ok(features
+            .iter()
+            .map(|f| self.decide(f.as_deref().expect("every prompt read")))
+            .collect())
     }
 }
 
@@ -389,6 +461,7 @@ fn one_point(
         veto: None,
         heldout_auc: heldout.auc,
         heldout_accuracy: heldout.midpoint_accuracy,
+        read: ReadPrompts::default(),
     })
 }
 
@@ -489,6 +562,7 @@ fn several_points(acts: &Activations, labels: &[GateLabel], kappa: f64) -> Resul
         veto,
         heldout_auc: f64::NAN,
         heldout_accuracy: f64::NAN,
+        read: ReadPrompts::default(),
     })
 }
 
@@ -792,6 +866,18 @@ mod tests {
                 "prompt {i}: {decision:?} vs {captured:?}"
             );
         }
+        // A prompt read once is not read again, by the gate or any clone: a planted read shows it.
+        let tokens = format.encode(&model, &texts[0]).unwrap();
+        let planted = vec![0.25; gate.points.len() * model.config.d_model];
+        gate.read
+            .put(gate.method.pooling(), &gate.points, &tokens, &planted);
+        let again = gate
+            .clone()
+            .select(&model, &format, opening.as_ref(), &texts, 4)
+            .unwrap();
+        assert_eq!(again[0], gate.decide(&planted));
+        assert_ne!(again[0], live[0]);
+        assert_eq!(&again[1..], &live[1..]);
     }
 
     #[test]

@@ -25,7 +25,8 @@ pub fn test(
     let mut recipes = BTreeMap::new();
     let mut kl_prompts = Vec::new();
     let mut baseline_answers = BTreeMap::new();
-    let mut unsteered_capability = UnsteeredLogprobs::default();
+    // The unsteered next-token rows of the KL prompts and capability items, read once.
+    let mut unsteered = UnsteeredLogprobs::default();
     let conditions = std::iter::once(None).chain(tuned.iter().map(Some));
     for t in conditions {
         let name = t.map_or("baseline", |t| t.method.as_str());
@@ -70,7 +71,14 @@ pub fn test(
         }
         let (batch, format) = (ctx.config.batch, &ctx.format);
         let kl = match &recipe {
-            Some(r) => Some(mean_kl(ctx.model, &kl_prompts, format, batch, Some(r))?),
+            Some(r) => Some(mean_kl(
+                ctx.model,
+                &kl_prompts,
+                format,
+                batch,
+                Some(r),
+                &mut unsteered,
+            )?),
             None => None,
         };
         let capability_accuracy = choice_accuracy(
@@ -79,7 +87,7 @@ pub fn test(
             format,
             batch,
             recipe.as_ref(),
-            &mut unsteered_capability,
+            &mut unsteered,
         )?;
         log(&format!(
             "{name}: target {}  safety {}  benign {}  capability {:.0}%",

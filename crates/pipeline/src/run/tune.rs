@@ -12,7 +12,7 @@ use super::methods::{MethodSpec, METHODS};
 use super::outcome::{target_metric, Trial, Tuned};
 use super::{Ctx, Splits};
 use crate::config::{Direction, TuneConfig};
-use crate::evaluate::{mean_kl, rate, Assessed, Judges, SetRate};
+use crate::evaluate::{mean_kl, rate, Assessed, Judges, SetRate, UnsteeredLogprobs};
 use crate::steering::SteerMode;
 use anyhow::Result;
 use refusal_steer_data::{Answer, Prompt};
@@ -57,6 +57,7 @@ pub fn tune(
         100.0 * baseline["benign"].rate
     ));
     let mut tuned = Vec::new();
+    let mut unsteered = UnsteeredLogprobs::default();
     for method in METHODS
         .iter()
         .filter(|m| m.applies_to(ctx.config.direction))
@@ -69,6 +70,7 @@ pub fn tune(
             &baseline,
             &baseline_answers,
             &kl_prompts,
+            &mut unsteered,
             judges,
             log,
         )?);
@@ -100,6 +102,7 @@ fn tune_method(
     baseline: &BTreeMap<String, SetRate>,
     baseline_answers: &BTreeMap<&str, Vec<Answer>>,
     kl_prompts: &[Prompt],
+    unsteered: &mut UnsteeredLogprobs,
     judges: &mut Judges,
     log: &mut dyn FnMut(&str),
 ) -> Result<Tuned> {
@@ -137,6 +140,7 @@ fn tune_method(
                 &ctx.format,
                 ctx.config.batch,
                 Some(&recipe),
+                unsteered,
             )
         },
         &mut |strength| {
