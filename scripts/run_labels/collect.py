@@ -5,7 +5,7 @@ trials, up to --limit, as corpus lines without labels. A prompt already in the c
 its corpus id, so calibrate's folds never split it, and its unsteered answer is not collected
 again where the corpus has one from the same model.
 
-    python3 collect.py RUN_FOLDER MODEL_NAME --limit 240 [--exclude labelled.jsonl] > unlabelled.jsonl
+    python3 collect.py RUN_FOLDER MODEL_NAME --limit 240 [--exclude labelled.jsonl] [--target-set health] > unlabelled.jsonl
 
 `--exclude` drops answers already collected (by prompt and answer text).
 """
@@ -18,6 +18,7 @@ ap.add_argument("--limit", type=int, default=240)
 ap.add_argument("--labels", default=os.path.join(os.path.dirname(__file__), "../../data/labels/answers"))
 ap.add_argument("--seed", type=int, default=0)
 ap.add_argument("--exclude", nargs="*", default=[])
+ap.add_argument("--target-set", default="china", help="what the run's target set is about (health for configs/induce.toml)")
 args = ap.parse_args()
 
 known, has_base = {}, set()
@@ -27,7 +28,7 @@ for path in glob.glob(f"{args.labels}/*.jsonl"):
         known.setdefault(r["prompt"].strip(), r["id"])
         if r["condition"] == "base":
             has_base.add((r["model"], r["id"]))
-SETS = {"target": "china", "contrast": "china", "safety": "harmful", "benign": "benign"}
+SETS = {"target": args.target_set, "contrast": args.target_set, "safety": "harmful", "benign": "benign"}
 
 
 def rows(split):

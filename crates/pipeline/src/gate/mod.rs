@@ -136,6 +136,7 @@ pub struct Gate {
     /// Held-out balanced accuracy of the topic rule (score and midpoint threshold) on the
     /// train prompts.
     pub heldout_accuracy: f64,
+    /// The prompts it has read.
     #[serde(skip)]
     pub read: ReadPrompts,
 }
@@ -302,8 +303,7 @@ impl Gate {
 
     /// What the gate makes of each prompt: one unsteered prefill per batch, which copies
     /// `opening` (the format's [`Format::shared_prefix`], run once by the caller) instead of
-    /// computing it.
-    /// A prompt read before, by this gate or a clone of it, is not read again.
+    /// computing it. A prompt read before, by this gate or a clone of it, is not read again.
     pub fn select(
         &self,
         model: &Model,
