@@ -311,7 +311,8 @@ fn mixed_logprobs(
 }
 
 /// Mean KL(unsteered || steered) of the next-token distribution after each prompt, in nats
-/// (0 for prompts a gate leaves unsteered).
+/// (0 for prompts a gate leaves unsteered); the unsteered side from `unsteered` where it holds
+/// it (every trial of a stage measures the same prompts).
 pub fn mean_kl(
     model: &Model,
     prompts: &[Prompt],
