@@ -270,12 +270,26 @@ fn next_token_logprobs(
 
 /// The unsteered model's next-token log-probabilities after token sequences it has read,
 /// kept for reuse: every condition of a run reads the same unsteered rows (a gated one, those
-/// its gate keeps out).
+/// its gate keeps out; the KL, the same prompts at every trial).
 #[derive(Default)]
 pub struct UnsteeredLogprobs(HashMap<Vec<u32>, Vec<f32>>);
 
+impl UnsteeredLogprobs {
+    /// The row after each of `tokens`, reading only those not held yet.
+    fn read(&mut self, model: &Model, tokens: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let unread: Vec<Vec<u32>> = tokens
+            .iter()
+            .filter(|t| !self.0.contains_key(*t))
+            .cloned()
+            .collect();
+        let rows = next_token_logprobs(model, &unread, batch, None)?;
+        self.0.extend(unread.into_iter().zip(rows));
+        Ok(tokens.iter().map(|t| self.0[t].clone()).collect())
+    }
+}
+
 /// Log-probabilities after each text: steered where `steered[i]`, else unsteered (from
-/// `unsteered` where it holds them; the others are computed and added to it).
+/// `unsteered`).
 fn mixed_logprobs(
     model: &Model,
     tokens: &[Vec<u32>],
@@ -284,30 +298,18 @@ fn mixed_logprobs(
     recipe: Option<&Recipe>,
     unsteered: &mut UnsteeredLogprobs,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut out = vec![Vec::new(); tokens.len()];
-    let to_steer: Vec<usize> = (0..tokens.len()).filter(|&i| steered[i]).collect();
-    let to_read: Vec<usize> = (0..tokens.len())
-        .filter(|&i| !steered[i] && !unsteered.0.contains_key(&tokens[i]))
-        .collect();
-    for (rows, s) in [(to_steer, recipe), (to_read, None)] {
-        let group: Vec<Vec<u32>> = rows.iter().map(|&i| tokens[i].clone()).collect();
-        for (i, lp) in rows
-            .into_iter()
-            .zip(next_token_logprobs(model, &group, batch, s)?)
-        {
-            if steered[i] {
-                out[i] = lp;
-            } else {
-                unsteered.0.insert(tokens[i].clone(), lp);
-            }
-        }
-    }
-    for (i, row) in out.iter_mut().enumerate() {
-        if !steered[i] {
-            row.clone_from(&unsteered.0[&tokens[i]]);
-        }
-    }
-    Ok(out)
+    let pick = |want: bool| -> Vec<Vec<u32>> {
+        (0..tokens.len())
+            .filter(|&i| steered[i] == want)
+            .map(|i| tokens[i].clone())
+            .collect()
+    };
+    let mut with = next_token_logprobs(model, &pick(true), batch, recipe)?.into_iter();
+    let mut without = unsteered.read(model, &pick(false), batch)?.into_iter();
+    Ok(steered
+        .iter()
+        .map(|&s| if s { with.next() } else { without.next() }.expect("one row per text"))
+        .collect())
 }
 
 /// Mean KL(unsteered || steered) of the next-token distribution after each prompt, in nats
@@ -329,14 +331,7 @@ pub fn mean_kl(
         .filter(|(_, &s)| s)
         .map(|(p, _)| format.encode(model, &p.prompt))
         .collect::<Result<_>>()?;
-    let base = mixed_logprobs(
-        model,
-        &tokens,
-        &vec![false; tokens.len()],
-        batch,
-        None,
-        unsteered,
-    )?;
+    let base = unsteered.read(model, &tokens, batch)?;
     let after = next_token_logprobs(model, &tokens, batch, recipe)?;
     let total: f64 = base
         .iter()
