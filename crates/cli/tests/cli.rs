@@ -376,9 +376,11 @@ fn capture_fit_and_steer_chain_through_files() {
             _ => GateLabel::OffTopic,
         })
         .collect();
+    let groups: Vec<&str> = acts.header.ids.iter().map(String::as_str).collect();
     let gate = refusal_steer_pipeline::gate::Gate::fit(
         &acts,
         &labels,
+        &groups,
         refusal_steer_pipeline::gate::GateMethod::Md,
         refusal_steer_steer::Ridge::Relative(1.0),
         3,

@@ -22,6 +22,7 @@
 //!   lists.
 
 use crate::answers::Format;
+use crate::gate::budget::Cuts;
 use crate::gate::{Decision, Gate, GateMethod, Readout};
 use crate::steering::{SteerMode, SteerPositions, Steering};
 use anyhow::{bail, Context, Result};
@@ -94,6 +95,8 @@ struct GateHeader {
     topic_threshold: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     veto_threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cuts: Option<Cuts>,
     heldout_auc: f64,
     heldout_accuracy: f64,
 }
@@ -413,6 +416,7 @@ impl Recipe {
                 points: g.points.clone(),
                 topic_threshold: g.topic.threshold,
                 veto_threshold: g.veto.as_ref().map(|v| v.threshold),
+                cuts: g.cuts.clone(),
                 heldout_auc: g.heldout_auc,
                 heldout_accuracy: g.heldout_accuracy,
             }),
@@ -559,6 +563,7 @@ impl Recipe {
                         threshold: g.topic_threshold,
                     },
                     veto,
+                    cuts: g.cuts.clone(),
                     heldout_auc: g.heldout_auc,
                     heldout_accuracy: g.heldout_accuracy,
                     read: Default::default(),
@@ -620,6 +625,15 @@ mod tests {
             veto: Some(Readout {
                 weights: vec![1.0, 0.0, 0.5, 0.5],
                 threshold: -0.7,
+            }),
+            cuts: Some(Cuts {
+                harmful_budget: 0.005,
+                off_topic_budget: 0.03,
+                topic_shift: 0.2,
+                veto_shift: -0.1,
+                on_topic_passed: 0.9,
+                harmful_passed: 0.0,
+                off_topic_passed: 0.02,
             }),
             heldout_auc: 0.9,
             heldout_accuracy: 0.8,

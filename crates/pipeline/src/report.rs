@@ -188,9 +188,20 @@ pub fn write(
         ),
         None => String::new(),
     };
+    let cut = match &report.gate_cuts {
+        Some(c) => format!(
+            "cut to let in at most {:.1}% of harmful and {:.1}% of other off-topic prompts, judged on prompts scored by gates fitted without their source (there: {:.1}% of on-topic, {:.1}% of harmful and {:.1}% of other off-topic prompts let in)",
+            100.0 * c.harmful_budget,
+            100.0 * c.off_topic_budget,
+            100.0 * c.on_topic_passed,
+            100.0 * c.harmful_passed,
+            100.0 * c.off_topic_passed
+        ),
+        None => "threshold at the midpoint of the two classes' mean scores".to_string(),
+    };
     let _ = writeln!(
         md,
-        "Methods ending in `+gated` steer only prompts that a topic gate lets through: {gate_rule}{corpus}, threshold at the midpoint of the two classes' mean scores (held-out balanced accuracy {:.3}, AUC {:.3}; `refusal-steer gate-eval` measures a gate on sources it never saw). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
+        "Methods ending in `+gated` steer only prompts that a topic gate lets through: {gate_rule}{corpus}, {cut} (held-out balanced accuracy {:.3}, AUC {:.3}; `refusal-steer gate-eval` measures a gate on sources it never saw). `ablation+gated` projects the span of the WRMD and MD directions out of the residual stream at every point (directional ablation, strength 0) and adds the strength along WRMD only if ablation alone is not enough.\n",
         report.gate_heldout_accuracy, report.gate_heldout_auc
     );
     let _ = writeln!(md, "## Train classes (refused, answered, neither)\n");

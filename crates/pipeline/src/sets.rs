@@ -157,6 +157,12 @@ fn stem(path: &Path) -> String {
         .unwrap_or_else(|| "source".into())
 }
 
+/// The set and source file of a prompt id that [`load_prompts`] made (`target/censored/12` →
+/// `target/censored`); an id without a `/` is its own source.
+pub fn source_of(id: &str) -> &str {
+    id.rsplit_once('/').map_or(id, |(source, _)| source)
+}
+
 /// Reads a prompt source; ids are `{set}/{file stem}/{row index}`.
 pub fn load_prompts(source: &Source, data_dir: &Path, set: &str, seed: u64) -> Result<Vec<Prompt>> {
     let path = data_dir.join(&source.path);

@@ -44,6 +44,7 @@ fn recipe(model: &Model, gated: bool) -> Recipe {
             threshold: -0.75,
         },
         veto: None,
+        cuts: None,
         heldout_auc: 0.5,
         heldout_accuracy: 0.5,
         read: Default::default(),

@@ -7,13 +7,32 @@ use crate::config::GateCorpus;
 use anyhow::{bail, Context, Result};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::Prompt;
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+
+/// A corpus line: a prompt and, optionally, the source it was drawn from.
+#[derive(Deserialize)]
+struct Line {
+    #[serde(flatten)]
+    prompt: Prompt,
+    source: Option<String>,
+}
+
+/// A prompt drawn for the gate.
+#[derive(Debug)]
+pub struct Drawn {
+    pub prompt: Prompt,
+    pub label: GateLabel,
+    /// What the gate's cuts hold out together: `gate:` and the line's `source` (its set where
+    /// it has none).
+    pub group: String,
+}
 
 /// `data/gate/prompts.jsonl` (`data/gate/README.md` says how it was made).
 const BUILT_IN: &str = include_str!("../../../../data/gate/prompts.jsonl");
 
-/// The corpus's prompts drawn for the gate, each with its label; `exclude` holds the texts
+/// The corpus's prompts drawn for the gate, each with its label and group; `exclude` holds the texts
 /// the run answers (none of them is drawn). Ids are prefixed `gate:` so they never meet the
 /// run's own.
 pub fn draw(
@@ -21,7 +40,7 @@ pub fn draw(
     data_dir: &Path,
     seed: u64,
     exclude: &HashSet<&str>,
-) -> Result<Vec<(Prompt, GateLabel)>> {
+) -> Result<Vec<Drawn>> {
     let (text, name) = match corpus.prompts.as_str() {
         "built-in" => (BUILT_IN.to_string(), "the built-in gate corpus".to_string()),
         path => {
@@ -31,21 +50,22 @@ pub fn draw(
             (text, path.display().to_string())
         }
     };
-    let mut by_set: BTreeMap<String, Vec<Prompt>> = BTreeMap::new();
+    let mut by_set: BTreeMap<String, Vec<(Prompt, String)>> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let prompt: Prompt = serde_json::from_str(line).with_context(|| {
+        let line: Line = serde_json::from_str(line).with_context(|| {
             format!(
                 "{name} line {}: not a prompt (\"id\", \"prompt\", \"set\")",
                 i + 1
             )
         })?;
-        let Some(set) = prompt.set.clone() else {
+        let Some(set) = line.prompt.set.clone() else {
             bail!("{name} line {}: the prompt has no \"set\"", i + 1);
         };
-        by_set.entry(set).or_default().push(prompt);
+        let group = format!("gate:{}", line.source.as_deref().unwrap_or(&set));
+        by_set.entry(set).or_default().push((line.prompt, group));
     }
     for set in corpus.on.iter().chain(&corpus.harmful) {
         if !by_set.contains_key(set) {
@@ -58,7 +78,7 @@ pub fn draw(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut drawn = Vec::new();
     for (set, mut prompts) in by_set {
-        prompts.retain(|p| !exclude.contains(p.prompt.as_str()));
+        prompts.retain(|(p, _)| !exclude.contains(p.prompt.as_str()));
         prompts.shuffle(&mut rng);
         let label = if corpus.on.contains(&set) {
             GateLabel::OnTopic
@@ -67,9 +87,13 @@ pub fn draw(
         } else {
             GateLabel::OffTopic
         };
-        for mut p in prompts.into_iter().take(corpus.per_set) {
-            p.id = format!("gate:{}", p.id);
-            drawn.push((p, label));
+        for (mut prompt, group) in prompts.into_iter().take(corpus.per_set) {
+            prompt.id = format!("gate:{}", prompt.id);
+            drawn.push(Drawn {
+                prompt,
+                label,
+                group,
+            });
         }
     }
     Ok(drawn)
@@ -89,15 +113,15 @@ mod tests {
         };
         let all = draw(&corpus, Path::new("."), 0, &HashSet::new()).unwrap();
         assert_eq!(all.len(), 25, "five sets, five each");
-        let excluded: HashSet<&str> = all.iter().map(|(p, _)| p.prompt.as_str()).collect();
+        let excluded: HashSet<&str> = all.iter().map(|d| d.prompt.prompt.as_str()).collect();
         let again = draw(&corpus, Path::new("."), 0, &excluded).unwrap();
         assert!(again
             .iter()
-            .all(|(p, _)| !excluded.contains(p.prompt.as_str())));
+            .all(|d| !excluded.contains(d.prompt.prompt.as_str())));
         let labels = |set: &str| {
             all.iter()
-                .filter(|(p, _)| p.set.as_deref() == Some(set))
-                .map(|(_, l)| *l)
+                .filter(|d| d.prompt.set.as_deref() == Some(set))
+                .map(|d| d.label)
                 .collect::<HashSet<_>>()
         };
         assert_eq!(labels("china"), HashSet::from([GateLabel::OnTopic]));
@@ -106,7 +130,12 @@ mod tests {
             labels("other-country"),
             HashSet::from([GateLabel::OffTopic])
         );
-        assert!(all.iter().all(|(p, _)| p.id.starts_with("gate:")));
+        assert!(all.iter().all(|d| d.prompt.id.starts_with("gate:")));
+        // A templated phrasing is one group for China and the other countries alike.
+        assert!(all
+            .iter()
+            .filter(|d| d.prompt.id.contains("template-other-essay"))
+            .all(|d| d.group == "gate:template-essay"));
         let wrong = GateCorpus {
             on: vec!["tibet".into()],
             ..corpus

@@ -87,6 +87,7 @@ pub fn leave_one_source_out(
         }
     }
     let sources: BTreeSet<&str> = corpus.iter().map(|p| p.source.as_str()).collect();
+    let groups: Vec<&str> = corpus.iter().map(|p| p.source.as_str()).collect();
     let mut decisions = vec![None; corpus.len()];
     for (n, source) in sources.iter().enumerate() {
         progress(&format!(
@@ -101,7 +102,7 @@ pub fn leave_one_source_out(
                 false => roles.label(&p.set),
             })
             .collect();
-        let gate = Gate::fit_unmeasured(acts, &labels, method, ridge, seed)
+        let gate = Gate::fit_unmeasured(acts, &labels, &groups, method, ridge, seed)
             .with_context(|| format!("fitting the gate without {source}"))?;
         for (i, p) in corpus.iter().enumerate() {
             if p.source == *source {

@@ -8,6 +8,9 @@
 //! threshold and, where the gate has a harmful-request veto, the veto's score does not pass
 //! its own. The veto is a second read-out fitted on harmful against every other labelled
 //! prompt at the same points: a prompt it flags is never gated in, whatever its topic score.
+//! The ridge gate's two thresholds are cut for stated budgets of harmful and other off-topic
+//! prompts let in, on scores of gates fitted without each prompt's source ([`budget`]); the
+//! single-direction gates cut at the midpoint of the classes' mean scores.
 //!
 //! Methods: `md` and `rmd` are one direction at the one point where its midpoint rule is most
 //! often right on held-out train prompts, read at the last prompt token; `ridge` is a
@@ -15,12 +18,14 @@
 //! (`docs/results/gate-generalisation.md` measures why: on prompts of sources and phrasings it
 //! never saw, the single-point gate lets through fewer on-topic and more harmful prompts).
 
+pub mod budget;
 pub mod corpus;
 pub mod eval;
 
 use crate::answers::Format;
 use crate::capture::{by_length, capture_pooled, CapturePosition};
 use anyhow::{bail, Context, Result};
+use budget::{Budgets, Cuts};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_engine::{Model, SharedPrefix};
@@ -28,7 +33,7 @@ use refusal_steer_steer::classify::balanced_ridge;
 use refusal_steer_steer::linalg::{dot, norm};
 use refusal_steer_steer::{auc, fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -131,6 +136,10 @@ pub struct Gate {
     /// A prompt whose harm score passes this is never steered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub veto: Option<Readout>,
+    /// Where the ridge gate's cuts were moved from the midpoints, for what budgets, and what
+    /// they let in of its train prompts out of fold ([`budget`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuts: Option<Cuts>,
     /// Held-out AUC of the topic score on the train prompts (k folds).
     pub heldout_auc: f64,
     /// Held-out balanced accuracy of the topic rule (score and midpoint threshold) on the
@@ -187,23 +196,26 @@ impl std::fmt::Debug for ReadPrompts {
 }
 
 impl Gate {
-    /// Fits the gate on train activations captured with `method.pooling()` (`labels[i]` for
-    /// row i). `ridge` is used by [`GateMethod::Rmd`] and [`GateMethod::Ridge`].
+    /// Fits the gate on train activations captured with `method.pooling()` (`labels[i]` and
+    /// `groups[i]`, the source it was drawn from, for row i). `ridge` is used by
+    /// [`GateMethod::Rmd`] and [`GateMethod::Ridge`]; the ridge gate's cuts hold out whole
+    /// groups.
     pub fn fit(
         acts: &Activations,
         labels: &[GateLabel],
+        groups: &[&str],
         method: GateMethod,
         ridge: Ridge,
         folds: usize,
         seed: u64,
     ) -> Result<Self> {
-        let (on, off) = check_inputs(acts, labels, method)?;
+        let (on, off) = check_inputs(acts, labels, groups, method)?;
         let folds = folds.min(on).min(off).max(2);
         match method {
             GateMethod::Md | GateMethod::Rmd => one_point(acts, labels, method, ridge, folds, seed),
             GateMethod::Ridge => {
                 let kappa = relative(ridge)?;
-                let mut gate = several_points(acts, labels, kappa)?;
+                let mut gate = several_points(acts, labels, groups, kappa)?;
                 (gate.heldout_auc, gate.heldout_accuracy) =
                     heldout(acts, labels, &gate.points, kappa, folds, seed)?;
                 Ok(gate)
@@ -216,16 +228,19 @@ impl Gate {
     pub(crate) fn fit_unmeasured(
         acts: &Activations,
         labels: &[GateLabel],
+        groups: &[&str],
         method: GateMethod,
         ridge: Ridge,
         seed: u64,
     ) -> Result<Self> {
         match method {
             GateMethod::Ridge => {
-                check_inputs(acts, labels, method)?;
-                several_points(acts, labels, relative(ridge)?)
+                check_inputs(acts, labels, groups, method)?;
+                several_points(acts, labels, groups, relative(ridge)?)
             }
-            GateMethod::Md | GateMethod::Rmd => Self::fit(acts, labels, method, ridge, 5, seed),
+            GateMethod::Md | GateMethod::Rmd => {
+                Self::fit(acts, labels, groups, method, ridge, 5, seed)
+            }
         }
     }
 
@@ -354,6 +369,7 @@ impl Gate {
 fn check_inputs(
     acts: &Activations,
     labels: &[GateLabel],
+    groups: &[&str],
     method: GateMethod,
 ) -> Result<(usize, usize)> {
     let captured = acts.header.metadata.get("position").map(String::as_str);
@@ -364,10 +380,11 @@ fn check_inputs(
             captured.unwrap_or_default()
         );
     }
-    if labels.len() != acts.header.ids.len() {
+    if labels.len() != acts.header.ids.len() || groups.len() != labels.len() {
         bail!(
-            "{} gate labels for {} prompts",
+            "{} gate labels and {} groups for {} prompts",
             labels.len(),
+            groups.len(),
             acts.header.ids.len()
         );
     }
@@ -459,6 +476,7 @@ fn one_point(
             threshold: midpoint(&scores, &positive),
         },
         veto: None,
+        cuts: None,
         heldout_auc: heldout.auc,
         heldout_accuracy: heldout.midpoint_accuracy,
         read: ReadPrompts::default(),
@@ -536,11 +554,46 @@ fn relative(ridge: Ridge) -> Result<f64> {
 
 /// `ridge`: the topic read-out over several points, and the veto when there are harmful rows
 /// (its negatives: every other labelled row, on the topic or not, so that it learns harm, not
-/// the topic's absence). Held-out numbers are left NaN for the caller.
-fn several_points(acts: &Activations, labels: &[GateLabel], kappa: f64) -> Result<Gate> {
+/// the topic's absence), cut for [`Budgets::DEFAULT`] where the rows allow it. Held-out
+/// numbers are left NaN for the caller.
+fn several_points(
+    acts: &Activations,
+    labels: &[GateLabel],
+    groups: &[&str],
+    kappa: f64,
+) -> Result<Gate> {
     let points = Gate::ridge_points(acts.header.n_points - 1);
+    let (mut topic, mut veto) = readouts(acts, labels, &points, kappa)?;
+    let cuts = match &veto {
+        Some(_) => cross_fitted(acts, labels, groups, &points, kappa)?
+            .and_then(|(t, h)| budget::choose(&t, &h, labels, Budgets::DEFAULT)),
+        None => None,
+    };
+    if let (Some(cuts), Some(veto)) = (&cuts, &mut veto) {
+        topic.threshold += cuts.topic_shift;
+        veto.threshold += cuts.veto_shift;
+    }
+    Ok(Gate {
+        method: GateMethod::Ridge,
+        points,
+        topic,
+        veto,
+        cuts,
+        heldout_auc: f64::NAN,
+        heldout_accuracy: f64::NAN,
+        read: ReadPrompts::default(),
+    })
+}
+
+/// The topic read-out and, with at least two harmful rows, the veto, at their midpoints.
+fn readouts(
+    acts: &Activations,
+    labels: &[GateLabel],
+    points: &[usize],
+    kappa: f64,
+) -> Result<(Readout, Option<Readout>)> {
     let positive: Vec<Option<bool>> = labels.iter().map(|&l| topic_class(l)).collect();
-    let topic = ridge_readout(acts, &points, &positive, kappa)?;
+    let topic = ridge_readout(acts, points, &positive, kappa)?;
     let harmful: Vec<Option<bool>> = labels
         .iter()
         .map(|&l| match l {
@@ -551,19 +604,59 @@ fn several_points(acts: &Activations, labels: &[GateLabel], kappa: f64) -> Resul
         .collect();
     let n_harmful = labels.iter().filter(|&&l| l == GateLabel::Harmful).count();
     let veto = if n_harmful >= 2 {
-        Some(ridge_readout(acts, &points, &harmful, kappa)?)
+        Some(ridge_readout(acts, points, &harmful, kappa)?)
     } else {
         None
     };
-    Ok(Gate {
-        method: GateMethod::Ridge,
-        points,
-        topic,
-        veto,
-        heldout_auc: f64::NAN,
-        heldout_accuracy: f64::NAN,
-        read: ReadPrompts::default(),
-    })
+    Ok((topic, veto))
+}
+
+/// Every labelled row's topic and harm scores less their thresholds, from read-outs fitted
+/// without the row's group (NaN for unused rows, and for a group without which a class has no
+/// rows left). `None` with fewer than two groups.
+fn cross_fitted(
+    acts: &Activations,
+    labels: &[GateLabel],
+    groups: &[&str],
+    points: &[usize],
+    kappa: f64,
+) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
+    let labelled = |i: usize| labels[i] != GateLabel::Unused;
+    let names: BTreeSet<&str> = (0..labels.len())
+        .filter(|&i| labelled(i))
+        .map(|i| groups[i])
+        .collect();
+    if names.len() < 2 {
+        return Ok(None);
+    }
+    let (mut topic, mut harm) = (vec![f64::NAN; labels.len()], vec![f64::NAN; labels.len()]);
+    for name in names {
+        let held = |i: usize| labelled(i) && groups[i] == name;
+        let fit_labels: Vec<GateLabel> = (0..labels.len())
+            .map(|i| {
+                if held(i) {
+                    GateLabel::Unused
+                } else {
+                    labels[i]
+                }
+            })
+            .collect();
+        let count = |label: GateLabel| fit_labels.iter().filter(|&&l| l == label).count();
+        if count(GateLabel::OnTopic) == 0
+            || count(GateLabel::OffTopic) == 0
+            || count(GateLabel::Harmful) < 2
+        {
+            continue;
+        }
+        let (t, h) = readouts(acts, &fit_labels, points, kappa)?;
+        let h = h.expect("two harmful rows give a veto");
+        for i in (0..labels.len()).filter(|&i| held(i)) {
+            let features = features_at(acts, points, i);
+            topic[i] = t.score(&features) - t.threshold;
+            harm[i] = h.score(&features) - h.threshold;
+        }
+    }
+    Ok(Some((topic, harm)))
 }
 
 /// The topic read-out's held-out AUC and balanced accuracy over `folds` folds stratified by
@@ -633,7 +726,13 @@ fn heldout(
 mod tests {
     use super::*;
     use crate::fitting::tests::planted;
+    use budget::Budgets;
     use refusal_steer_data::Prompt;
+
+    /// Every prompt its own group.
+    fn alone(acts: &Activations) -> Vec<&str> {
+        acts.header.ids.iter().map(String::as_str).collect()
+    }
 
     fn labels(on: impl Fn(usize) -> bool, n: usize) -> Vec<GateLabel> {
         (0..n)
@@ -655,6 +754,7 @@ mod tests {
         let gate = Gate::fit(
             &acts,
             &labels(|i| i < 15, 30),
+            &alone(&acts),
             GateMethod::Md,
             Ridge::Relative(1.0),
             5,
@@ -671,6 +771,7 @@ mod tests {
         let err = Gate::fit(
             &acts,
             &[GateLabel::OnTopic; 30],
+            &alone(&acts),
             GateMethod::Md,
             Ridge::Relative(1.0),
             5,
@@ -731,6 +832,7 @@ mod tests {
         let gate = Gate::fit(
             &acts,
             &labels,
+            &alone(&acts),
             GateMethod::Ridge,
             Ridge::Relative(0.1),
             5,
@@ -748,6 +850,86 @@ mod tests {
 
     /// A prompt on the topic that the harm read-out flags is not gated in, however high its
     /// topic score: harm is axis 1, the topic axis 0, and the test rows carry both.
+    /// Harmful prompts come from four sources; one of them leans toward the topic and is less
+    /// than half as harmful as the others. At the midpoints a new prompt like it gets in; cut for the
+    /// budgets on scores from gates fitted without each source, it is kept out, and every
+    /// on-topic prompt still gets in.
+    #[test]
+    fn cuts_chosen_with_whole_sources_held_out_keep_a_look_alike_harmful_source_out() {
+        let n = 120;
+        // 0 on the topic, 1 benign, 2-5 harmful sources (5 leans toward the topic).
+        let role = |i: usize| {
+            if i == n {
+                5
+            } else if i > n {
+                0
+            } else {
+                i % 6
+            }
+        };
+        let signal = |i: usize| match (i > n, role(i)) {
+            (true, _) => (1.0, 0.0),
+            (false, 0) => (1.0, 0.0),
+            (false, 1) => (0.0, 0.0),
+            (false, 5) => (0.8, 0.3),
+            (false, _) => (0.0, 1.0),
+        };
+        let acts = acts_from(n + 2, 4, |i, p, j| {
+            let (topic, harm) = signal(i);
+            let value = match j {
+                0 => topic,
+                1 => harm,
+                _ => 0.0,
+            };
+            if p == 0 {
+                0.0
+            } else {
+                value + 0.1 * noise(i, p, j)
+            }
+        });
+        let labels: Vec<GateLabel> = (0..n + 2)
+            .map(|i| match (i >= n, role(i)) {
+                (true, _) => GateLabel::Unused,
+                (false, 0) => GateLabel::OnTopic,
+                (false, 1) => GateLabel::OffTopic,
+                _ => GateLabel::Harmful,
+            })
+            .collect();
+        // Two sources each of on-topic and benign prompts, one per harmful role.
+        let sources: Vec<String> = (0..n + 2)
+            .map(|i| match role(i) {
+                0 | 1 => format!("source{}{}", role(i), (i / 6) % 2),
+                r => format!("source{r}"),
+            })
+            .collect();
+        let groups: Vec<&str> = sources.iter().map(String::as_str).collect();
+        let gate = Gate::fit(
+            &acts,
+            &labels,
+            &groups,
+            GateMethod::Ridge,
+            Ridge::Relative(0.1),
+            5,
+            0,
+        )
+        .unwrap();
+        let cuts = gate
+            .cuts
+            .as_ref()
+            .expect("harmful and benign rows give cuts");
+        assert!(cuts.harmful_passed <= Budgets::DEFAULT.harmful);
+        let (look_alike, on_topic) = (gate.features(&acts, n), gate.features(&acts, n + 1));
+        let veto = gate.veto.as_ref().unwrap();
+        let at_midpoints = gate.topic.score(&look_alike) > gate.topic.threshold - cuts.topic_shift
+            && veto.score(&look_alike) <= veto.threshold - cuts.veto_shift;
+        assert!(at_midpoints, "the midpoints let the look-alike in");
+        assert!(!gate.admits(&look_alike), "the cuts keep it out");
+        assert!(gate.admits(&on_topic));
+        for i in (0..n).filter(|&i| role(i) == 0) {
+            assert!(gate.admits(&gate.features(&acts, i)), "on-topic row {i}");
+        }
+    }
+
     #[test]
     fn the_harmful_veto_overrides_a_high_topic_score() {
         let (n, d) = (60, 6);
@@ -781,6 +963,7 @@ mod tests {
         let gate = Gate::fit(
             &acts,
             &labels,
+            &alone(&acts),
             GateMethod::Ridge,
             Ridge::Relative(0.1),
             5,
@@ -847,6 +1030,7 @@ mod tests {
         let gate = Gate::fit(
             &acts,
             &labels(|i| i % 2 == 0, 10),
+            &alone(&acts),
             GateMethod::Ridge,
             Ridge::Relative(1.0),
             2,
@@ -892,6 +1076,7 @@ mod tests {
         let gate = Gate::fit(
             &acts,
             &labels(|i| i < 10, 20),
+            &alone(&acts),
             GateMethod::Ridge,
             Ridge::Relative(1.0),
             3,
@@ -910,6 +1095,7 @@ mod tests {
         let err = Gate::fit(
             &last,
             &labels(|i| i < 10, 20),
+            &alone(&last),
             GateMethod::Ridge,
             Ridge::Relative(1.0),
             3,
@@ -964,7 +1150,16 @@ mod tests {
             })
             .collect();
         let off_passed = |method| {
-            let gate = Gate::fit(&acts, &labels, method, Ridge::Relative(0.01), 5, 0).unwrap();
+            let gate = Gate::fit(
+                &acts,
+                &labels,
+                &alone(&acts),
+                method,
+                Ridge::Relative(0.01),
+                5,
+                0,
+            )
+            .unwrap();
             assert_eq!(gate.method, method);
             let passed = |on: bool| {
                 (n / 2..n)

@@ -10,6 +10,7 @@ use crate::capture::CapturePosition;
 use crate::fitting::{fit_points, mean_difference, FitOptions, Strata};
 use crate::gate::corpus::draw;
 use crate::gate::{Gate, GateLabel};
+use crate::sets::source_of;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
@@ -139,7 +140,7 @@ fn topic_gate(
 ) -> Result<Gate> {
     let method = ctx.config.tune.gate;
     let position = method.pooling().capture_position();
-    let mut prompts: Vec<(Prompt, GateLabel)> = train
+    let mut prompts: Vec<(Prompt, GateLabel, String)> = train
         .iter()
         .map(|p| {
             let label = match p.set.as_deref() {
@@ -148,19 +149,21 @@ fn topic_gate(
                 Some("safety") => GateLabel::Harmful,
                 _ => GateLabel::Unused,
             };
-            (p.clone(), label)
+            (p.clone(), label, source_of(&p.id).to_string())
         })
         .collect();
     if let Some(corpus) = &ctx.config.gate_corpus {
         let data_dir = ctx.config.data_dir()?;
-        prompts.extend(draw(corpus, &data_dir, ctx.config.seed, exclude)?);
+        let drawn = draw(corpus, &data_dir, ctx.config.seed, exclude)?;
+        prompts.extend(drawn.into_iter().map(|d| (d.prompt, d.label, d.group)));
     }
-    let labels: Vec<GateLabel> = prompts.iter().map(|(_, l)| *l).collect();
+    let labels: Vec<GateLabel> = prompts.iter().map(|(_, l, _)| *l).collect();
+    let groups: Vec<String> = prompts.iter().map(|(_, _, g)| g.clone()).collect();
     let read;
     let acts = if position == CapturePosition::LastPrompt && ctx.config.gate_corpus.is_none() {
         acts
     } else {
-        let records: Vec<Prompt> = prompts.into_iter().map(|(p, _)| p).collect();
+        let records: Vec<Prompt> = prompts.into_iter().map(|(p, _, _)| p).collect();
         let ids: Vec<&str> = records.iter().map(|p| p.id.as_str()).collect();
         // Named by its prompt list, so another corpus draw never resumes this one's file.
         let list = answer_seed(0, &ids.join("\n"), 0);
@@ -172,9 +175,11 @@ fn topic_gate(
         )?;
         &read
     };
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     Gate::fit(
         acts,
         &labels,
+        &groups,
         method,
         Ridge::Relative(ctx.config.kappa),
         5,

@@ -137,6 +137,7 @@ impl Runner<'_> {
             gate_method: fit.gate.method,
             gate_points: fit.gate.points.clone(),
             gate_veto: fit.gate.veto.is_some(),
+            gate_cuts: fit.gate.cuts.clone(),
             gate_heldout_auc: fit.gate.heldout_auc,
             gate_heldout_accuracy: fit.gate.heldout_accuracy,
             validation_baseline,

@@ -2,6 +2,7 @@
 
 use crate::config::Direction;
 use crate::evaluate::SetRate;
+use crate::gate::budget::Cuts;
 use crate::gate::GateMethod;
 use crate::steering::SteerMode;
 use serde::{Deserialize, Serialize};
@@ -59,10 +60,13 @@ pub struct RunReport {
     pub train_classes: BTreeMap<String, (usize, usize, usize)>,
     pub heldout_auc: BTreeMap<String, Vec<Option<f64>>>,
     /// The topic gate of the gated methods: how it was fitted, the points it reads, whether it
-    /// has a harmful-request veto, its held-out AUC and accuracy on the train prompts.
+    /// has a harmful-request veto, where it cuts, its held-out AUC and accuracy on the train
+    /// prompts.
     pub gate_method: GateMethod,
     pub gate_points: Vec<usize>,
     pub gate_veto: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_cuts: Option<Cuts>,
     pub gate_heldout_auc: f64,
     #[serde(default)]
     pub gate_heldout_accuracy: f64,
