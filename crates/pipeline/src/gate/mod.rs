@@ -805,6 +805,41 @@ mod tests {
         ((i * 7919 + p * 104_729 + j * 1_299_709) % 1000) as f32 / 1000.0 - 0.5
     }
 
+    /// Rows whose topic is written along axis 0 and harm along axis 1 at every point but the
+    /// embedding, `signal(i)` = (topic, harm), plus `spread` times the noise.
+    fn topic_and_harm(
+        n: usize,
+        d: usize,
+        spread: f32,
+        signal: impl Fn(usize) -> (f32, f32),
+    ) -> Activations {
+        acts_from(n, d, |i, p, j| {
+            let (topic, harm) = signal(i);
+            let value = match j {
+                0 => topic,
+                1 => harm,
+                _ => 0.0,
+            };
+            if p == 0 {
+                0.0
+            } else {
+                value + spread * noise(i, p, j)
+            }
+        })
+    }
+
+    /// Rows from `n` on are unused; before it, role 0 is on the topic, 1 benign, others harmful.
+    fn by_role(rows: usize, n: usize, role: impl Fn(usize) -> usize) -> Vec<GateLabel> {
+        (0..rows)
+            .map(|i| match (i >= n, role(i)) {
+                (true, _) => GateLabel::Unused,
+                (false, 0) => GateLabel::OnTopic,
+                (false, 1) => GateLabel::OffTopic,
+                _ => GateLabel::Harmful,
+            })
+            .collect()
+    }
+
     /// The topic is written along axis 0 at every point; each phrasing moves the rows along a
     /// nuisance axis of its own (1, 2, 3), on and off the topic alike, by much more than the
     /// topic does. Fitted on two phrasings, the ridge gate still sorts a third it never saw.
@@ -857,44 +892,21 @@ mod tests {
     #[test]
     fn cuts_chosen_with_whole_sources_held_out_keep_a_look_alike_harmful_source_out() {
         let n = 120;
-        // 0 on the topic, 1 benign, 2-5 harmful sources (5 leans toward the topic).
-        let role = |i: usize| {
-            if i == n {
-                5
-            } else if i > n {
-                0
-            } else {
-                i % 6
-            }
+        // 0 on the topic, 1 benign, 2-5 harmful sources (5 leans toward the topic); rows n and
+        // n + 1, unused in the fit, are a new look-alike and a new on-topic prompt.
+        let role = |i: usize| match i.cmp(&n) {
+            std::cmp::Ordering::Less => i % 6,
+            std::cmp::Ordering::Equal => 5,
+            std::cmp::Ordering::Greater => 0,
         };
-        let signal = |i: usize| match (i > n, role(i)) {
-            (true, _) => (1.0, 0.0),
-            (false, 0) => (1.0, 0.0),
-            (false, 1) => (0.0, 0.0),
-            (false, 5) => (0.8, 0.3),
-            (false, _) => (0.0, 1.0),
+        let signal = |i: usize| match role(i) {
+            0 => (1.0, 0.0),
+            1 => (0.0, 0.0),
+            5 => (0.8, 0.3),
+            _ => (0.0, 1.0),
         };
-        let acts = acts_from(n + 2, 4, |i, p, j| {
-            let (topic, harm) = signal(i);
-            let value = match j {
-                0 => topic,
-                1 => harm,
-                _ => 0.0,
-            };
-            if p == 0 {
-                0.0
-            } else {
-                value + 0.1 * noise(i, p, j)
-            }
-        });
-        let labels: Vec<GateLabel> = (0..n + 2)
-            .map(|i| match (i >= n, role(i)) {
-                (true, _) => GateLabel::Unused,
-                (false, 0) => GateLabel::OnTopic,
-                (false, 1) => GateLabel::OffTopic,
-                _ => GateLabel::Harmful,
-            })
-            .collect();
+        let acts = topic_and_harm(n + 2, 4, 0.1, signal);
+        let labels = by_role(n + 2, n, role);
         // Two sources each of on-topic and benign prompts, one per harmful role.
         let sources: Vec<String> = (0..n + 2)
             .map(|i| match role(i) {
@@ -934,32 +946,13 @@ mod tests {
     fn the_harmful_veto_overrides_a_high_topic_score() {
         let (n, d) = (60, 6);
         let role = |i: usize| i % 3; // 0 on the topic, 1 benign, 2 harmful
-        let acts = acts_from(n + 2, d, |i, p, j| {
-            let (topic, harm) = match (i >= n, role(i)) {
-                (true, _) => (1.5, if i == n { 1.5 } else { 0.0 }),
-                (false, 0) => (1.0, 0.0),
-                (false, 1) => (0.0, 0.0),
-                (false, _) => (0.0, 1.0),
-            };
-            let signal = match j {
-                0 => topic,
-                1 => harm,
-                _ => 0.0,
-            };
-            if p == 0 {
-                0.0
-            } else {
-                signal + 0.2 * noise(i, p, j)
-            }
+        let acts = topic_and_harm(n + 2, d, 0.2, |i| match (i >= n, role(i)) {
+            (true, _) => (1.5, if i == n { 1.5 } else { 0.0 }),
+            (false, 0) => (1.0, 0.0),
+            (false, 1) => (0.0, 0.0),
+            (false, _) => (0.0, 1.0),
         });
-        let labels: Vec<GateLabel> = (0..n + 2)
-            .map(|i| match (i >= n, role(i)) {
-                (true, _) => GateLabel::Unused,
-                (false, 0) => GateLabel::OnTopic,
-                (false, 1) => GateLabel::OffTopic,
-                (false, _) => GateLabel::Harmful,
-            })
-            .collect();
+        let labels = by_role(n + 2, n, role);
         let gate = Gate::fit(
             &acts,
             &labels,
