@@ -46,17 +46,7 @@ pub fn balanced_ridge(
             p,
         });
     }
-    let n_pos = positive.iter().filter(|&&b| b).count();
-    if n_pos == 0 || n_pos == n {
-        return Err(ClassifyError::OneClass { positive: n_pos, n });
-    }
-    if !(kappa.is_finite() && kappa > 0.0) {
-        return Err(ClassifyError::Ridge(kappa));
-    }
-    let weight: Vec<f64> = positive
-        .iter()
-        .map(|&b| 0.5 / if b { n_pos } else { n - n_pos } as f64)
-        .collect();
+    let weight = class_weights(positive, kappa)?;
     let mut mean = vec![0.0; p];
     for (i, w) in weight.iter().enumerate() {
         for (m, &x) in mean.iter_mut().zip(&rows[i * p..(i + 1) * p]) {
@@ -66,6 +56,36 @@ pub fn balanced_ridge(
     // Xᵀ centred (p × n): faer is column-major, so each row is one contiguous column.
     let x_t = Mat::from_fn(p, n, |j, i| f64::from(rows[i * p + j]) - mean[j]);
     let gram = x_t.transpose() * &x_t;
+    let alpha = dual(gram, positive, &weight, kappa, p)?;
+    let w = &x_t * alpha;
+    Ok((0..p).map(|j| w[(j, 0)]).collect())
+}
+
+/// Each row's weight `c_i`; refuses one class and a ridge that is not finite and positive.
+fn class_weights(positive: &[bool], kappa: f64) -> Result<Vec<f64>, ClassifyError> {
+    let n = positive.len();
+    let n_pos = positive.iter().filter(|&&b| b).count();
+    if n_pos == 0 || n_pos == n {
+        return Err(ClassifyError::OneClass { positive: n_pos, n });
+    }
+    if !(kappa.is_finite() && kappa > 0.0) {
+        return Err(ClassifyError::Ridge(kappa));
+    }
+    Ok(positive
+        .iter()
+        .map(|&b| 0.5 / if b { n_pos } else { n - n_pos } as f64)
+        .collect())
+}
+
+/// `α` with `w = Xᵀ α` from the centred Gram matrix `X Xᵀ` of the rows: `(X Xᵀ + λ C⁻¹) α = t`.
+fn dual(
+    gram: Mat<f64>,
+    positive: &[bool],
+    weight: &[f64],
+    kappa: f64,
+    p: usize,
+) -> Result<Mat<f64>, ClassifyError> {
+    let n = positive.len();
     let spread: f64 = (0..n).map(|i| weight[i] * gram[(i, i)]).sum();
     let lambda = kappa * spread / p as f64;
     if !(lambda.is_finite() && lambda > 0.0) {
@@ -73,23 +93,80 @@ pub fn balanced_ridge(
     }
     let target_mean: f64 = positive
         .iter()
-        .zip(&weight)
+        .zip(weight)
         .map(|(&b, w)| w * if b { 1.0 } else { -1.0 })
         .sum();
     let targets = Mat::from_fn(n, 1, |i, _| {
         (if positive[i] { 1.0 } else { -1.0 }) - target_mean
     });
-    // w = Xᵀ α with (X Xᵀ + λ C⁻¹) α = t.
     let mut system = gram;
     for (i, w) in weight.iter().enumerate() {
         system[(i, i)] += lambda / w;
     }
-    let alpha = system
+    Ok(system
         .llt(Side::Lower)
         .map_err(|_| ClassifyError::Factorization(lambda))?
-        .solve(&targets);
-    let w = &x_t * alpha;
-    Ok((0..p).map(|j| w[(j, 0)]).collect())
+        .solve(&targets))
+}
+
+/// The Gram matrix of a fixed set of rows, for fitting [`balanced_ridge`] on many subsets of
+/// them and scoring the others, as cross-validation does: each fit then costs one solve of its
+/// own size instead of a product over the rows' width.
+pub struct Gram {
+    gram: Mat<f64>,
+    p: usize,
+}
+
+impl Gram {
+    /// `rows` is `[n, p]` row-major.
+    pub fn new(rows: &[f32], p: usize) -> Result<Self, ClassifyError> {
+        let n = if p == 0 { 0 } else { rows.len() / p };
+        if p == 0 || rows.len() != n * p {
+            return Err(ClassifyError::Shape {
+                len: rows.len(),
+                n,
+                p,
+            });
+        }
+        let x_t = Mat::from_fn(p, n, |j, i| f64::from(rows[i * p + j]));
+        Ok(Self {
+            gram: x_t.transpose() * &x_t,
+            p,
+        })
+    }
+
+    /// The scores `w · x` of rows `at`, for the `w` that [`balanced_ridge`] fits on rows `fit`
+    /// labelled `positive` (equal up to rounding).
+    pub fn scores(
+        &self,
+        fit: &[usize],
+        positive: &[bool],
+        kappa: f64,
+        at: &[usize],
+    ) -> Result<Vec<f64>, ClassifyError> {
+        let weight = class_weights(positive, kappa)?;
+        let g = |i: usize, j: usize| self.gram[(fit[i], fit[j])];
+        let n = fit.len();
+        // The rows' products with the class-balanced mean μ, and μ · μ.
+        let with_mean: Vec<f64> = (0..n)
+            .map(|i| (0..n).map(|j| weight[j] * g(i, j)).sum())
+            .collect();
+        let mean_mean: f64 = (0..n).map(|i| weight[i] * with_mean[i]).sum();
+        let centred = Mat::from_fn(n, n, |i, j| {
+            g(i, j) - with_mean[i] - with_mean[j] + mean_mean
+        });
+        let alpha = dual(centred, positive, &weight, kappa, self.p)?;
+        let alpha_sum: f64 = (0..n).map(|j| alpha[(j, 0)]).sum();
+        // w · x = Σ_j α_j (x_j - μ) · x.
+        Ok(at
+            .iter()
+            .map(|&x| {
+                let dot: f64 = (0..n).map(|j| alpha[(j, 0)] * self.gram[(fit[j], x)]).sum();
+                let mean_dot: f64 = (0..n).map(|j| weight[j] * self.gram[(fit[j], x)]).sum();
+                dot - alpha_sum * mean_dot
+            })
+            .collect())
+    }
 }
 
 #[cfg(test)]
@@ -119,5 +196,37 @@ mod tests {
         assert!(lowest_positive > highest_negative);
         assert!(balanced_ridge(&rows, 2, &[true; 40], 1.0).is_err());
         assert!(balanced_ridge(&rows, 3, &positive, 1.0).is_err());
+    }
+
+    /// Scores from the Gram matrix of all rows equal those of the weights fitted on a subset.
+    #[test]
+    fn gram_scores_equal_the_fitted_weights_scores() {
+        let (n, p) = (30, 7);
+        let rows: Vec<f32> = (0..n * p)
+            .map(|k| {
+                ((k * 7919 + 13) % 101) as f32 / 50.0 - 1.0
+                    + if k % p == 0 && k / p < 12 { 1.5 } else { 0.0 }
+            })
+            .collect();
+        let fit: Vec<usize> = (0..n).filter(|i| i % 4 != 1).collect();
+        let positive: Vec<bool> = fit.iter().map(|&i| i < 12).collect();
+        let subset: Vec<f32> = fit
+            .iter()
+            .flat_map(|&i| rows[i * p..(i + 1) * p].to_vec())
+            .collect();
+        let w = balanced_ridge(&subset, p, &positive, 0.3).unwrap();
+        let all: Vec<usize> = (0..n).collect();
+        let scores = Gram::new(&rows, p)
+            .unwrap()
+            .scores(&fit, &positive, 0.3, &all)
+            .unwrap();
+        for (i, s) in scores.iter().enumerate() {
+            let direct: f64 = (0..p).map(|j| w[j] * f64::from(rows[i * p + j])).sum();
+            assert!(
+                (s - direct).abs() < 1e-9 * (1.0 + direct.abs()),
+                "row {i}: {s} vs {direct}"
+            );
+        }
+        assert!(Gram::new(&rows, 8).is_err());
     }
 }

@@ -29,7 +29,7 @@ use budget::{Budgets, Cuts};
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_engine::{Model, SharedPrefix};
-use refusal_steer_steer::classify::balanced_ridge;
+use refusal_steer_steer::classify::{balanced_ridge, Gram};
 use refusal_steer_steer::linalg::{dot, norm};
 use refusal_steer_steer::{auc, fit, k_fold_heldout, Class, HeldOut, Method, Ridge, Samples};
 use serde::{Deserialize, Serialize};
@@ -511,7 +511,26 @@ fn ridge_readout(
         .filter(|&i| positive[i].is_some())
         .collect();
     let features: Vec<Vec<f32>> = rows.iter().map(|&i| features_at(acts, points, i)).collect();
-    let scale: Vec<f64> = (0..points.len())
+    let (scaled, scale) = unit_mean_square(&features, points.len(), d);
+    let labels: Vec<bool> = rows.iter().map(|&i| positive[i] == Some(true)).collect();
+    let w = balanced_ridge(&scaled, points.len() * d, &labels, kappa)?;
+    let weights: Vec<f32> = w
+        .iter()
+        .enumerate()
+        .map(|(j, &w)| (w / scale[j / d]) as f32)
+        .collect();
+    let scores: Vec<f64> = features.iter().map(|f| dot(&weights, f)).collect();
+    let row_positive: Vec<Option<bool>> = labels.iter().map(|&b| Some(b)).collect();
+    Ok(Readout {
+        threshold: midpoint(&scores, &row_positive),
+        weights,
+    })
+}
+
+/// The rows side by side (`[n, points × d]`), each point's vectors divided by their root mean
+/// square over the rows; and those scales.
+fn unit_mean_square(features: &[Vec<f32>], points: usize, d: usize) -> (Vec<f32>, Vec<f64>) {
+    let scale: Vec<f64> = (0..points)
         .map(|slot| {
             let square: f64 = features
                 .iter()
@@ -530,19 +549,7 @@ fn ridge_readout(
                 .map(|(j, &x)| (f64::from(x) / scale[j / d]) as f32)
         })
         .collect();
-    let labels: Vec<bool> = rows.iter().map(|&i| positive[i] == Some(true)).collect();
-    let w = balanced_ridge(&scaled, points.len() * d, &labels, kappa)?;
-    let weights: Vec<f32> = w
-        .iter()
-        .enumerate()
-        .map(|(j, &w)| (w / scale[j / d]) as f32)
-        .collect();
-    let scores: Vec<f64> = features.iter().map(|f| dot(&weights, f)).collect();
-    let row_positive: Vec<Option<bool>> = labels.iter().map(|&b| Some(b)).collect();
-    Ok(Readout {
-        threshold: midpoint(&scores, &row_positive),
-        weights,
-    })
+    (scaled, scale)
 }
 
 fn relative(ridge: Ridge) -> Result<f64> {
@@ -613,7 +620,9 @@ fn readouts(
 
 /// Every labelled row's topic and harm scores less their thresholds, from read-outs fitted
 /// without the row's group (NaN for unused rows, and for a group without which a class has no
-/// rows left). `None` with fewer than two groups.
+/// rows left). `None` with fewer than two groups. The read-outs are those of
+/// [`ridge_readout`], but each point is scaled over all labelled rows rather than the fit's,
+/// so that one Gram matrix serves every fit.
 fn cross_fitted(
     acts: &Activations,
     labels: &[GateLabel],
@@ -621,39 +630,44 @@ fn cross_fitted(
     points: &[usize],
     kappa: f64,
 ) -> Result<Option<(Vec<f64>, Vec<f64>)>> {
-    let labelled = |i: usize| labels[i] != GateLabel::Unused;
-    let names: BTreeSet<&str> = (0..labels.len())
-        .filter(|&i| labelled(i))
-        .map(|i| groups[i])
+    let rows: Vec<usize> = (0..labels.len())
+        .filter(|&i| labels[i] != GateLabel::Unused)
         .collect();
+    let names: BTreeSet<&str> = rows.iter().map(|&i| groups[i]).collect();
     if names.len() < 2 {
         return Ok(None);
     }
+    let d = acts.header.d;
+    let features: Vec<Vec<f32>> = rows.iter().map(|&i| features_at(acts, points, i)).collect();
+    let (scaled, _) = unit_mean_square(&features, points.len(), d);
+    let gram = Gram::new(&scaled, points.len() * d)?;
     let (mut topic, mut harm) = (vec![f64::NAN; labels.len()], vec![f64::NAN; labels.len()]);
     for name in names {
-        let held = |i: usize| labelled(i) && groups[i] == name;
-        let fit_labels: Vec<GateLabel> = (0..labels.len())
-            .map(|i| {
-                if held(i) {
-                    GateLabel::Unused
-                } else {
-                    labels[i]
-                }
-            })
-            .collect();
-        let count = |label: GateLabel| fit_labels.iter().filter(|&&l| l == label).count();
+        let (held, fit): (Vec<usize>, Vec<usize>) =
+            (0..rows.len()).partition(|&k| groups[rows[k]] == name);
+        let count = |label| fit.iter().filter(|&&k| labels[rows[k]] == label).count();
         if count(GateLabel::OnTopic) == 0
             || count(GateLabel::OffTopic) == 0
             || count(GateLabel::Harmful) < 2
         {
             continue;
         }
-        let (t, h) = readouts(acts, &fit_labels, points, kappa)?;
-        let h = h.expect("two harmful rows give a veto");
-        for i in (0..labels.len()).filter(|&i| held(i)) {
-            let features = features_at(acts, points, i);
-            topic[i] = t.score(&features) - t.threshold;
-            harm[i] = h.score(&features) - h.threshold;
+        let scored: Vec<usize> = fit.iter().chain(&held).copied().collect();
+        // The topic read-out's positives are the on-topic rows, the veto's the harmful ones.
+        for (positive_label, out) in [
+            (GateLabel::OnTopic, &mut topic),
+            (GateLabel::Harmful, &mut harm),
+        ] {
+            let positive: Vec<bool> = fit
+                .iter()
+                .map(|&k| labels[rows[k]] == positive_label)
+                .collect();
+            let scores = gram.scores(&fit, &positive, kappa, &scored)?;
+            let sides: Vec<Option<bool>> = positive.iter().map(|&b| Some(b)).collect();
+            let threshold = midpoint(&scores[..fit.len()], &sides);
+            for (&k, score) in held.iter().zip(&scores[fit.len()..]) {
+                out[rows[k]] = score - threshold;
+            }
         }
     }
     Ok(Some((topic, harm)))
