@@ -120,7 +120,7 @@ pub struct Gram {
 impl Gram {
     /// `rows` is `[n, p]` row-major.
     pub fn new(rows: &[f32], p: usize) -> Result<Self, ClassifyError> {
-        let n = if p == 0 { 0 } else { rows.len() / p };
+        let n = rows.len().checked_div(p).unwrap_or(0);
         if p == 0 || rows.len() != n * p {
             return Err(ClassifyError::Shape {
                 len: rows.len(),
