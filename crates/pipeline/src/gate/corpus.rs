@@ -32,9 +32,9 @@ pub struct Drawn {
 /// `data/gate/prompts.jsonl` (`data/gate/README.md` says how it was made).
 const BUILT_IN: &str = include_str!("../../../../data/gate/prompts.jsonl");
 
-/// The corpus's prompts drawn for the gate, each with its label and group; `exclude` holds the texts
-/// the run answers (none of them is drawn). Ids are prefixed `gate:` so they never meet the
-/// run's own.
+/// The corpus's prompts drawn for the gate, each with its label and group; `exclude` holds
+/// the texts the run answers (none of them is drawn). Ids are prefixed `gate:` so they never
+/// meet the run's own.
 pub fn draw(
     corpus: &GateCorpus,
     data_dir: &Path,
