@@ -77,7 +77,7 @@ fn class_weights(positive: &[bool], kappa: f64) -> Result<Vec<f64>, ClassifyErro
         .collect())
 }
 
-/// `α` with `w = Xᵀ α` from the centred Gram matrix `X Xᵀ` of the rows: `(X Xᵀ + λ C⁻¹) α = t`.
+/// `α` with `w = Xᵀ α`, from the rows' centred Gram matrix `X Xᵀ`: `(X Xᵀ + λ C⁻¹) α = t`.
 fn dual(
     gram: Mat<f64>,
     positive: &[bool],

@@ -900,9 +900,9 @@ mod tests {
     /// A prompt on the topic that the harm read-out flags is not gated in, however high its
     /// topic score: harm is axis 1, the topic axis 0, and the test rows carry both.
     /// Harmful prompts come from four sources; one of them leans toward the topic and is less
-    /// than half as harmful as the others. At the midpoints a new prompt like it gets in; cut for the
-    /// budgets on scores from gates fitted without each source, it is kept out, and every
-    /// on-topic prompt still gets in.
+    /// than half as harmful as the others. At the midpoints a new prompt like it gets in; cut
+    /// for the budgets on scores from gates fitted without each source, it is kept out, and
+    /// every on-topic prompt still gets in.
     #[test]
     fn cuts_chosen_with_whole_sources_held_out_keep_a_look_alike_harmful_source_out() {
         let n = 120;
