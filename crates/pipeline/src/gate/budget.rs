@@ -5,10 +5,11 @@
 //! scores: each prompt scored by read-outs fitted without its group (the source it was drawn
 //! from, held out whole), because a prompt whose source is in the fit scores better than a new
 //! one (`docs/results/gate-generalisation.md`: cuts from random folds, which share sources, let
-//! 1.9% of the harmful prompts of unseen sources through for a budget of 0.5%). Of the cut pairs that let
-//! in at most `harmful` of the harmful prompts and `off_topic` of the other off-topic ones, the
-//! chosen pair lets in the most on-topic prompts; at a tie, the stricter veto. Scores and cuts
-//! are relative to each read-out's midpoint threshold, so a cut is a shift of that threshold.
+//! 1.9% of the harmful prompts of unseen sources through for a budget of 0.5%). Of the cut
+//! pairs that let in at most `harmful` of the harmful prompts and `off_topic` of the other
+//! off-topic ones, the chosen pair lets in the most on-topic prompts; at a tie, the stricter
+//! veto. Scores and cuts are relative to each read-out's midpoint threshold, so a cut is a
+//! shift of that threshold.
 
 use super::GateLabel;
 use serde::{Deserialize, Serialize};
