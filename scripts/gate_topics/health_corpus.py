@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A gate-eval corpus for the reverse-mode topic of configs/induce.toml: MMLU health questions
 (one source per subject, so gate-eval holds each subject out whole) against MMLU questions on
-other subjects, JailbreakBench harmful and benign goals and Alpaca instructions (seed 5).
+other subjects, harmful requests from three sources (JailbreakBench, AdvBench, XSTest's unsafe
+prompts: the ridge gate's cuts hold each harmful source out in turn, so they need two or
+more), JailbreakBench benign goals and Alpaca instructions (seed 5).
 
     python3 scripts/gate_topics/health_corpus.py ../shared/data > /tmp/health.jsonl
     refusal-steer gate-eval --on health --prompts /tmp/health.jsonl --acts /tmp/health-mean.safetensors
@@ -37,3 +39,7 @@ emit("harmful", "jbb-harmful", [r["goal"] for r in csv.DictReader(open(f"{jbb}/h
 emit("benign", "jbb-benign", [r["goal"] for r in csv.DictReader(open(f"{jbb}/benign-behaviors.csv", newline=""))])
 alpaca = json.load(open(f"{DATA}/alpaca/alpaca_no_input_sample2000_seed42.json"))
 emit("benign", "alpaca", [r["instruction"] for r in rng.sample(alpaca, 100)])
+advbench = [r["goal"] for r in csv.DictReader(open(f"{DATA}/advbench/harmful_behaviors.csv", newline=""))]
+emit("harmful", "advbench", rng.sample(advbench, 100))
+xstest = list(csv.DictReader(open(f"{DATA}/xstest/xstest_prompts.csv", newline="")))
+emit("harmful", "xstest-unsafe", [r["prompt"] for r in xstest if r["label"] == "unsafe"])

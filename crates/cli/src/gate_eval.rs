@@ -14,7 +14,7 @@ use refusal_steer_pipeline::capture::{capture, CaptureJob};
 use refusal_steer_pipeline::gate::eval::{
     leave_one_source_out, markdown, pass_rates, read_corpus, Roles,
 };
-use refusal_steer_pipeline::gate::GateMethod;
+use refusal_steer_pipeline::gate::{Budgets, FitSettings, GateMethod};
 use refusal_steer_steer::Ridge;
 use std::path::PathBuf;
 
@@ -41,6 +41,12 @@ pub struct GateEvalArgs {
     /// Sets it must keep out: the veto's positives. Every other set is off the topic.
     #[arg(long, value_delimiter = ',', default_value = "harmful")]
     harmful: Vec<String>,
+    /// The share of harmful train prompts the ridge gate may let in, out of fold.
+    #[arg(long, default_value_t = Budgets::DEFAULT.harmful)]
+    harmful_budget: f64,
+    /// The share of other off-topic train prompts the ridge gate may let in, out of fold.
+    #[arg(long, default_value_t = Budgets::DEFAULT.off_topic)]
+    off_topic_budget: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Also write the rates and what the held-out gate made of each prompt as JSON.
@@ -62,6 +68,12 @@ pub fn run(args: GateEvalArgs) -> Result<()> {
         Method::Ridge => GateMethod::Ridge,
         Method::Md => GateMethod::Md,
         Method::Rmd => GateMethod::Rmd,
+    };
+    let settings = FitSettings {
+        budgets: Budgets::new(args.harmful_budget, args.off_topic_budget)
+            .map_err(anyhow::Error::msg)?,
+        seed: args.seed,
+        ..FitSettings::new(method, Ridge::Relative(args.kappa))
     };
     let corpus = read_corpus(&args.prompts)?;
     let prompts: Vec<Prompt> = read_prompts(&args.prompts)?;
@@ -88,15 +100,9 @@ pub fn run(args: GateEvalArgs) -> Result<()> {
         on: args.on,
         harmful: args.harmful,
     };
-    let decisions = leave_one_source_out(
-        &acts,
-        &corpus,
-        &roles,
-        method,
-        Ridge::Relative(args.kappa),
-        args.seed,
-        &mut |line| eprintln!("{line}"),
-    )?;
+    let decisions = leave_one_source_out(&acts, &corpus, &roles, &settings, &mut |line| {
+        eprintln!("{line}")
+    })?;
     let passed: Vec<bool> = decisions.iter().map(|d| d.gated_in).collect();
     let rates = pass_rates(&corpus, &passed);
     print!("{}", markdown(&rates));
@@ -109,6 +115,7 @@ pub fn run(args: GateEvalArgs) -> Result<()> {
         let json = serde_json::json!({
             "method": method,
             "kappa": args.kappa,
+            "budgets": settings.budgets,
             "on": roles.on,
             "harmful": roles.harmful,
             "rates": rates,

@@ -381,10 +381,13 @@ fn capture_fit_and_steer_chain_through_files() {
         &acts,
         &labels,
         &groups,
-        refusal_steer_pipeline::gate::GateMethod::Md,
-        refusal_steer_steer::Ridge::Relative(1.0),
-        3,
-        0,
+        &refusal_steer_pipeline::gate::FitSettings {
+            folds: 3,
+            ..refusal_steer_pipeline::gate::FitSettings::new(
+                refusal_steer_pipeline::gate::GateMethod::Md,
+                refusal_steer_steer::Ridge::Relative(1.0),
+            )
+        },
     )
     .unwrap();
     std::fs::write(p("gate.json"), serde_json::to_string(&gate).unwrap()).unwrap();
@@ -881,8 +884,23 @@ fn gate_eval_holds_each_source_out_and_bad_corpora_say_why() {
         serde_json::from_str(&std::fs::read_to_string(p("eval.json")).unwrap()).unwrap();
     assert_eq!(report["prompts"].as_array().unwrap().len(), 27);
     assert!(report["prompts"][0]["gate"]["gated_in"].is_boolean());
+    assert_eq!(report["budgets"]["harmful"], 0.005);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("holding out s8 (9/9)"), "{stderr}");
+    let bad_budget = refusal_steer(&[
+        "gate-eval",
+        "--model",
+        &p("tiny.gguf"),
+        "--prompts",
+        &p("corpus.jsonl"),
+        "--acts",
+        &p("acts.safetensors"),
+        "--harmful-budget",
+        "2",
+    ]);
+    assert!(!bad_budget.status.success());
+    let err = String::from_utf8_lossy(&bad_budget.stderr);
+    assert!(err.contains("harmful budget is 2"), "{err}");
 
     // A line without its source names the line; activations of another corpus are refused.
     std::fs::write(

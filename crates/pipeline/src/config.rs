@@ -1,7 +1,7 @@
 //! The run configuration (TOML): subject model, judge, prompt sets by role with their splits,
 //! and the tuning limits. `configs/default.toml` is the built-in default.
 
-use crate::gate::GateMethod;
+use crate::gate::{Budgets, GateMethod};
 use crate::sets::{Source, SourceKind};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -136,6 +136,11 @@ pub struct TuneConfig {
     /// at one point, last prompt token: `md` or `rmd` (see [`GateMethod`]).
     #[serde(default, skip_serializing_if = "GateMethod::is_default")]
     pub gate: GateMethod,
+    /// The shares of harmful and of other off-topic train prompts the `ridge` gate may let in,
+    /// judged on scores of gates fitted without each prompt's source:
+    /// `{ harmful = 0.005, off_topic = 0.03 }` (the default).
+    #[serde(default, skip_serializing_if = "Budgets::is_default")]
+    pub gate_budgets: Budgets,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +225,9 @@ impl RunConfig {
         if t.strengths.is_empty() || t.strengths.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             bail!("tune.strengths must be a non-empty list of positive magnitudes (the sign comes from `direction`)");
         }
+        t.gate_budgets
+            .check()
+            .map_err(|e| anyhow::anyhow!("tune.gate_budgets: {e}"))?;
         if !(0.0..=1.0).contains(&t.min_depth) {
             bail!(
                 "tune.min_depth is a fraction of the depth in [0, 1], got {}",
@@ -349,5 +357,32 @@ mod tests {
                 .insert("kind".into(), toml::Value::String("mmlu".into()));
         });
         assert!(err.contains("only the capability set"), "{err}");
+        let err = bad(&|v| {
+            let budgets = toml::from_str("harmful = 1.5\noff_topic = 0.03").unwrap();
+            v["tune"]
+                .as_table_mut()
+                .unwrap()
+                .insert("gate_budgets".into(), budgets);
+        });
+        assert!(err.contains("harmful budget is 1.5"), "{err}");
+        let err = bad(&|v| {
+            let budgets = toml::from_str("harmful = 0.01").unwrap();
+            v["tune"]
+                .as_table_mut()
+                .unwrap()
+                .insert("gate_budgets".into(), budgets);
+        });
+        assert!(err.contains("missing field `off_topic`"), "{err}");
+    }
+
+    #[test]
+    fn gate_budgets_are_read_and_left_out_when_default() {
+        let mut config = RunConfig::default_config();
+        assert_eq!(config.tune.gate_budgets, Budgets::DEFAULT);
+        assert!(!toml::to_string(&config).unwrap().contains("gate_budgets"));
+        config.tune.gate_budgets = Budgets::new(0.01, 0.05).unwrap();
+        let text = toml::to_string(&config).unwrap();
+        let back = RunConfig::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(back.tune.gate_budgets, Budgets::new(0.01, 0.05).unwrap());
     }
 }

@@ -157,10 +157,34 @@ fn stem(path: &Path) -> String {
         .unwrap_or_else(|| "source".into())
 }
 
-/// The set and source file of a prompt id that [`load_prompts`] made (`target/censored/12` →
-/// `target/censored`); an id without a `/` is its own source.
-pub fn source_of(id: &str) -> &str {
-    id.rsplit_once('/').map_or(id, |(source, _)| source)
+/// The source of each prompt that [`load_prompts`] makes of `sources` for `set`, by id: the set
+/// and file stem, and the source's filter where it has one (`target/mmlu[subject=anatomy]`), so
+/// that subjects drawn from one file count as sources of their own.
+pub fn source_names(
+    sources: &[Source],
+    data_dir: &Path,
+    set: &str,
+) -> Result<BTreeMap<String, String>> {
+    let mut names = BTreeMap::new();
+    for source in sources {
+        let every_row = Source {
+            sample: None,
+            ..source.clone()
+        };
+        let filter: Vec<String> = source
+            .filter
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let name = match filter.is_empty() {
+            true => format!("{set}/{}", stem(&source.path)),
+            false => format!("{set}/{}[{}]", stem(&source.path), filter.join(",")),
+        };
+        for prompt in load_prompts(&every_row, data_dir, set, 0)? {
+            names.insert(prompt.id, name.clone());
+        }
+    }
+    Ok(names)
 }
 
 /// Reads a prompt source; ids are `{set}/{file stem}/{row index}`.
@@ -379,6 +403,35 @@ mod tests {
         assert_eq!(
             load_prompts(&s, d, "t", 5).unwrap(),
             load_prompts(&s, d, "t", 5).unwrap()
+        );
+    }
+
+    #[test]
+    fn subjects_of_one_file_are_sources_of_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("m.csv"), "q,subject\na,law\nb,art\nc,law\nd,art\n").unwrap();
+        std::fs::write(d.join("p.txt"), "one\ntwo\n").unwrap();
+        let subject = |s: &str| Source {
+            field: Some("q".into()),
+            filter: BTreeMap::from([("subject".into(), s.into())]),
+            sample: Some(1),
+            ..source("m.csv")
+        };
+        let names =
+            source_names(&[subject("law"), subject("art"), source("p.txt")], d, "t").unwrap();
+        // Every row a filter keeps is named, whatever the sample draws.
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            [
+                ("t/m/0", "t/m[subject=law]"),
+                ("t/m/1", "t/m[subject=art]"),
+                ("t/m/2", "t/m[subject=law]"),
+                ("t/m/3", "t/m[subject=art]"),
+                ("t/p/0", "t/p"),
+                ("t/p/1", "t/p"),
+            ]
+            .map(|(id, name)| (id.to_string(), name.to_string()))
         );
     }
 

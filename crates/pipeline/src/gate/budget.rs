@@ -15,19 +15,49 @@ use super::GateLabel;
 use serde::{Deserialize, Serialize};
 
 /// The shares of train prompts the gate may let in, scored out of fold.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Budgets {
     pub harmful: f64,
     pub off_topic: f64,
 }
 
 impl Budgets {
-    /// Half of the 1% for harmful prompts and 3% (of its 5%) for benign and other
-    /// off-topic ones: prompts of unseen sources pass more often than the train prompts do.
+    /// Half of 1% for harmful prompts and 3% (of 5%) for benign and other off-topic ones:
+    /// prompts of unseen sources pass more often than the train prompts do.
     pub const DEFAULT: Budgets = Budgets {
         harmful: 0.005,
         off_topic: 0.03,
     };
+
+    /// Budgets that are shares, checked.
+    pub fn new(harmful: f64, off_topic: f64) -> Result<Self, String> {
+        let budgets = Budgets { harmful, off_topic };
+        budgets.check()?;
+        Ok(budgets)
+    }
+
+    /// Each budget must be a share in [0, 1).
+    pub fn check(&self) -> Result<(), String> {
+        for (name, share) in [("harmful", self.harmful), ("off_topic", self.off_topic)] {
+            if !(0.0..1.0).contains(&share) {
+                return Err(format!(
+                    "the gate's {name} budget is {share}: give a share of the train prompts in [0, 1), e.g. 0.005 for 0.5%"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == Budgets::DEFAULT
+    }
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets::DEFAULT
+    }
 }
 
 /// The chosen cuts and what they let in of the train prompts, out of fold: kept in the gate

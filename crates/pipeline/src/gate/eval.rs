@@ -4,11 +4,10 @@
 //! come with Wilson intervals. A templated phrasing is one source, so it is held out in every
 //! set and language at once.
 
-use super::{Decision, Gate, GateLabel, GateMethod};
+use super::{Decision, FitSettings, Gate, GateLabel};
 use crate::evaluate::wilson;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
-use refusal_steer_steer::Ridge;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -68,9 +67,7 @@ pub fn leave_one_source_out(
     acts: &Activations,
     corpus: &[CorpusPrompt],
     roles: &Roles,
-    method: GateMethod,
-    ridge: Ridge,
-    seed: u64,
+    settings: &FitSettings,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Vec<Decision>> {
     let ids: Vec<&str> = corpus.iter().map(|p| p.id.as_str()).collect();
@@ -102,7 +99,7 @@ pub fn leave_one_source_out(
                 false => roles.label(&p.set),
             })
             .collect();
-        let gate = Gate::fit_unmeasured(acts, &labels, &groups, method, ridge, seed)
+        let gate = Gate::fit_unmeasured(acts, &labels, &groups, settings)
             .with_context(|| format!("fitting the gate without {source}"))?;
         for (i, p) in corpus.iter().enumerate() {
             if p.source == *source {

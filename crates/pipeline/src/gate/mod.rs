@@ -25,7 +25,8 @@ pub mod eval;
 use crate::answers::Format;
 use crate::capture::{by_length, capture_pooled, CapturePosition};
 use anyhow::{bail, Context, Result};
-use budget::{Budgets, Cuts};
+pub use budget::Budgets;
+use budget::Cuts;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_engine::{Model, SharedPrefix};
@@ -195,27 +196,52 @@ impl std::fmt::Debug for ReadPrompts {
     }
 }
 
+/// How a gate is fitted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FitSettings {
+    pub method: GateMethod,
+    /// The ridge of the `rmd` and `ridge` gates (`ridge` takes a relative one).
+    pub ridge: Ridge,
+    /// Where the ridge gate cuts.
+    pub budgets: Budgets,
+    /// Folds of the held-out estimate.
+    pub folds: usize,
+    pub seed: u64,
+}
+
+impl FitSettings {
+    /// `method` with `ridge`, the default budgets, 5 folds and seed 0.
+    pub fn new(method: GateMethod, ridge: Ridge) -> Self {
+        FitSettings {
+            method,
+            ridge,
+            budgets: Budgets::DEFAULT,
+            folds: 5,
+            seed: 0,
+        }
+    }
+}
+
 impl Gate {
-    /// Fits the gate on train activations captured with `method.pooling()` (`labels[i]` and
-    /// `groups[i]`, the source it was drawn from, for row i). `ridge` is used by
-    /// [`GateMethod::Rmd`] and [`GateMethod::Ridge`]; the ridge gate's cuts hold out whole
-    /// groups.
+    /// Fits the gate on train activations captured with `settings.method.pooling()`
+    /// (`labels[i]` and `groups[i]`, the source it was drawn from, for row i); the ridge gate's
+    /// cuts hold out whole groups.
     pub fn fit(
         acts: &Activations,
         labels: &[GateLabel],
         groups: &[&str],
-        method: GateMethod,
-        ridge: Ridge,
-        folds: usize,
-        seed: u64,
+        settings: &FitSettings,
     ) -> Result<Self> {
-        let (on, off) = check_inputs(acts, labels, groups, method)?;
-        let folds = folds.min(on).min(off).max(2);
-        match method {
-            GateMethod::Md | GateMethod::Rmd => one_point(acts, labels, method, ridge, folds, seed),
+        let (on, off) = check_inputs(acts, labels, groups, settings.method)?;
+        let folds = settings.folds.min(on).min(off).max(2);
+        let (ridge, seed) = (settings.ridge, settings.seed);
+        match settings.method {
+            method @ (GateMethod::Md | GateMethod::Rmd) => {
+                one_point(acts, labels, method, ridge, folds, seed)
+            }
             GateMethod::Ridge => {
                 let kappa = relative(ridge)?;
-                let mut gate = several_points(acts, labels, groups, kappa)?;
+                let mut gate = several_points(acts, labels, groups, kappa, settings.budgets)?;
                 (gate.heldout_auc, gate.heldout_accuracy) =
                     heldout(acts, labels, &gate.points, kappa, folds, seed)?;
                 Ok(gate)
@@ -229,18 +255,15 @@ impl Gate {
         acts: &Activations,
         labels: &[GateLabel],
         groups: &[&str],
-        method: GateMethod,
-        ridge: Ridge,
-        seed: u64,
+        settings: &FitSettings,
     ) -> Result<Self> {
-        match method {
+        match settings.method {
             GateMethod::Ridge => {
-                check_inputs(acts, labels, groups, method)?;
-                several_points(acts, labels, groups, relative(ridge)?)
+                check_inputs(acts, labels, groups, settings.method)?;
+                let kappa = relative(settings.ridge)?;
+                several_points(acts, labels, groups, kappa, settings.budgets)
             }
-            GateMethod::Md | GateMethod::Rmd => {
-                Self::fit(acts, labels, groups, method, ridge, 5, seed)
-            }
+            GateMethod::Md | GateMethod::Rmd => Self::fit(acts, labels, groups, settings),
         }
     }
 
@@ -561,19 +584,20 @@ fn relative(ridge: Ridge) -> Result<f64> {
 
 /// `ridge`: the topic read-out over several points, and the veto when there are harmful rows
 /// (its negatives: every other labelled row, on the topic or not, so that it learns harm, not
-/// the topic's absence), cut for [`Budgets::DEFAULT`] where the rows allow it. Held-out
-/// numbers are left NaN for the caller.
+/// the topic's absence), cut for `budgets` where the rows allow it. Held-out numbers are left
+/// NaN for the caller.
 fn several_points(
     acts: &Activations,
     labels: &[GateLabel],
     groups: &[&str],
     kappa: f64,
+    budgets: Budgets,
 ) -> Result<Gate> {
     let points = Gate::ridge_points(acts.header.n_points - 1);
     let (mut topic, mut veto) = readouts(acts, labels, &points, kappa)?;
     let cuts = match &veto {
         Some(_) => cross_fitted(acts, labels, groups, &points, kappa)?
-            .and_then(|(t, h)| budget::choose(&t, &h, labels, Budgets::DEFAULT)),
+            .and_then(|(t, h)| budget::choose(&t, &h, labels, budgets)),
         None => None,
     };
     if let (Some(cuts), Some(veto)) = (&cuts, &mut veto) {
@@ -769,10 +793,7 @@ mod tests {
             &acts,
             &labels(|i| i < 15, 30),
             &alone(&acts),
-            GateMethod::Md,
-            Ridge::Relative(1.0),
-            5,
-            0,
+            &FitSettings::new(GateMethod::Md, Ridge::Relative(1.0)),
         )
         .unwrap();
         assert_eq!(gate.points, vec![2]);
@@ -786,10 +807,7 @@ mod tests {
             &acts,
             &[GateLabel::OnTopic; 30],
             &alone(&acts),
-            GateMethod::Md,
-            Ridge::Relative(1.0),
-            5,
-            0,
+            &FitSettings::new(GateMethod::Md, Ridge::Relative(1.0)),
         )
         .unwrap_err();
         assert!(err.to_string().contains("on and off the topic"), "{err}");
@@ -882,10 +900,7 @@ mod tests {
             &acts,
             &labels,
             &alone(&acts),
-            GateMethod::Ridge,
-            Ridge::Relative(0.1),
-            5,
-            0,
+            &FitSettings::new(GateMethod::Ridge, Ridge::Relative(0.1)),
         )
         .unwrap();
         assert_eq!(gate.method.pooling(), Pooling::MeanUser);
@@ -933,10 +948,7 @@ mod tests {
             &acts,
             &labels,
             &groups,
-            GateMethod::Ridge,
-            Ridge::Relative(0.1),
-            5,
-            0,
+            &FitSettings::new(GateMethod::Ridge, Ridge::Relative(0.1)),
         )
         .unwrap();
         let cuts = gate
@@ -954,6 +966,24 @@ mod tests {
         for i in (0..n).filter(|&i| role(i) == 0) {
             assert!(gate.admits(&gate.features(&acts, i)), "on-topic row {i}");
         }
+        // Other budgets are the ones cut for, and recorded.
+        let budgets = Budgets::new(0.2, 0.1).unwrap();
+        let loose = Gate::fit(
+            &acts,
+            &labels,
+            &groups,
+            &FitSettings {
+                budgets,
+                ..FitSettings::new(GateMethod::Ridge, Ridge::Relative(0.1))
+            },
+        )
+        .unwrap();
+        let cuts = loose.cuts.expect("cuts");
+        assert_eq!(
+            (cuts.harmful_budget, cuts.off_topic_budget),
+            (budgets.harmful, budgets.off_topic)
+        );
+        assert!(cuts.harmful_passed <= budgets.harmful);
     }
 
     #[test]
@@ -971,10 +1001,7 @@ mod tests {
             &acts,
             &labels,
             &alone(&acts),
-            GateMethod::Ridge,
-            Ridge::Relative(0.1),
-            5,
-            0,
+            &FitSettings::new(GateMethod::Ridge, Ridge::Relative(0.1)),
         )
         .unwrap();
         let veto = gate.veto.as_ref().expect("harmful rows give a veto");
@@ -1038,10 +1065,10 @@ mod tests {
             &acts,
             &labels(|i| i % 2 == 0, 10),
             &alone(&acts),
-            GateMethod::Ridge,
-            Ridge::Relative(1.0),
-            2,
-            0,
+            &FitSettings {
+                folds: 2,
+                ..FitSettings::new(GateMethod::Ridge, Ridge::Relative(1.0))
+            },
         )
         .unwrap();
         let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
@@ -1084,10 +1111,10 @@ mod tests {
             &acts,
             &labels(|i| i < 10, 20),
             &alone(&acts),
-            GateMethod::Ridge,
-            Ridge::Relative(1.0),
-            3,
-            0,
+            &FitSettings {
+                folds: 3,
+                ..FitSettings::new(GateMethod::Ridge, Ridge::Relative(1.0))
+            },
         )
         .unwrap();
         assert_eq!(gate.check(8, 4), Ok(()));
@@ -1103,10 +1130,10 @@ mod tests {
             &last,
             &labels(|i| i < 10, 20),
             &alone(&last),
-            GateMethod::Ridge,
-            Ridge::Relative(1.0),
-            3,
-            0,
+            &FitSettings {
+                folds: 3,
+                ..FitSettings::new(GateMethod::Ridge, Ridge::Relative(1.0))
+            },
         )
         .unwrap_err();
         assert!(err.to_string().contains("--position mean-user"), "{err}");
@@ -1161,10 +1188,7 @@ mod tests {
                 &acts,
                 &labels,
                 &alone(&acts),
-                method,
-                Ridge::Relative(0.01),
-                5,
-                0,
+                &FitSettings::new(method, Ridge::Relative(0.01)),
             )
             .unwrap();
             assert_eq!(gate.method, method);

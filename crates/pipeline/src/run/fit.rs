@@ -9,8 +9,8 @@ use crate::answers::answer_seed;
 use crate::capture::CapturePosition;
 use crate::fitting::{fit_points, mean_difference, FitOptions, Strata};
 use crate::gate::corpus::draw;
-use crate::gate::{Gate, GateLabel};
-use crate::sets::source_of;
+use crate::gate::{FitSettings, Gate, GateLabel};
+use crate::sets::source_names;
 use anyhow::{bail, Context, Result};
 use refusal_steer_data::activations::Activations;
 use refusal_steer_data::Prompt;
@@ -130,8 +130,10 @@ fn analysis(
 
 /// The topic gate: target (and contrast) train prompts are on the topic, benign ones off it,
 /// safety ones off it and harmful (the veto's positives); with a gate corpus, its drawn
-/// prompts too. The gate's prompts are read again when it pools otherwise than the vectors'
-/// last prompt token or reads a corpus; `exclude` holds every prompt text the run answers.
+/// prompts too. Its cuts hold out one source at a time: a config source (a file, or the rows
+/// of its filter) or a corpus source. The gate's prompts are read again when it pools otherwise
+/// than the vectors' last prompt token or reads a corpus; `exclude` holds every prompt text the
+/// run answers.
 fn topic_gate(
     ctx: &Ctx,
     acts: &Activations,
@@ -140,6 +142,13 @@ fn topic_gate(
 ) -> Result<Gate> {
     let method = ctx.config.tune.gate;
     let position = method.pooling().capture_position();
+    let data_dir = ctx.config.data_dir()?;
+    let mut source = BTreeMap::new();
+    for (role, set) in ctx.config.roles() {
+        if role != "capability" {
+            source.extend(source_names(&set.sources, &data_dir, role)?);
+        }
+    }
     let mut prompts: Vec<(Prompt, GateLabel, String)> = train
         .iter()
         .map(|p| {
@@ -149,11 +158,11 @@ fn topic_gate(
                 Some("safety") => GateLabel::Harmful,
                 _ => GateLabel::Unused,
             };
-            (p.clone(), label, source_of(&p.id).to_string())
+            let group = source.get(&p.id).cloned().unwrap_or_else(|| p.id.clone());
+            (p.clone(), label, group)
         })
         .collect();
     if let Some(corpus) = &ctx.config.gate_corpus {
-        let data_dir = ctx.config.data_dir()?;
         let drawn = draw(corpus, &data_dir, ctx.config.seed, exclude)?;
         prompts.extend(drawn.into_iter().map(|d| (d.prompt, d.label, d.group)));
     }
@@ -180,10 +189,11 @@ fn topic_gate(
         acts,
         &labels,
         &groups,
-        method,
-        Ridge::Relative(ctx.config.kappa),
-        5,
-        ctx.config.seed,
+        &FitSettings {
+            budgets: ctx.config.tune.gate_budgets,
+            seed: ctx.config.seed,
+            ..FitSettings::new(method, Ridge::Relative(ctx.config.kappa))
+        },
     )
     .context("fitting the topic gate")
 }

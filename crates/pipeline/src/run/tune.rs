@@ -284,6 +284,7 @@ mod tests {
             auc_margin: 0.05,
             min_depth: 0.25,
             gate: Default::default(),
+            gate_budgets: Default::default(),
         }
     }
 
