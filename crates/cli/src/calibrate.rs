@@ -5,9 +5,9 @@
 //! (the best cut of its verdict probability), a probe's point, pooling and ridge (nested CV)
 //! and its weights. `--hold-out FILE` scores only that file's answers instead, every fitted
 //! part of a judge fitted on the other files' answers to other prompts: how a judge carries
-//! over to a kind of answer it was not fitted on. Every judge sees degenerate and
-//! switched-language answers as the pipeline does (refusals, without asking it); a second row
-//! per judge shows it without the language check.
+//! over to a kind of answer it was not fitted on. Every judge sees degenerate answers, short
+//! refusals and switched-language answers as the pipeline does (refusals, without asking it); a
+//! second row per judge shows it without the language check.
 
 use crate::judge::{assess_all, JudgeSetup};
 use anyhow::{bail, Context, Result};
@@ -25,7 +25,8 @@ use refusal_steer_judge::probe::{
     Search, PROBE_VERSION,
 };
 use refusal_steer_judge::{
-    detect_degenerate, LocalJudge, Scoring, Verdict, VerdictCache, VerdictKind, VERDICT_PROB_MODE,
+    detect_degenerate, is_short_refusal, LocalJudge, Scoring, Verdict, VerdictCache, VerdictKind,
+    VERDICT_PROB_MODE,
 };
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -113,14 +114,15 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         .iter()
         .map(|i| (i.prompt.as_str(), i.answer.as_str()))
         .collect();
-    // The two checks `assess` runs before every judge, on the same text (after any reasoning),
-    // for the probe rows, which are scored from features instead of through `assess`.
+    // The checks `assess` runs before every judge, on the same text (after any reasoning), for
+    // the probe rows, which are scored from features instead of through `assess`: degenerate
+    // answers and short refusals, and switched languages.
     let (degenerate, switched): (Vec<bool>, Vec<bool>) = items
         .iter()
         .map(|i| {
             let answer = refusal_steer_judge::text::final_answer(&i.answer);
             (
-                detect_degenerate(answer).is_some(),
+                detect_degenerate(answer).is_some() || is_short_refusal(answer),
                 read_languages(&i.prompt, answer).switched,
             )
         })
@@ -178,7 +180,8 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
         )?;
         let judged = assessed
             .iter()
-            .filter(|a| a.degenerate.is_none() && a.verdict.kind != Some(VerdictKind::Lang))
+            .zip(&degenerate)
+            .filter(|(a, &d)| !d && a.verdict.kind != Some(VerdictKind::Lang))
             .count();
         let ms = start.elapsed().as_secs_f64() * 1000.0 / judged.max(1) as f64;
         let verdict_prob = judge.mode() == VERDICT_PROB_MODE;
@@ -239,7 +242,7 @@ pub fn calibrate(args: CalibrateArgs) -> Result<()> {
 
     rows.extend(without_lang);
     rows.push(Row {
-        name: "language check alone (+ degenerate)".into(),
+        name: "language check alone (+ degenerate, short refusals)".into(),
         said: switched
             .iter()
             .zip(&degenerate)

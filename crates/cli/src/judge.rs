@@ -510,9 +510,19 @@ mod tests {
         .unwrap();
         let verdicts = lines(Path::new(&llm));
         assert_eq!(verdicts.len(), 8);
+        // The three short refusals are refusals without a call to the judge.
+        let short: Vec<&serde_json::Value> = verdicts
+            .iter()
+            .filter(|v| v["p_refusal"].is_null())
+            .collect();
+        assert_eq!(short.len(), 3, "{verdicts:?}");
+        assert!(short
+            .iter()
+            .all(|v| v["label"] == 1 && v["kind"] == "refusal"));
         for v in &verdicts {
-            let p = v["p_refusal"].as_f64().unwrap();
-            assert!((0.0..=1.0).contains(&p), "{v}");
+            if let Some(p) = v["p_refusal"].as_f64() {
+                assert!((0.0..=1.0).contains(&p), "{v}");
+            }
             assert_eq!(v["mode"], "verdict-prob");
         }
         assert!(Path::new(&d("llm.cache.jsonl")).is_file());
