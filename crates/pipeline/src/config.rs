@@ -357,21 +357,18 @@ mod tests {
                 .insert("kind".into(), toml::Value::String("mmlu".into()));
         });
         assert!(err.contains("only the capability set"), "{err}");
-        let err = bad(&|v| {
-            let budgets = toml::from_str("harmful = 1.5\noff_topic = 0.03").unwrap();
-            v["tune"]
-                .as_table_mut()
-                .unwrap()
-                .insert("gate_budgets".into(), budgets);
-        });
+        let with_budgets = |budgets: &str| {
+            bad(&|v| {
+                let budgets = toml::from_str(budgets).unwrap();
+                v["tune"]
+                    .as_table_mut()
+                    .unwrap()
+                    .insert("gate_budgets".into(), budgets);
+            })
+        };
+        let err = with_budgets("harmful = 1.5\noff_topic = 0.03");
         assert!(err.contains("harmful budget is 1.5"), "{err}");
-        let err = bad(&|v| {
-            let budgets = toml::from_str("harmful = 0.01").unwrap();
-            v["tune"]
-                .as_table_mut()
-                .unwrap()
-                .insert("gate_budgets".into(), budgets);
-        });
+        let err = with_budgets("harmful = 0.01");
         assert!(err.contains("missing field `off_topic`"), "{err}");
     }
 
