@@ -764,7 +764,6 @@ fn heldout(
 mod tests {
     use super::*;
     use crate::fitting::tests::planted;
-    use budget::Budgets;
     use refusal_steer_data::Prompt;
 
     /// Every prompt its own group.
