@@ -2,13 +2,17 @@
 //! kernels are slow: Q5_0 (most of Qwen2.5's and Gemma 3's weights), Q4_1 (SmolLM2's) and
 //! Q8_0 (Qwen2.5's output head, whose 896 columns keep it off candle's repacked path).
 //!
+//! At load the weights are repacked into tiles of eight output rows: for each block of 32
+//! columns, the tile's bytes are laid out so that one 256-bit integer product multiplies four
+//! consecutive columns of all eight rows by the same four activation bytes, and the block's
+//! eight row scales sit in one register. Nothing is summed across lanes: the eight outputs
+//! build up side by side, which is what makes this faster than a dot product per row.
+//!
 //! Activations are quantized per block of 32 to 8 bits, as llama.cpp does (Q8_0 for Q5_0 and
-//! Q8_0 weights, Q8_1 for Q4_1), and each block's dot product runs exactly in integers. Every
+//! Q8_0 weights, Q8_1 for Q4_1). Each block's dot product runs exactly in integers; every
 //! output is then `sum_b (d_w * d_a) * int_dot_b` accumulated in one fused multiply-add chain
-//! in block order (plus, for Q4_1, the `m * s` terms added one by one), whichever kernel runs:
-//! decode reads packed weight blocks for a few weight rows at once, prefill unpacks a few
-//! weight rows and meets several activation rows per pass. The integer and float operations
-//! per output are the same in both, so batching cannot change a row's bits.
+//! in block order (for Q4_1 plus `sum_b m_b * s_b` in a second chain), however many activation
+//! rows a pass takes. Batching therefore cannot change a row's bits.
 
 use crate::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -17,21 +21,15 @@ use half::f16;
 use rayon::prelude::*;
 
 const BLOCK: usize = 32;
-/// Output columns per parallel task: enough work to amortise scheduling.
-const COLUMNS_PER_TASK: usize = 32;
-/// From this many activation rows on, weight rows are unpacked once and reused; below it the
-/// unpacking costs more than it saves and the packed kernel runs directly.
-const UNPACK_FROM_ROWS: usize = 3;
-/// Weight rows per pass of the unpacked (prefill) kernel; each activation block is loaded once
-/// for all of them. (The packed kernel reads one weight row at a time: decode streams weights
-/// from memory, and one sequential stream is what the hardware prefetcher follows best.)
-const TILE_ROWS: usize = 4;
-/// Activation rows per pass of the unpacked kernel; each weight block is loaded once for all.
-const TILE_ACTS: usize = 2;
-/// Activation rows that every unpacked weight row of a task meets before the next ones are
-/// read: a run of them (up to ~350 KB of quantized blocks for Qwen2.5's widest matrix) stays
-/// in a core's L2 cache.
+/// Output rows per tile: one 256-bit register holds a 32-bit sum for each.
+const TILE: usize = 8;
+/// Tiles per parallel task: enough work to amortise scheduling.
+const TILES_PER_TASK: usize = 4;
+/// Activation rows that every tile of a task meets before the next ones are read: a run of
+/// them (up to ~350 KB of quantized blocks for Qwen2.5's widest matrix) stays in a core's L2.
 const ACTS_PER_RUN: usize = 64;
+/// Activation rows per pass over a tile: each weight vector is unpacked once for all of them.
+const ACTS_PER_PASS: usize = 4;
 /// Values from which quantizing the activations and gathering the output are split between
 /// threads: a decode step's few rows are not worth it.
 const PARALLEL_FROM_VALUES: usize = 32 * 1024;
@@ -49,6 +47,7 @@ enum Kind {
 }
 
 impl Kind {
+    /// Bytes of one block in a GGUF file.
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q5_0 => 22,
@@ -57,16 +56,33 @@ impl Kind {
         }
     }
 
-    /// What the SIMD kernels add to each weight to make it an unsigned byte; the activation
-    /// block carries the matching integer correction.
+    /// What is added to each weight to store it as an unsigned number (Q8_0 stays signed).
     fn bias(self) -> i32 {
         match self {
             Kind::Q5_0 => 16,
-            Kind::Q4_1 => 0,
-            Kind::Q8_0 => 128,
+            Kind::Q4_1 | Kind::Q8_0 => 0,
         }
     }
+
+    /// 32-byte vectors of weight bytes per tile and block: two columns' worth of nibbles per
+    /// byte, or one signed byte per column.
+    fn weight_vectors(self) -> usize {
+        match self {
+            Kind::Q5_0 | Kind::Q4_1 => 4,
+            Kind::Q8_0 => 8,
+        }
+    }
+
+    /// Vectors per tile and block: the weights, Q5_0's fifth bits, the scales, Q4_1's offsets.
+    fn tile_vectors(self) -> usize {
+        self.weight_vectors() + 1 + matches!(self, Kind::Q5_0 | Kind::Q4_1) as usize
+    }
 }
+
+/// 32 bytes, aligned for vector loads.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Vector([u8; 32]);
 
 /// A weight matrix used by a projection: our kernels where candle's are slow, candle's otherwise.
 pub enum Matrix {
@@ -134,34 +150,31 @@ impl Matrix {
     }
 }
 
-/// A Q5_0, Q4_1 or Q8_0 weight matrix `[rows, cols]` (one row per output).
+/// A Q5_0, Q4_1 or Q8_0 weight matrix `[rows, cols]` (one row per output), repacked in tiles.
+///
+/// Tile `t` holds rows `8t..8t+8` (the last one padded with zero rows); for each block `b` of
+/// 32 columns it has `tile_vectors()` vectors. Nibble kinds: vector `v` (0..4) holds, at byte
+/// `4r + j`, column `4v + j` of row `r` in its low nibble and column `16 + 4v + j` in its
+/// high nibble, as the unsigned `q + bias`; Q5_0's fifth bits follow as eight `u32`, word `g`
+/// with bit `4r + j` for column `4g + j`. Q8_0: vector `g` (0..8) holds column `4g + j` of row
+/// `r` at byte `4r + j`, signed. Then the eight rows' scales `d`, and for Q4_1 their offsets
+/// `m`, as f32.
 pub struct QuantMatrix {
     kind: Kind,
     rows: usize,
     cols: usize,
-    data: Vec<u8>,
+    tiles: Vec<Vector>,
 }
 
-/// One block of 8-bit activations: `x ~= d * q`. `s = d * sum(q)` (rounded to f16 for Q4_1 as
-/// llama.cpp's Q8_1 stores it); `corr[l] = -bias * sum(q[4l..4l+4])` undoes the weights' bias
-/// in the integer products.
+/// One block of 8-bit activations: `x ~= d * q`, `sum = sum(q)`, `s = d * sum` (rounded to
+/// f16 for Q4_1 as llama.cpp's Q8_1 stores it).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct BlockQ8 {
     q: [i8; BLOCK],
-    corr: [i32; 8],
+    sum: i32,
     d: f32,
     s: f32,
-}
-
-/// A weight block unpacked to the bytes the SIMD product takes: `w = d * (q - bias) + offset`
-/// (for Q8_0 without VNNI the bytes are the signed weights themselves).
-#[derive(Clone, Copy)]
-#[repr(C, align(32))]
-struct Unpacked {
-    q: [u8; BLOCK],
-    d: f32,
-    offset: f32,
 }
 
 impl QuantMatrix {
@@ -174,12 +187,58 @@ impl QuantMatrix {
             _ => return Ok(None),
         };
         let (rows, cols) = t.shape().dims2()?;
-        Ok(Some(Self {
+        Ok(Some(Self::repack(kind, rows, cols, &t.data()?)))
+    }
+
+    fn repack(kind: Kind, rows: usize, cols: usize, packed: &[u8]) -> Self {
+        let blocks = cols / BLOCK;
+        let per_block = kind.tile_vectors();
+        let weights = kind.weight_vectors();
+        let mut tiles = vec![Vector([0; 32]); rows.div_ceil(TILE) * blocks * per_block];
+        for (row, bytes) in packed.chunks_exact(blocks * kind.block_bytes()).enumerate() {
+            let r = row % TILE;
+            for (b, block) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
+                let (q, d, m) = decode_scalar(kind, block);
+                let at = ((row / TILE) * blocks + b) * per_block;
+                let tile = &mut tiles[at..at + per_block];
+                let u = q.map(|v| v + kind.bias());
+                match kind {
+                    Kind::Q8_0 => {
+                        for (col, &v) in q.iter().enumerate() {
+                            tile[col / 4].0[4 * r + col % 4] = v as i8 as u8;
+                        }
+                    }
+                    Kind::Q5_0 | Kind::Q4_1 => {
+                        for col in 0..BLOCK / 2 {
+                            let low = (u[col] & 0x0F) as u8;
+                            let high = (u[col + BLOCK / 2] & 0x0F) as u8;
+                            tile[col / 4].0[4 * r + col % 4] = low | high << 4;
+                        }
+                    }
+                }
+                if kind == Kind::Q5_0 {
+                    for (col, &v) in u.iter().enumerate() {
+                        if v & 0x10 != 0 {
+                            let (g, bit) = (col / 4, 4 * r + col % 4);
+                            let word = &mut tile[weights].0[4 * g..4 * g + 4];
+                            let set = u32::from_le_bytes(word.try_into().unwrap()) | 1 << bit;
+                            word.copy_from_slice(&set.to_le_bytes());
+                        }
+                    }
+                }
+                let scales = weights + (kind == Kind::Q5_0) as usize;
+                tile[scales].0[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                if kind == Kind::Q4_1 {
+                    tile[scales + 1].0[4 * r..4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                }
+            }
+        }
+        Self {
             kind,
             rows,
             cols,
-            data: t.data()?.into_owned(),
-        }))
+            tiles,
+        }
     }
 
     /// `x`: `[.., cols]` -> `[.., rows]`.
@@ -222,19 +281,39 @@ impl QuantMatrix {
         Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
     }
 
-    /// Runs `task(first, last, part)` on runs of output columns in parallel, each filling
-    /// `part[r * width + col - first]`, and gathers the parts into `[m, rows]`.
-    fn by_columns<T>(&self, m: usize, task: T) -> Vec<f32>
+    /// The vectors of tile `t`.
+    fn tile(&self, t: usize) -> &[Vector] {
+        let len = self.cols / BLOCK * self.kind.tile_vectors();
+        &self.tiles[t * len..(t + 1) * len]
+    }
+
+    /// Runs `task(tile, act_row, outputs)` for every tile and activation row, in parallel over
+    /// runs of tiles, and gathers the outputs (eight per call) into `[m, rows]`. A task hands
+    /// its activation rows over in runs of [`ACTS_PER_RUN`], each met by all its tiles.
+    fn by_tiles<T>(&self, m: usize, task: T) -> Vec<f32>
     where
-        T: Fn(usize, usize, &mut [f32]) + Sync,
+        T: Fn(&[Vector], std::ops::Range<usize>, &mut dyn FnMut(usize, [f32; TILE])) + Sync,
     {
-        let parts: Vec<Vec<f32>> = (0..self.rows)
+        let tiles = self.rows.div_ceil(TILE);
+        let parts: Vec<Vec<f32>> = (0..tiles)
             .into_par_iter()
-            .step_by(COLUMNS_PER_TASK)
+            .step_by(TILES_PER_TASK)
             .map(|first| {
-                let last = (first + COLUMNS_PER_TASK).min(self.rows);
-                let mut part = vec![0f32; m * (last - first)];
-                task(first, last, &mut part);
+                let last = (first + TILES_PER_TASK).min(tiles);
+                let width = (last - first) * TILE;
+                let mut part = vec![0f32; m * width];
+                for run in (0..m).step_by(ACTS_PER_RUN) {
+                    for t in first..last {
+                        let at = (t - first) * TILE;
+                        task(
+                            self.tile(t),
+                            run..(run + ACTS_PER_RUN).min(m),
+                            &mut |r, sums| {
+                                part[r * width + at..r * width + at + TILE].copy_from_slice(&sums)
+                            },
+                        );
+                    }
+                }
                 part
             })
             .collect();
@@ -244,9 +323,10 @@ impl QuantMatrix {
             .enumerate()
             .for_each(|(r, row)| {
                 for (task, part) in parts.iter().enumerate() {
-                    let first = task * COLUMNS_PER_TASK;
+                    let first = task * TILES_PER_TASK * TILE;
                     let width = part.len() / m;
-                    row[first..first + width].copy_from_slice(&part[r * width..(r + 1) * width]);
+                    let valid = width.min(self.rows - first);
+                    row[first..first + valid].copy_from_slice(&part[r * width..r * width + valid]);
                 }
             });
         out
@@ -259,76 +339,40 @@ impl QuantMatrix {
     ))]
     fn product<F: simd::Format>(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
         let blocks = self.cols / BLOCK;
-        let row_bytes = blocks * F::BYTES;
-        assert_eq!(self.data.len(), self.rows * row_bytes);
         assert_eq!(acts.len(), m * blocks);
+        assert_eq!(F::TILE_VECTORS, self.kind.tile_vectors());
         let act = |r: usize| &acts[r * blocks..(r + 1) * blocks];
-        self.by_columns(m, |first, last, part| {
-            let width = last - first;
-            if m < UNPACK_FROM_ROWS {
-                for col in first..last {
-                    let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
-                    let w = simd::Packed::<F>::new(w, row_bytes, blocks);
-                    let at = col - first;
-                    if m == 2 {
-                        let [[s0, s1]] = simd::tile::<F, _, 1, 2>(&w, [act(0), act(1)]);
-                        (part[at], part[width + at]) = (s0, s1);
-                    } else if m == 1 {
-                        part[at] = simd::tile::<F, _, 1, 1>(&w, [act(0)])[0][0];
+        self.by_tiles(m, |tile, rows, put| {
+            let mut r = rows.start;
+            while r < rows.end {
+                let n = (rows.end - r).min(ACTS_PER_PASS);
+                match n {
+                    4 => {
+                        let sums = simd::tile::<F, 4>(tile, std::array::from_fn(|i| act(r + i)));
+                        sums.into_iter()
+                            .enumerate()
+                            .for_each(|(i, s)| put(r + i, s));
                     }
+                    3 => {
+                        let sums = simd::tile::<F, 3>(tile, std::array::from_fn(|i| act(r + i)));
+                        sums.into_iter()
+                            .enumerate()
+                            .for_each(|(i, s)| put(r + i, s));
+                    }
+                    2 => {
+                        let sums = simd::tile::<F, 2>(tile, std::array::from_fn(|i| act(r + i)));
+                        sums.into_iter()
+                            .enumerate()
+                            .for_each(|(i, s)| put(r + i, s));
+                    }
+                    _ => put(r, simd::tile::<F, 1>(tile, [act(r)])[0]),
                 }
-                return;
-            }
-            // Each weight tile is unpacked when the first run of activation rows reaches it,
-            // and kept: later runs (only when the rows are many) reuse it while their rows stay
-            // in cache, instead of one pass over all the rows per tile streaming them from
-            // memory.
-            let mut unpacked: Vec<Unpacked> = Vec::with_capacity(width * blocks);
-            let mut put = |r: usize, col: usize, sums: &[f32]| {
-                let at = r * width + col - first;
-                part[at..at + sums.len()].copy_from_slice(sums);
-            };
-            for run in (0..m).step_by(ACTS_PER_RUN) {
-                let run_end = (run + ACTS_PER_RUN).min(m);
-                let mut col = first;
-                while col < last {
-                    let n = if last - col >= TILE_ROWS {
-                        TILE_ROWS
-                    } else {
-                        1
-                    };
-                    let at = (col - first) * blocks;
-                    if run == 0 {
-                        simd::unpack::<F>(
-                            &self.data[col * row_bytes..(col + n) * row_bytes],
-                            &mut unpacked,
-                        );
-                    }
-                    let w = simd::Unpacking::<F>::new(&unpacked[at..at + n * blocks], blocks);
-                    let mut r = run;
-                    while r < run_end {
-                        if n == TILE_ROWS && run_end - r >= TILE_ACTS {
-                            let acts = std::array::from_fn(|i| act(r + i));
-                            let s = simd::tile::<F, _, TILE_ROWS, TILE_ACTS>(&w, acts);
-                            for i in 0..TILE_ACTS {
-                                put(r + i, col, &s.map(|c| c[i]));
-                            }
-                            r += TILE_ACTS;
-                        } else if n == TILE_ROWS {
-                            let s = simd::tile::<F, _, TILE_ROWS, 1>(&w, [act(r)]);
-                            put(r, col, &s.map(|c| c[0]));
-                            r += 1;
-                        } else {
-                            put(r, col, &[simd::tile::<F, _, 1, 1>(&w, [act(r)])[0][0]]);
-                            r += 1;
-                        }
-                    }
-                    col += n;
-                }
+                r += n;
             }
         })
     }
 
+    /// The portable kernel (and the reference the SIMD kernels are tested against).
     #[cfg_attr(
         all(
             target_arch = "x86_64",
@@ -339,15 +383,47 @@ impl QuantMatrix {
     )]
     fn product_scalar(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
         let blocks = self.cols / BLOCK;
-        let row_bytes = blocks * self.kind.block_bytes();
-        self.by_columns(m, |first, last, part| {
-            let width = last - first;
-            for col in first..last {
-                let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
-                for r in 0..m {
-                    part[r * width + col - first] =
-                        dot_scalar(self.kind, w, &acts[r * blocks..(r + 1) * blocks]);
+        let kind = self.kind;
+        let weights = kind.weight_vectors();
+        let scales = weights + (kind == Kind::Q5_0) as usize;
+        let f32_at =
+            |v: &Vector, r: usize| f32::from_le_bytes(v.0[4 * r..4 * r + 4].try_into().unwrap());
+        self.by_tiles(m, |tile, rows, put| {
+            for a_row in rows {
+                let mut sums = [0f32; TILE];
+                for (r, sum) in sums.iter_mut().enumerate() {
+                    let mut total = 0f32;
+                    let mut offsets = 0f32;
+                    for (b, v) in tile.chunks_exact(kind.tile_vectors()).enumerate() {
+                        let a = &acts[a_row * blocks + b];
+                        let weight = |col: usize| -> i32 {
+                            let at = 4 * r + col % 4;
+                            match kind {
+                                Kind::Q8_0 => v[col / 4].0[at] as i8 as i32,
+                                Kind::Q5_0 | Kind::Q4_1 => {
+                                    let byte = v[col % 16 / 4].0[at];
+                                    let mut u =
+                                        (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
+                                    if kind == Kind::Q5_0 {
+                                        let g = col / 4;
+                                        let word = u32::from_le_bytes(
+                                            v[weights].0[4 * g..4 * g + 4].try_into().unwrap(),
+                                        );
+                                        u |= ((word >> at) & 1) as i32 * 16;
+                                    }
+                                    u - kind.bias()
+                                }
+                            }
+                        };
+                        let dot: i32 = (0..BLOCK).map(|col| weight(col) * a.q[col] as i32).sum();
+                        total = (dot as f32).mul_add(f32_at(&v[scales], r) * a.d, total);
+                        if kind == Kind::Q4_1 {
+                            offsets = f32_at(&v[scales + 1], r).mul_add(a.s, offsets);
+                        }
+                    }
+                    *sum = total + offsets;
                 }
+                put(a_row, sums);
             }
         })
     }
@@ -364,23 +440,19 @@ fn quantize_block(x: &[f32], kind: Kind) -> BlockQ8 {
         *qi = (v * inv).round() as i8;
         sum += *qi as i32;
     }
-    let mut corr = [0i32; 8];
-    for (c, quad) in corr.iter_mut().zip(q.chunks_exact(4)) {
-        *c = -kind.bias() * quad.iter().map(|&v| v as i32).sum::<i32>();
-    }
     let d16 = f16::from_f32(d).to_f32();
     let s = match kind {
         Kind::Q4_1 => f16::from_f32(d * sum as f32).to_f32(),
         Kind::Q5_0 | Kind::Q8_0 => d16 * sum as f32,
     };
-    BlockQ8 { q, corr, d: d16, s }
+    BlockQ8 { q, sum, d: d16, s }
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// One weight block as signed integers, scale and offset: `w = d * q + offset`.
+/// One GGUF weight block as signed integers, scale and offset: `w = d * q + offset`.
 fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
     let d = f16_at(b, 0);
     let mut q = [0i32; BLOCK];
@@ -410,19 +482,6 @@ fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
     }
 }
 
-/// The portable kernel (and the reference the SIMD kernels are tested against).
-fn dot_scalar(kind: Kind, w: &[u8], a: &[BlockQ8]) -> f32 {
-    let mut total = 0f32;
-    let mut offsets = 0f32;
-    for (b, a) in w.chunks_exact(kind.block_bytes()).zip(a) {
-        let (q, d, offset) = decode_scalar(kind, b);
-        let acc: i32 = q.iter().zip(&a.q).map(|(&x, &y)| x * y as i32).sum();
-        total += d * a.d * acc as f32;
-        offsets += offset * a.s;
-    }
-    total + offsets
-}
-
 /// AVX2 kernels (with VNNI byte products and AVX-512 bit masks where the build target has
 /// them; `.cargo/config.toml` builds for the host CPU).
 #[cfg(all(
@@ -431,11 +490,8 @@ fn dot_scalar(kind: Kind, w: &[u8], a: &[BlockQ8]) -> f32 {
     target_feature = "fma"
 ))]
 mod simd {
-    use super::{BlockQ8, Unpacked, BLOCK};
-    #[cfg(not(target_feature = "f16c"))]
-    use half::f16;
+    use super::{BlockQ8, Vector, BLOCK, TILE};
     use std::arch::x86_64::*;
-    use std::marker::PhantomData;
 
     /// Whether byte products use VNNI (`vpdpbusd`, no 16-bit intermediate).
     const VNNI: bool = cfg!(all(
@@ -443,39 +499,47 @@ mod simd {
         target_feature = "avx512vl"
     ));
 
-    /// A weight block layout.
+    /// A tile layout (see [`super::QuantMatrix`]).
     pub trait Format {
-        const BYTES: usize;
-        /// The weights carry a float offset per block (`m * s` terms).
-        const OFFSET: bool;
-        /// The activation blocks carry a nonzero integer correction.
-        const BIAS: bool;
-        /// The product takes signed weight bytes (Q8_0 without VNNI).
-        #[allow(dead_code)]
-        const SIGNED: bool = false;
-        /// One block as the product's byte operand, scale and offset.
-        ///
-        /// # Safety
-        /// `b` points at `BYTES` readable bytes.
-        unsafe fn decode(b: *const u8) -> (__m256i, f32, f32);
+        /// Q5_0 or Q4_1: two columns per byte; else Q8_0: one signed byte per column.
+        const NIBBLES: bool;
+        /// Q5_0's fifth bits follow the nibbles.
+        const FIFTH_BITS: bool;
+        /// Q4_1's offsets follow the scales.
+        const OFFSETS: bool;
+        /// The stored unsigned weights minus this are the weights.
+        const BIAS: i32;
+        const TILE_VECTORS: usize = if Self::NIBBLES { 4 } else { 8 }
+            + 1
+            + Self::FIFTH_BITS as usize
+            + Self::OFFSETS as usize;
     }
 
-    #[inline(always)]
-    unsafe fn half_at(b: *const u8) -> f32 {
-        let bits = u16::from_le(std::ptr::read_unaligned(b as *const u16));
-        // F16C when the target has it (one instruction, no round trip through memory).
-        #[cfg(target_feature = "f16c")]
-        return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-        #[cfg(not(target_feature = "f16c"))]
-        return f16::from_bits(bits).to_f32();
+    pub struct Q5_0;
+    pub struct Q4_1;
+    pub struct Q8_0;
+
+    impl Format for Q5_0 {
+        const NIBBLES: bool = true;
+        const FIFTH_BITS: bool = true;
+        const OFFSETS: bool = false;
+        const BIAS: i32 = 16;
     }
 
-    /// The 32 nibbles of 16 bytes as 32 bytes: low nibbles first, then high nibbles.
-    #[inline(always)]
-    unsafe fn nibbles(p: *const u8) -> __m256i {
-        let x = _mm_loadu_si128(p as *const __m128i);
-        let both = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    impl Format for Q4_1 {
+        const NIBBLES: bool = true;
+        const FIFTH_BITS: bool = false;
+        const OFFSETS: bool = true;
+        const BIAS: i32 = 0;
+    }
+
+    impl Format for Q8_0 {
+        const NIBBLES: bool = false;
+        const FIFTH_BITS: bool = false;
+        const OFFSETS: bool = false;
+        // With VNNI the signed weights are made unsigned (+128) and the activations' sum
+        // takes the 128s back out; without it the sign trick keeps the pairs in 16 bits.
+        const BIAS: i32 = if VNNI { 128 } else { 0 };
     }
 
     /// Byte j is 0x10 where bit j of `bits` is set.
@@ -501,231 +565,104 @@ mod simd {
         }
     }
 
-    pub struct Q5_0;
-    pub struct Q4_1;
-    pub struct Q8_0;
-
-    impl Format for Q5_0 {
-        const BYTES: usize = 22;
-        const OFFSET: bool = false;
-        const BIAS: bool = true;
-        #[inline(always)]
-        unsafe fn decode(b: *const u8) -> (__m256i, f32, f32) {
-            let qh = u32::from_le(std::ptr::read_unaligned(b.add(2) as *const u32));
-            let u = _mm256_or_si256(nibbles(b.add(6)), fifth_bits(qh));
-            (u, half_at(b), 0.0)
-        }
-    }
-
-    impl Format for Q4_1 {
-        const BYTES: usize = 20;
-        const OFFSET: bool = true;
-        const BIAS: bool = false;
-        #[inline(always)]
-        unsafe fn decode(b: *const u8) -> (__m256i, f32, f32) {
-            (nibbles(b.add(4)), half_at(b), half_at(b.add(2)))
-        }
-    }
-
-    impl Format for Q8_0 {
-        const BYTES: usize = 34;
-        const OFFSET: bool = false;
-        const BIAS: bool = VNNI;
-        const SIGNED: bool = !VNNI;
-        #[inline(always)]
-        unsafe fn decode(b: *const u8) -> (__m256i, f32, f32) {
-            let w = _mm256_loadu_si256(b.add(2) as *const __m256i);
-            // With VNNI the weights become unsigned (+128) and the activations' correction
-            // takes the 128s back out; without it the sign trick keeps the pairs in 16 bits.
-            let u = if VNNI {
-                _mm256_xor_si256(w, _mm256_set1_epi8(-128))
-            } else {
-                w
-            };
-            (u, half_at(b), 0.0)
-        }
-    }
-
-    /// The exact integer dot product of one weight block with one activation block, in eight
-    /// partial sums.
+    /// `acc` plus, in each 32-bit lane, the products of the lane's four weight bytes `w` with
+    /// the four activation bytes in every lane of `a`, exactly.
     #[inline(always)]
-    unsafe fn product<F: Format>(u: __m256i, a: &BlockQ8) -> __m256i {
-        let q = _mm256_load_si256(a.q.as_ptr() as *const __m256i);
-        let corr = || _mm256_load_si256(a.corr.as_ptr() as *const __m256i);
+    unsafe fn product<F: Format>(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
         #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
         {
-            let start = if F::BIAS {
-                corr()
+            let u = if F::NIBBLES {
+                w
             } else {
-                _mm256_setzero_si256()
+                _mm256_xor_si256(w, _mm256_set1_epi8(-128))
             };
-            _mm256_dpbusd_epi32(start, u, q)
+            _mm256_dpbusd_epi32(acc, u, a)
         }
         #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
         {
             let ones = _mm256_set1_epi16(1);
-            if F::SIGNED {
-                // |w| * (a with w's sign); |w| <= 128 and |a| <= 127 keep pairs in i16.
-                let p = _mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(q, u));
-                return _mm256_madd_epi16(p, ones);
-            }
-            // u <= 31: pairs summed to i16 cannot overflow.
-            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(u, q), ones);
-            if F::BIAS {
-                _mm256_add_epi32(p, corr())
+            let pairs = if F::NIBBLES {
+                // w <= 31: pairs summed to i16 cannot overflow.
+                _mm256_maddubs_epi16(w, a)
             } else {
-                p
-            }
+                // |w| * (a with w's sign); |w| <= 128 and |a| <= 127 keep pairs in i16.
+                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
+            };
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones))
         }
     }
 
+    /// Activation bytes `4g..4g+4` of a block in every lane.
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+    unsafe fn group(a: &BlockQ8, g: usize) -> __m256i {
+        _mm256_set1_epi32(std::ptr::read_unaligned(
+            a.q.as_ptr().add(4 * g) as *const i32
+        ))
     }
 
-    /// A few consecutive weight rows, block by block.
-    pub trait Source {
-        fn rows(&self) -> usize;
-        fn blocks(&self) -> usize;
-        /// Block `b` of row `r`: byte operand, scale, offset.
-        ///
-        /// # Safety
-        /// `r` is below the number of rows the source was made with, `b` below `blocks()`.
-        unsafe fn block(&self, r: usize, b: usize) -> (__m256i, f32, f32);
-    }
-
-    /// Weight rows read straight from their packed blocks.
-    pub struct Packed<'a, F> {
-        data: &'a [u8],
-        row_bytes: usize,
-        blocks: usize,
-        format: PhantomData<F>,
-    }
-
-    impl<'a, F: Format> Packed<'a, F> {
-        pub fn new(data: &'a [u8], row_bytes: usize, blocks: usize) -> Self {
-            assert_eq!(row_bytes, blocks * F::BYTES);
-            assert_eq!(data.len() % row_bytes.max(1), 0);
-            Self {
-                data,
-                row_bytes,
-                blocks,
-                format: PhantomData,
-            }
-        }
-    }
-
-    impl<F: Format> Source for Packed<'_, F> {
-        fn rows(&self) -> usize {
-            self.data.len() / self.row_bytes.max(1)
-        }
-        fn blocks(&self) -> usize {
-            self.blocks
-        }
-        #[inline(always)]
-        unsafe fn block(&self, r: usize, b: usize) -> (__m256i, f32, f32) {
-            F::decode(self.data.as_ptr().add(r * self.row_bytes + b * F::BYTES))
-        }
-    }
-
-    /// Unpacks whole rows of packed blocks.
-    pub fn unpack<F: Format>(rows: &[u8], out: &mut Vec<Unpacked>) {
-        for b in rows.chunks_exact(F::BYTES) {
-            // SAFETY: the build target has AVX2 (cfg above); `b` holds one whole block.
-            unsafe {
-                let (u, d, offset) = F::decode(b.as_ptr());
-                let mut w = Unpacked {
-                    q: [0; BLOCK],
-                    d,
-                    offset,
-                };
-                _mm256_store_si256(w.q.as_mut_ptr() as *mut __m256i, u);
-                out.push(w);
-            }
-        }
-    }
-
-    /// Weight rows unpacked by [`unpack`].
-    pub struct Unpacking<'a, F> {
-        rows: &'a [Unpacked],
-        blocks: usize,
-        format: PhantomData<F>,
-    }
-
-    impl<'a, F: Format> Unpacking<'a, F> {
-        pub fn new(rows: &'a [Unpacked], blocks: usize) -> Self {
-            Self {
-                rows,
-                blocks,
-                format: PhantomData,
-            }
-        }
-    }
-
-    impl<F: Format> Source for Unpacking<'_, F> {
-        fn rows(&self) -> usize {
-            self.rows.len() / self.blocks.max(1)
-        }
-        fn blocks(&self) -> usize {
-            self.blocks
-        }
-        #[inline(always)]
-        unsafe fn block(&self, r: usize, b: usize) -> (__m256i, f32, f32) {
-            let w = self.rows.get_unchecked(r * self.blocks + b);
-            (
-                _mm256_load_si256(w.q.as_ptr() as *const __m256i),
-                w.d,
-                w.offset,
-            )
-        }
-    }
-
-    /// Dot products of `R` weight rows with `C` activation rows: `out[r][c]`. Each output is
-    /// one multiply-add chain over the blocks in order, whatever `R` and `C` are.
+    /// The eight outputs of one tile for each of `C` activation rows. Each output is the same
+    /// chain of operations whatever `C` is.
     #[inline(always)]
-    pub fn tile<F: Format, S: Source, const R: usize, const C: usize>(
-        w: &S,
+    pub fn tile<F: Format, const C: usize>(
+        tile: &[Vector],
         acts: [&[BlockQ8]; C],
-    ) -> [[f32; C]; R] {
-        let blocks = w.blocks();
+    ) -> [[f32; TILE]; C] {
+        let blocks = tile.len() / F::TILE_VECTORS;
         for a in acts {
             assert_eq!(a.len(), blocks);
         }
-        assert!(w.rows() >= R);
-        // SAFETY: the build target has AVX2 and FMA (cfg above); every block index is below
-        // `blocks`, the length of each activation row, and `S` was made with at least `R` rows.
+        let weights = if F::NIBBLES { 4 } else { 8 };
+        let scales = weights + F::FIFTH_BITS as usize;
+        // SAFETY: the build target has AVX2 and FMA (cfg above); every vector index is below
+        // `F::TILE_VECTORS` within block `b < blocks`, and every activation row has `blocks`
+        // blocks (asserted).
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); C]; R];
-            let mut off = [[0f32; C]; R];
+            let mut acc = [_mm256_setzero_ps(); C];
+            let mut off = [_mm256_setzero_ps(); C];
             for b in 0..blocks {
-                let mut u = [_mm256_setzero_si256(); R];
-                let mut dw = [0f32; R];
-                let mut ow = [0f32; R];
-                for r in 0..R {
-                    (u[r], dw[r], ow[r]) = w.block(r, b);
-                }
-                for c in 0..C {
-                    let a = acts[c].get_unchecked(b);
-                    let da = _mm256_set1_ps(a.d);
-                    for r in 0..R {
-                        let p = _mm256_cvtepi32_ps(product::<F>(u[r], a));
-                        let scale = _mm256_mul_ps(_mm256_set1_ps(dw[r]), da);
-                        acc[r][c] = _mm256_fmadd_ps(p, scale, acc[r][c]);
-                        if F::OFFSET {
-                            off[r][c] += ow[r] * a.s;
+                let v = tile.as_ptr().add(b * F::TILE_VECTORS) as *const __m256i;
+                let a: [&BlockQ8; C] = std::array::from_fn(|c| acts[c].get_unchecked(b));
+                let mut dot: [__m256i; C] =
+                    std::array::from_fn(|c| _mm256_set1_epi32(-F::BIAS * a[c].sum));
+                if F::NIBBLES {
+                    let fifth = v.add(weights) as *const u32;
+                    let low_nibbles = _mm256_set1_epi8(0x0F);
+                    for g in 0..4 {
+                        let x = _mm256_load_si256(v.add(g));
+                        let mut low = _mm256_and_si256(x, low_nibbles);
+                        let mut high = _mm256_and_si256(_mm256_srli_epi16(x, 4), low_nibbles);
+                        if F::FIFTH_BITS {
+                            low = _mm256_or_si256(low, fifth_bits(*fifth.add(g)));
+                            high = _mm256_or_si256(high, fifth_bits(*fifth.add(g + 4)));
+                        }
+                        for c in 0..C {
+                            dot[c] = product::<F>(dot[c], low, group(a[c], g));
+                            dot[c] = product::<F>(dot[c], high, group(a[c], g + 4));
+                        }
+                    }
+                } else {
+                    for g in 0..BLOCK / 4 {
+                        let x = _mm256_load_si256(v.add(g));
+                        for c in 0..C {
+                            dot[c] = product::<F>(dot[c], x, group(a[c], g));
                         }
                     }
                 }
-            }
-            let mut out = [[0f32; C]; R];
-            for r in 0..R {
+                let d = _mm256_load_ps(v.add(scales) as *const f32);
                 for c in 0..C {
-                    out[r][c] = hsum(acc[r][c]) + off[r][c];
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a[c].d));
+                    acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[c]), scale, acc[c]);
                 }
+                if F::OFFSETS {
+                    let m = _mm256_load_ps(v.add(scales + 1) as *const f32);
+                    for c in 0..C {
+                        off[c] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[c].s), off[c]);
+                    }
+                }
+            }
+            let mut out = [[0f32; TILE]; C];
+            for c in 0..C {
+                _mm256_storeu_ps(out[c].as_mut_ptr(), _mm256_add_ps(acc[c], off[c]));
             }
             out
         }
