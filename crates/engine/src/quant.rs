@@ -2,11 +2,12 @@
 //! kernels are slow: Q5_0 (most of Qwen2.5's and Gemma 3's weights), Q4_1 (SmolLM2's) and
 //! Q8_0 (Qwen2.5's output head, whose 896 columns keep it off candle's repacked path).
 //!
-//! At load the weights are repacked into tiles of eight output rows: for each block of 32
-//! columns, the tile's bytes are laid out so that one 256-bit integer product multiplies four
-//! consecutive columns of all eight rows by the same four activation bytes, and the block's
-//! eight row scales sit in one register. Nothing is summed across lanes: the eight outputs
-//! build up side by side, which is what makes this faster than a dot product per row.
+//! At load the weights are repacked into tiles of [`TILE`] output rows (16 where the build
+//! target has AVX-512 with VNNI, else 8): for each block of 32 columns, the tile's bytes are
+//! laid out so that one vector integer product multiplies four consecutive columns of all the
+//! tile's rows by the same four activation bytes, and the block's row scales sit in one
+//! register. Nothing is summed across lanes: the tile's outputs build up side by side, which
+//! is what makes this faster than a dot product per row.
 //!
 //! Activations are quantized per block of 32 to 8 bits, as llama.cpp does (Q8_0 for Q5_0 and
 //! Q8_0 weights, Q8_1 for Q4_1). Each block's dot product runs exactly in integers; every
@@ -21,7 +22,10 @@ use half::f16;
 use rayon::prelude::*;
 
 const BLOCK: usize = 32;
-/// Output rows per tile: one 256-bit register holds a 32-bit sum for each.
+/// Output rows per tile: one vector register holds a 32-bit sum for each.
+#[cfg(wide_tiles)]
+const TILE: usize = 16;
+#[cfg(not(wide_tiles))]
 const TILE: usize = 8;
 /// Tiles per parallel task: enough work to amortise scheduling.
 const TILES_PER_TASK: usize = 4;
@@ -79,10 +83,11 @@ impl Kind {
     }
 }
 
-/// 32 bytes, aligned for vector loads.
+/// One vector register's bytes, aligned for vector loads.
 #[derive(Clone, Copy)]
-#[repr(C, align(32))]
-struct Vector([u8; 32]);
+#[cfg_attr(wide_tiles, repr(C, align(64)))]
+#[cfg_attr(not(wide_tiles), repr(C, align(32)))]
+struct Vector([u8; 4 * TILE]);
 
 /// A weight matrix used by a projection: our kernels where candle's are slow, candle's otherwise.
 pub enum Matrix {
@@ -152,13 +157,13 @@ impl Matrix {
 
 /// A Q5_0, Q4_1 or Q8_0 weight matrix `[rows, cols]` (one row per output), repacked in tiles.
 ///
-/// Tile `t` holds rows `8t..8t+8` (the last one padded with zero rows); for each block `b` of
-/// 32 columns it has `tile_vectors()` vectors. Nibble kinds: vector `v` (0..4) holds, at byte
-/// `4r + j`, column `4v + j` of row `r` in its low nibble and column `16 + 4v + j` in its
-/// high nibble, as the unsigned `q + bias`; Q5_0's fifth bits follow as eight `u32`, word `g`
-/// with bit `4r + j` for column `4g + j`. Q8_0: vector `g` (0..8) holds column `4g + j` of row
-/// `r` at byte `4r + j`, signed. Then the eight rows' scales `d`, and for Q4_1 their offsets
-/// `m`, as f32.
+/// Tile `t` holds rows `TILE t..TILE (t + 1)` (the last one padded with zero rows); for each
+/// block `b` of 32 columns it has `tile_vectors()` vectors. Nibble kinds: vector `v` (0..4)
+/// holds, at byte `4r + j`, column `4v + j` of row `r` in its low nibble and column
+/// `16 + 4v + j` in its high nibble, as the unsigned `q + bias`; Q5_0's fifth bits follow as
+/// eight words of `4 TILE` bits, word `g` with bit `4r + j` for column `4g + j`. Q8_0: vector
+/// `g` (0..8) holds column `4g + j` of row `r` at byte `4r + j`, signed. Then the rows' scales
+/// `d`, and for Q4_1 their offsets `m`, as f32.
 pub struct QuantMatrix {
     kind: Kind,
     rows: usize,
@@ -194,7 +199,7 @@ impl QuantMatrix {
         let blocks = cols / BLOCK;
         let per_block = kind.tile_vectors();
         let weights = kind.weight_vectors();
-        let mut tiles = vec![Vector([0; 32]); rows.div_ceil(TILE) * blocks * per_block];
+        let mut tiles = vec![Vector([0; 4 * TILE]); rows.div_ceil(TILE) * blocks * per_block];
         for (row, bytes) in packed.chunks_exact(blocks * kind.block_bytes()).enumerate() {
             let r = row % TILE;
             for (b, block) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
@@ -218,12 +223,8 @@ impl QuantMatrix {
                 }
                 if kind == Kind::Q5_0 {
                     for (col, &v) in u.iter().enumerate() {
-                        if v & 0x10 != 0 {
-                            let (g, bit) = (col / 4, 4 * r + col % 4);
-                            let word = &mut tile[weights].0[4 * g..4 * g + 4];
-                            let set = u32::from_le_bytes(word.try_into().unwrap()) | 1 << bit;
-                            word.copy_from_slice(&set.to_le_bytes());
-                        }
+                        let bit = (col / 4) * 4 * TILE + 4 * r + col % 4;
+                        tile[weights].0[bit / 8] |= ((v >> 4) as u8) << (bit % 8);
                     }
                 }
                 let scales = weights + (kind == Kind::Q5_0) as usize;
@@ -405,11 +406,8 @@ impl QuantMatrix {
                                     let mut u =
                                         (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
                                     if kind == Kind::Q5_0 {
-                                        let g = col / 4;
-                                        let word = u32::from_le_bytes(
-                                            v[weights].0[4 * g..4 * g + 4].try_into().unwrap(),
-                                        );
-                                        u |= ((word >> at) & 1) as i32 * 16;
+                                        let bit = (col / 4) * 4 * TILE + at;
+                                        u |= ((v[weights].0[bit / 8] >> (bit % 8)) & 1) as i32 * 16;
                                     }
                                     u - kind.bias()
                                 }
@@ -482,8 +480,9 @@ fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
     }
 }
 
-/// AVX2 kernels (with VNNI byte products and AVX-512 bit masks where the build target has
-/// them; `.cargo/config.toml` builds for the host CPU).
+/// AVX2 kernels on 256-bit registers (with VNNI byte products and AVX-512 bit masks where
+/// the build target has them), or on 512-bit registers with AVX-512 VNNI (`wide_tiles`, set
+/// by `build.rs`); `.cargo/config.toml` builds for the host CPU.
 #[cfg(all(
     target_arch = "x86_64",
     target_feature = "avx2",
@@ -491,13 +490,6 @@ fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
 ))]
 mod simd {
     use super::{BlockQ8, Vector, BLOCK, TILE};
-    use std::arch::x86_64::*;
-
-    /// Whether byte products use VNNI (`vpdpbusd`, no 16-bit intermediate).
-    const VNNI: bool = cfg!(all(
-        target_feature = "avx512vnni",
-        target_feature = "avx512vl"
-    ));
 
     /// A tile layout (see [`super::QuantMatrix`]).
     pub trait Format {
@@ -537,71 +529,197 @@ mod simd {
         const NIBBLES: bool = false;
         const FIFTH_BITS: bool = false;
         const OFFSETS: bool = false;
-        // With VNNI the signed weights are made unsigned (+128) and the activations' sum
-        // takes the 128s back out; without it the sign trick keeps the pairs in 16 bits.
-        const BIAS: i32 = if VNNI { 128 } else { 0 };
+        const BIAS: i32 = lanes::SIGNED_BIAS;
     }
 
-    /// Byte j is 0x10 where bit j of `bits` is set.
-    #[inline(always)]
-    unsafe fn fifth_bits(bits: u32) -> __m256i {
-        #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
-        return _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10));
-        #[cfg(not(all(target_feature = "avx512bw", target_feature = "avx512vl")))]
-        {
-            // Broadcast byte j/8 of `bits` to byte j, then test bit j%8 by OR-ing the others in.
-            let spread = _mm256_shuffle_epi8(
-                _mm256_set1_epi32(bits as i32),
-                _mm256_set_epi64x(
-                    0x0303_0303_0303_0303,
-                    0x0202_0202_0202_0202,
-                    0x0101_0101_0101_0101,
-                    0,
+    /// The vector operations of one register width.
+    #[cfg(wide_tiles)]
+    mod lanes {
+        use std::arch::x86_64::*;
+        pub type Int = __m512i;
+        pub type Float = __m512;
+        /// Signed weights are made unsigned (+128); the activations' sum takes the 128s back.
+        pub const SIGNED_BIAS: i32 = 128;
+
+        #[inline(always)]
+        pub unsafe fn load(p: *const u8) -> Int {
+            _mm512_load_si512(p as *const _)
+        }
+        #[inline(always)]
+        pub unsafe fn load_f32(p: *const u8) -> Float {
+            _mm512_load_ps(p as *const f32)
+        }
+        #[inline(always)]
+        pub unsafe fn splat_i32(x: i32) -> Int {
+            _mm512_set1_epi32(x)
+        }
+        #[inline(always)]
+        pub unsafe fn splat_f32(x: f32) -> Float {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        pub unsafe fn zero_f32() -> Float {
+            _mm512_setzero_ps()
+        }
+        /// The low and high nibbles of every byte.
+        #[inline(always)]
+        pub unsafe fn nibbles(x: Int) -> (Int, Int) {
+            let mask = _mm512_set1_epi8(0x0F);
+            (
+                _mm512_and_si512(x, mask),
+                _mm512_and_si512(_mm512_srli_epi16(x, 4), mask),
+            )
+        }
+        /// `x` with 0x10 added to byte j where bit j of the word at `bits` is set.
+        #[inline(always)]
+        pub unsafe fn with_fifth_bits(x: Int, bits: *const u8) -> Int {
+            let word = std::ptr::read_unaligned(bits as *const u64);
+            _mm512_or_si512(x, _mm512_maskz_mov_epi8(word, _mm512_set1_epi8(0x10)))
+        }
+        #[inline(always)]
+        pub unsafe fn product_unsigned(acc: Int, u: Int, a: Int) -> Int {
+            _mm512_dpbusd_epi32(acc, u, a)
+        }
+        #[inline(always)]
+        pub unsafe fn product_signed(acc: Int, w: Int, a: Int) -> Int {
+            _mm512_dpbusd_epi32(acc, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a)
+        }
+        /// `acc + float(dot) * (d * da)`.
+        #[inline(always)]
+        pub unsafe fn scaled_add(acc: Float, dot: Int, d: Float, da: Float) -> Float {
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, da), acc)
+        }
+        #[inline(always)]
+        pub unsafe fn fmadd(a: Float, b: Float, c: Float) -> Float {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        pub unsafe fn store_sum(out: *mut f32, a: Float, b: Float) {
+            _mm512_storeu_ps(out, _mm512_add_ps(a, b))
+        }
+    }
+
+    /// The vector operations of one register width.
+    #[cfg(not(wide_tiles))]
+    mod lanes {
+        use std::arch::x86_64::*;
+        pub type Int = __m256i;
+        pub type Float = __m256;
+        /// Whether byte products use VNNI (`vpdpbusd`, no 16-bit intermediate).
+        const VNNI: bool = cfg!(all(
+            target_feature = "avx512vnni",
+            target_feature = "avx512vl"
+        ));
+        /// With VNNI the signed weights are made unsigned (+128) and the activations' sum
+        /// takes the 128s back out; without it the sign trick keeps the pairs in 16 bits.
+        pub const SIGNED_BIAS: i32 = if VNNI { 128 } else { 0 };
+
+        #[inline(always)]
+        pub unsafe fn load(p: *const u8) -> Int {
+            _mm256_load_si256(p as *const _)
+        }
+        #[inline(always)]
+        pub unsafe fn load_f32(p: *const u8) -> Float {
+            _mm256_load_ps(p as *const f32)
+        }
+        #[inline(always)]
+        pub unsafe fn splat_i32(x: i32) -> Int {
+            _mm256_set1_epi32(x)
+        }
+        #[inline(always)]
+        pub unsafe fn splat_f32(x: f32) -> Float {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        pub unsafe fn zero_f32() -> Float {
+            _mm256_setzero_ps()
+        }
+        /// The low and high nibbles of every byte.
+        #[inline(always)]
+        pub unsafe fn nibbles(x: Int) -> (Int, Int) {
+            let mask = _mm256_set1_epi8(0x0F);
+            (
+                _mm256_and_si256(x, mask),
+                _mm256_and_si256(_mm256_srli_epi16(x, 4), mask),
+            )
+        }
+        /// `x` with 0x10 added to byte j where bit j of the word at `bits` is set.
+        #[inline(always)]
+        pub unsafe fn with_fifth_bits(x: Int, bits: *const u8) -> Int {
+            let word = std::ptr::read_unaligned(bits as *const u32);
+            #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
+            let fifth = _mm256_maskz_mov_epi8(word, _mm256_set1_epi8(0x10));
+            #[cfg(not(all(target_feature = "avx512bw", target_feature = "avx512vl")))]
+            let fifth = {
+                // Broadcast byte j/8 of the word to byte j, then test bit j%8 by OR-ing the
+                // others in.
+                let spread = _mm256_shuffle_epi8(
+                    _mm256_set1_epi32(word as i32),
+                    _mm256_set_epi64x(
+                        0x0303_0303_0303_0303,
+                        0x0202_0202_0202_0202,
+                        0x0101_0101_0101_0101,
+                        0,
+                    ),
+                );
+                let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
+                let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
+                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+            };
+            _mm256_or_si256(x, fifth)
+        }
+        #[inline(always)]
+        pub unsafe fn product_unsigned(acc: Int, u: Int, a: Int) -> Int {
+            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+            return _mm256_dpbusd_epi32(acc, u, a);
+            // u <= 31: pairs summed to i16 cannot overflow.
+            #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+            return _mm256_add_epi32(
+                acc,
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, a), _mm256_set1_epi16(1)),
+            );
+        }
+        #[inline(always)]
+        pub unsafe fn product_signed(acc: Int, w: Int, a: Int) -> Int {
+            #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
+            return _mm256_dpbusd_epi32(acc, _mm256_xor_si256(w, _mm256_set1_epi8(-128)), a);
+            // |w| * (a with w's sign); |w| <= 128 and |a| <= 127 keep pairs in i16.
+            #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
+            return _mm256_add_epi32(
+                acc,
+                _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)),
+                    _mm256_set1_epi16(1),
                 ),
             );
-            let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-            let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
-            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        }
+        /// `acc + float(dot) * (d * da)`.
+        #[inline(always)]
+        pub unsafe fn scaled_add(acc: Float, dot: Int, d: Float, da: Float) -> Float {
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, da), acc)
+        }
+        #[inline(always)]
+        pub unsafe fn fmadd(a: Float, b: Float, c: Float) -> Float {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        pub unsafe fn store_sum(out: *mut f32, a: Float, b: Float) {
+            _mm256_storeu_ps(out, _mm256_add_ps(a, b))
         }
     }
 
-    /// `acc` plus, in each 32-bit lane, the products of the lane's four weight bytes `w` with
-    /// the four activation bytes in every lane of `a`, exactly.
-    #[inline(always)]
-    unsafe fn product<F: Format>(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-        #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
-        {
-            let u = if F::NIBBLES {
-                w
-            } else {
-                _mm256_xor_si256(w, _mm256_set1_epi8(-128))
-            };
-            _mm256_dpbusd_epi32(acc, u, a)
-        }
-        #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
-        {
-            let ones = _mm256_set1_epi16(1);
-            let pairs = if F::NIBBLES {
-                // w <= 31: pairs summed to i16 cannot overflow.
-                _mm256_maddubs_epi16(w, a)
-            } else {
-                // |w| * (a with w's sign); |w| <= 128 and |a| <= 127 keep pairs in i16.
-                _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w))
-            };
-            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, ones))
-        }
-    }
+    use lanes::*;
 
     /// Activation bytes `4g..4g+4` of a block in every lane.
     #[inline(always)]
-    unsafe fn group(a: &BlockQ8, g: usize) -> __m256i {
-        _mm256_set1_epi32(std::ptr::read_unaligned(
+    unsafe fn group(a: &BlockQ8, g: usize) -> Int {
+        splat_i32(std::ptr::read_unaligned(
             a.q.as_ptr().add(4 * g) as *const i32
         ))
     }
 
-    /// The eight outputs of one tile for each of `C` activation rows. Each output is the same
-    /// chain of operations whatever `C` is.
+    /// The outputs of one tile for each of `C` activation rows. Each output is the same chain
+    /// of operations whatever `C` is.
     #[inline(always)]
     pub fn tile<F: Format, const C: usize>(
         tile: &[Vector],
@@ -613,56 +731,51 @@ mod simd {
         }
         let weights = if F::NIBBLES { 4 } else { 8 };
         let scales = weights + F::FIFTH_BITS as usize;
-        // SAFETY: the build target has AVX2 and FMA (cfg above); every vector index is below
-        // `F::TILE_VECTORS` within block `b < blocks`, and every activation row has `blocks`
-        // blocks (asserted).
+        // SAFETY: the build target has the register width's instructions (cfg above and in
+        // `build.rs`); every vector index is below `F::TILE_VECTORS` within block
+        // `b < blocks`, and every activation row has `blocks` blocks (asserted).
         unsafe {
-            let mut acc = [_mm256_setzero_ps(); C];
-            let mut off = [_mm256_setzero_ps(); C];
+            let mut acc = [zero_f32(); C];
+            let mut off = [zero_f32(); C];
             for b in 0..blocks {
-                let v = tile.as_ptr().add(b * F::TILE_VECTORS) as *const __m256i;
+                let v = |i: usize| tile.as_ptr().add(b * F::TILE_VECTORS + i) as *const u8;
                 let a: [&BlockQ8; C] = std::array::from_fn(|c| acts[c].get_unchecked(b));
-                let mut dot: [__m256i; C] =
-                    std::array::from_fn(|c| _mm256_set1_epi32(-F::BIAS * a[c].sum));
+                let mut dot: [Int; C] = std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sum));
                 if F::NIBBLES {
-                    let fifth = v.add(weights) as *const u32;
-                    let low_nibbles = _mm256_set1_epi8(0x0F);
                     for g in 0..4 {
-                        let x = _mm256_load_si256(v.add(g));
-                        let mut low = _mm256_and_si256(x, low_nibbles);
-                        let mut high = _mm256_and_si256(_mm256_srli_epi16(x, 4), low_nibbles);
+                        let (mut low, mut high) = nibbles(load(v(g)));
                         if F::FIFTH_BITS {
-                            low = _mm256_or_si256(low, fifth_bits(*fifth.add(g)));
-                            high = _mm256_or_si256(high, fifth_bits(*fifth.add(g + 4)));
+                            let word = TILE / 2;
+                            low = with_fifth_bits(low, v(weights).add(g * word));
+                            high = with_fifth_bits(high, v(weights).add((g + 4) * word));
                         }
                         for c in 0..C {
-                            dot[c] = product::<F>(dot[c], low, group(a[c], g));
-                            dot[c] = product::<F>(dot[c], high, group(a[c], g + 4));
+                            dot[c] = product_unsigned(dot[c], low, group(a[c], g));
+                            dot[c] = product_unsigned(dot[c], high, group(a[c], g + 4));
                         }
                     }
                 } else {
                     for g in 0..BLOCK / 4 {
-                        let x = _mm256_load_si256(v.add(g));
+                        let x = load(v(g));
                         for c in 0..C {
-                            dot[c] = product::<F>(dot[c], x, group(a[c], g));
+                            dot[c] = product_signed(dot[c], x, group(a[c], g));
                         }
                     }
                 }
-                let d = _mm256_load_ps(v.add(scales) as *const f32);
+                let d = load_f32(v(scales));
                 for c in 0..C {
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(a[c].d));
-                    acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[c]), scale, acc[c]);
+                    acc[c] = scaled_add(acc[c], dot[c], d, splat_f32(a[c].d));
                 }
                 if F::OFFSETS {
-                    let m = _mm256_load_ps(v.add(scales + 1) as *const f32);
+                    let m = load_f32(v(scales + 1));
                     for c in 0..C {
-                        off[c] = _mm256_fmadd_ps(m, _mm256_set1_ps(a[c].s), off[c]);
+                        off[c] = fmadd(m, splat_f32(a[c].s), off[c]);
                     }
                 }
             }
             let mut out = [[0f32; TILE]; C];
             for c in 0..C {
-                _mm256_storeu_ps(out[c].as_mut_ptr(), _mm256_add_ps(acc[c], off[c]));
+                store_sum(out[c].as_mut_ptr(), acc[c], off[c]);
             }
             out
         }
