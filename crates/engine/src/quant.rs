@@ -33,6 +33,11 @@ const TILES_PER_TASK: usize = 4;
 /// them (up to ~350 KB of quantized blocks for Qwen2.5's widest matrix) stays in a core's L2.
 const ACTS_PER_RUN: usize = 64;
 /// Activation rows per pass over a tile: each weight vector is unpacked once for all of them.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma"
+))]
 const ACTS_PER_PASS: usize = 4;
 /// Values from which quantizing the activations and gathering the output are split between
 /// threads: a decode step's few rows are not worth it.
@@ -995,7 +1000,14 @@ mod speed {
     use super::*;
     use std::time::Instant;
 
-    fn seconds(f: &dyn Fn(), reps: usize) -> f64 {
+    /// The best of three timings of `reps` calls, made on a thread-pool worker as the
+    /// engine's forward pass makes them (from outside the pool each call would also pay a
+    /// hand-off to the pool: ~70 us, most of a small matrix's time at one row).
+    fn seconds(f: &(dyn Fn() + Sync), reps: usize) -> f64 {
+        rayon::scope(|_| best_of_three(f, reps))
+    }
+
+    fn best_of_three(f: &dyn Fn(), reps: usize) -> f64 {
         f();
         (0..3)
             .map(|_| {
