@@ -73,7 +73,7 @@ impl Kind {
         }
     }
 
-    /// 32-byte vectors of weight bytes per tile and block: two columns' worth of nibbles per
+    /// Vectors of weight bytes per tile and block: two columns' worth of nibbles per
     /// byte, or one signed byte per column.
     fn weight_vectors(self) -> usize {
         match self {
@@ -293,9 +293,10 @@ impl QuantMatrix {
         &self.tiles[t * len..(t + 1) * len]
     }
 
-    /// Runs `task(tile, act_row, outputs)` for every tile and activation row, in parallel over
-    /// runs of tiles, and gathers the outputs (eight per call) into `[m, rows]`. A task hands
-    /// its activation rows over in runs of [`ACTS_PER_RUN`], each met by all its tiles.
+    /// Runs `task(tile, activation rows, put)` for every tile, in parallel over runs of tiles,
+    /// where `put(row, sums)` stores one activation row's `TILE` outputs, and gathers them into
+    /// `[m, rows]`. A task hands its activation rows over in runs of [`ACTS_PER_RUN`], each met
+    /// by all its tiles.
     fn by_tiles<T>(&self, m: usize, task: T) -> Vec<f32>
     where
         T: Fn(&[Vector], std::ops::Range<usize>, &mut dyn FnMut(usize, [f32; TILE])) + Sync,
