@@ -66,25 +66,45 @@ impl Kind {
     }
 
     /// What is added to each weight to store it as an unsigned number (Q8_0 stays signed).
-    fn bias(self) -> i32 {
+    const fn bias(self) -> i32 {
         match self {
             Kind::Q5_0 => 16,
             Kind::Q4_1 | Kind::Q8_0 => 0,
         }
     }
 
-    /// Vectors of weight bytes per tile and block: two columns' worth of nibbles per
-    /// byte, or one signed byte per column.
-    fn weight_vectors(self) -> usize {
-        match self {
-            Kind::Q5_0 | Kind::Q4_1 => 4,
-            Kind::Q8_0 => 8,
+    /// Two columns' worth of nibbles per byte; else (Q8_0) one signed byte per column.
+    const fn nibbles(self) -> bool {
+        !matches!(self, Kind::Q8_0)
+    }
+
+    /// Q5_0's fifth bits follow the nibbles.
+    const fn fifth_bits(self) -> bool {
+        matches!(self, Kind::Q5_0)
+    }
+
+    /// Q4_1's offsets follow the scales.
+    const fn offsets(self) -> bool {
+        matches!(self, Kind::Q4_1)
+    }
+
+    /// Vectors of weight bytes per tile and block.
+    const fn weight_vectors(self) -> usize {
+        if self.nibbles() {
+            4
+        } else {
+            8
         }
     }
 
+    /// Where the scales sit among a tile's vectors for a block: after the weights and bits.
+    const fn scales_vector(self) -> usize {
+        self.weight_vectors() + self.fifth_bits() as usize
+    }
+
     /// Vectors per tile and block: the weights, Q5_0's fifth bits, the scales, Q4_1's offsets.
-    fn tile_vectors(self) -> usize {
-        self.weight_vectors() + 1 + matches!(self, Kind::Q5_0 | Kind::Q4_1) as usize
+    const fn tile_vectors(self) -> usize {
+        self.scales_vector() + 1 + self.offsets() as usize
     }
 }
 
@@ -232,9 +252,9 @@ impl QuantMatrix {
                         tile[weights].0[bit / 8] |= ((v >> 4) as u8) << (bit % 8);
                     }
                 }
-                let scales = weights + (kind == Kind::Q5_0) as usize;
+                let scales = kind.scales_vector();
                 tile[scales].0[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-                if kind == Kind::Q4_1 {
+                if kind.offsets() {
                     tile[scales + 1].0[4 * r..4 * r + 4].copy_from_slice(&m.to_le_bytes());
                 }
             }
@@ -347,7 +367,6 @@ impl QuantMatrix {
     fn product<F: simd::Format>(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
         let blocks = self.cols / BLOCK;
         assert_eq!(acts.len(), m * blocks);
-        assert_eq!(F::TILE_VECTORS, self.kind.tile_vectors());
         let act = |r: usize| &acts[r * blocks..(r + 1) * blocks];
         self.by_tiles(m, |tile, rows, put| {
             let mut r = rows.start;
@@ -392,7 +411,7 @@ impl QuantMatrix {
         let blocks = self.cols / BLOCK;
         let kind = self.kind;
         let weights = kind.weight_vectors();
-        let scales = weights + (kind == Kind::Q5_0) as usize;
+        let scales = kind.scales_vector();
         let f32_at =
             |v: &Vector, r: usize| f32::from_le_bytes(v.0[4 * r..4 * r + 4].try_into().unwrap());
         self.by_tiles(m, |tile, rows, put| {
@@ -421,7 +440,7 @@ impl QuantMatrix {
                         };
                         let dot: i32 = (0..BLOCK).map(|col| weight(col) * a.q[col] as i32).sum();
                         total = (dot as f32).mul_add(f32_at(&v[scales], r) * a.d, total);
-                        if kind == Kind::Q4_1 {
+                        if kind.offsets() {
                             offsets = f32_at(&v[scales + 1], r).mul_add(a.s, offsets);
                         }
                     }
@@ -495,22 +514,19 @@ fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
     target_feature = "fma"
 ))]
 mod simd {
-    use super::{BlockQ8, Vector, BLOCK, TILE};
+    use super::{BlockQ8, Kind, Vector, BLOCK, TILE};
 
-    /// A tile layout (see [`super::QuantMatrix`]).
+    /// A tile layout (see [`super::QuantMatrix`]), as constants of its `Kind`.
     pub trait Format {
-        /// Q5_0 or Q4_1: two columns per byte; else Q8_0: one signed byte per column.
-        const NIBBLES: bool;
-        /// Q5_0's fifth bits follow the nibbles.
-        const FIFTH_BITS: bool;
-        /// Q4_1's offsets follow the scales.
-        const OFFSETS: bool;
-        /// The stored unsigned weights minus this are the weights.
-        const BIAS: i32;
-        const TILE_VECTORS: usize = if Self::NIBBLES { 4 } else { 8 }
-            + 1
-            + Self::FIFTH_BITS as usize
-            + Self::OFFSETS as usize;
+        const KIND: Kind;
+        /// The stored weights minus this are the weights.
+        const BIAS: i32 = Self::KIND.bias();
+        const NIBBLES: bool = Self::KIND.nibbles();
+        const FIFTH_BITS: bool = Self::KIND.fifth_bits();
+        const OFFSETS: bool = Self::KIND.offsets();
+        const WEIGHT_VECTORS: usize = Self::KIND.weight_vectors();
+        const SCALES_VECTOR: usize = Self::KIND.scales_vector();
+        const TILE_VECTORS: usize = Self::KIND.tile_vectors();
     }
 
     pub struct Q5_0;
@@ -518,23 +534,15 @@ mod simd {
     pub struct Q8_0;
 
     impl Format for Q5_0 {
-        const NIBBLES: bool = true;
-        const FIFTH_BITS: bool = true;
-        const OFFSETS: bool = false;
-        const BIAS: i32 = 16;
+        const KIND: Kind = Kind::Q5_0;
     }
 
     impl Format for Q4_1 {
-        const NIBBLES: bool = true;
-        const FIFTH_BITS: bool = false;
-        const OFFSETS: bool = true;
-        const BIAS: i32 = 0;
+        const KIND: Kind = Kind::Q4_1;
     }
 
     impl Format for Q8_0 {
-        const NIBBLES: bool = false;
-        const FIFTH_BITS: bool = false;
-        const OFFSETS: bool = false;
+        const KIND: Kind = Kind::Q8_0;
         const BIAS: i32 = lanes::SIGNED_BIAS;
     }
 
@@ -735,8 +743,7 @@ mod simd {
         for a in acts {
             assert_eq!(a.len(), blocks);
         }
-        let weights = if F::NIBBLES { 4 } else { 8 };
-        let scales = weights + F::FIFTH_BITS as usize;
+        let (weights, scales) = (F::WEIGHT_VECTORS, F::SCALES_VECTOR);
         // SAFETY: the build target has the register width's instructions (cfg above and in
         // `build.rs`); every vector index is below `F::TILE_VECTORS` within block
         // `b < blocks`, and every activation row has `blocks` blocks (asserted).
