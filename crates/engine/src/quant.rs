@@ -1,6 +1,8 @@
-//! Matrix-vector and matrix-matrix kernels for the quantization types where candle's CPU
-//! kernels are slow: Q5_0 (most of Qwen2.5's and Gemma 3's weights), Q4_1 (SmolLM2's) and
-//! Q8_0 (Qwen2.5's output head, whose 896 columns keep it off candle's repacked path).
+//! Matrix-vector and matrix-matrix kernels for the quantization types of the catalogue's
+//! files: Q5_0 (most of Qwen2.5-0.5B's and Gemma 3's weights), Q4_1 (SmolLM2's), Q8_0
+//! (Qwen2.5-0.5B's output head), Q4_K and Q6_K (most of Qwen2.5-1.5B's). A K type's
+//! superblock of 256 values is eight blocks of 32 with a scale each (Q6_K: one per 16
+//! values, so a block's halves are scaled apart).
 //!
 //! At load the weights are repacked into tiles of [`TILE`] output rows (16 where the build
 //! target has AVX-512 with VNNI, else 8): for each block of 32 columns, the tile's bytes are
@@ -9,11 +11,13 @@
 //! register. Nothing is summed across lanes: the tile's outputs build up side by side, which
 //! is what makes this faster than a dot product per row.
 //!
-//! Activations are quantized per block of 32 to 8 bits, as llama.cpp does (Q8_0 for Q5_0 and
-//! Q8_0 weights, Q8_1 for Q4_1). Each block's dot product runs exactly in integers; every
-//! output is then `sum_b (d_w * d_a) * int_dot_b` accumulated in one fused multiply-add chain
-//! in block order (for Q4_1 plus `sum_b m_b * s_b` in a second chain), however many activation
-//! rows a pass takes. Batching therefore cannot change a row's bits.
+//! Activations are quantized to 8 bits as llama.cpp does for each weight type: one f16 scale
+//! per block of 32 (Q8_0 for Q5_0 and Q8_0 weights, Q8_1 for Q4_1), or one f32 scale per 256
+//! (Q8_K for the K types). Each block's (or half block's) dot product runs exactly in
+//! integers; every output is then `sum_b (d_w * d_a) * int_dot_b` accumulated in one fused
+//! multiply-add chain in block order (for Q4_1 and Q4_K plus `sum_b m_b * s_b` in a second
+//! chain), however many activation rows a pass takes. Batching therefore cannot change a
+//! row's bits.
 
 use crate::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -53,15 +57,32 @@ enum Kind {
     Q4_1,
     /// f16 d, 32 signed bytes: w = q * d.
     Q8_0,
+    /// Superblock of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of
+    /// nibbles (block 2k in the low nibbles of bytes 32k.., block 2k+1 in the high ones):
+    /// w = d * scale_b * q - dmin * min_b.
+    Q4K,
+    /// Superblock of 256: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 signed
+    /// scales (one per 16 values), f16 d: w = d * scale * (q - 32).
+    Q6K,
 }
 
 impl Kind {
-    /// Bytes of one block in a GGUF file.
-    fn block_bytes(self) -> usize {
+    /// Blocks of 32 per unit of a GGUF file (a block, or a K type's superblock).
+    const fn unit_blocks(self) -> usize {
+        match self {
+            Kind::Q5_0 | Kind::Q4_1 | Kind::Q8_0 => 1,
+            Kind::Q4K | Kind::Q6K => 8,
+        }
+    }
+
+    /// Bytes of one unit in a GGUF file.
+    fn unit_bytes(self) -> usize {
         match self {
             Kind::Q5_0 => 22,
             Kind::Q4_1 => 20,
             Kind::Q8_0 => 34,
+            Kind::Q4K => 144,
+            Kind::Q6K => 210,
         }
     }
 
@@ -69,13 +90,20 @@ impl Kind {
     const fn bias(self) -> i32 {
         match self {
             Kind::Q5_0 => 16,
-            Kind::Q4_1 | Kind::Q8_0 => 0,
+            Kind::Q6K => 32,
+            Kind::Q4_1 | Kind::Q8_0 | Kind::Q4K => 0,
         }
     }
 
-    /// Two columns' worth of nibbles per byte; else (Q8_0) one signed byte per column.
+    /// Two columns' worth of nibbles per byte; else one byte per column (Q6_K's six bits
+    /// are stored whole: unpacking two bit planes costs more than the bytes' reads).
     const fn nibbles(self) -> bool {
-        !matches!(self, Kind::Q8_0)
+        matches!(self, Kind::Q5_0 | Kind::Q4_1 | Kind::Q4K)
+    }
+
+    /// One signed byte per column (Q8_0); the other kinds store unsigned values.
+    const fn signed(self) -> bool {
+        matches!(self, Kind::Q8_0)
     }
 
     /// Q5_0's fifth bits follow the nibbles.
@@ -83,9 +111,14 @@ impl Kind {
         matches!(self, Kind::Q5_0)
     }
 
-    /// Q4_1's offsets follow the scales.
+    /// A block's two halves have scales of their own (Q6_K's): the second follows the first.
+    const fn split(self) -> bool {
+        matches!(self, Kind::Q6K)
+    }
+
+    /// Offsets follow the scales.
     const fn offsets(self) -> bool {
-        matches!(self, Kind::Q4_1)
+        matches!(self, Kind::Q4_1 | Kind::Q4K)
     }
 
     /// Vectors of weight bytes per tile and block.
@@ -102,9 +135,14 @@ impl Kind {
         self.weight_vectors() + self.fifth_bits() as usize
     }
 
-    /// Vectors per tile and block: the weights, Q5_0's fifth bits, the scales, Q4_1's offsets.
+    /// Where the offsets sit: after the scales.
+    const fn offsets_vector(self) -> usize {
+        self.scales_vector() + 1 + self.split() as usize
+    }
+
+    /// Vectors per tile and block: the weights, Q5_0's fifth bits, the scales, the offsets.
     const fn tile_vectors(self) -> usize {
-        self.scales_vector() + 1 + self.offsets() as usize
+        self.offsets_vector() + self.offsets() as usize
     }
 }
 
@@ -120,23 +158,14 @@ pub enum Matrix {
     /// A float matrix in runs of output rows, multiplied in parallel: candle multiplies a few
     /// activation rows by a whole matrix on one thread.
     Dense(Vec<Tensor>),
-    Candle {
-        matmul: QMatMul,
-        /// candle multiplies Q6_K by one activation row with another kernel than by several,
-        /// and the two round differently; a lone row is run with a zero row beside it so that
-        /// a row's bits do not depend on its batch.
-        pad_lone_rows: bool,
-    },
+    Candle(QMatMul),
 }
 
 impl Matrix {
     pub fn new(t: QTensor) -> Result<Self> {
         Ok(match QuantMatrix::from_qtensor(&t)? {
             Some(m) => Matrix::Own(m),
-            None => Matrix::Candle {
-                pad_lone_rows: t.dtype() == GgmlDType::Q6K,
-                matmul: QMatMul::from_qtensor(t)?,
-            },
+            None => Matrix::Candle(QMatMul::from_qtensor(t)?),
         })
     }
 
@@ -164,31 +193,22 @@ impl Matrix {
                     .collect::<Result<_>>()?;
                 Ok(Tensor::cat(&parts, x.rank() - 1)?)
             }
-            Matrix::Candle {
-                matmul,
-                pad_lone_rows,
-            } => {
-                let rows = x.elem_count() / x.dim(x.rank() - 1)?;
-                if *pad_lone_rows && rows == 1 {
-                    let pair = Tensor::cat(&[x, &x.zeros_like()?], 0)?;
-                    Ok(matmul.forward(&pair)?.narrow(0, 0, 1)?)
-                } else {
-                    Ok(matmul.forward(x)?)
-                }
-            }
+            Matrix::Candle(matmul) => Ok(matmul.forward(x)?),
         }
     }
 }
 
-/// A Q5_0, Q4_1 or Q8_0 weight matrix `[rows, cols]` (one row per output), repacked in tiles.
+/// A Q5_0, Q4_1, Q8_0, Q4_K or Q6_K weight matrix `[rows, cols]` (one row per output),
+/// repacked in tiles.
 ///
 /// Tile `t` holds rows `TILE t..TILE (t + 1)` (the last one padded with zero rows); for each
 /// block `b` of 32 columns it has `tile_vectors()` vectors. Nibble kinds: vector `v` (0..4)
 /// holds, at byte `4r + j`, column `4v + j` of row `r` in its low nibble and column
 /// `16 + 4v + j` in its high nibble, as the unsigned `q + bias`; Q5_0's fifth bits follow as
-/// eight words of `4 TILE` bits, word `g` with bit `4r + j` for column `4g + j`. Q8_0: vector
-/// `g` (0..8) holds column `4g + j` of row `r` at byte `4r + j`, signed. Then the rows' scales
-/// `d`, and for Q4_1 their offsets `m`, as f32.
+/// eight words of `4 TILE` bits, word `g` with bit `4r + j` for column `4g + j`. Byte kinds:
+/// vector `g` (0..8) holds column `4g + j` of row `r` at byte `4r + j` (Q8_0 signed, Q6_K as
+/// `q + bias`). Then the rows' scales `d` (Q6_K: of the first 16 columns, then of the last
+/// 16), and for Q4_1 and Q4_K their offsets `m`, as f32.
 pub struct QuantMatrix {
     kind: Kind,
     rows: usize,
@@ -196,13 +216,13 @@ pub struct QuantMatrix {
     tiles: Vec<Vector>,
 }
 
-/// One block of 8-bit activations: `x ~= d * q`, `sum = sum(q)`, `s = d * sum` (rounded to
-/// f16 for Q4_1 as llama.cpp's Q8_1 stores it).
+/// One block of 8-bit activations: `x ~= d * q`, `sums` those of `q`'s first and last 16
+/// values, `s = d * sum(q)` (rounded to f16 for Q4_1 as llama.cpp's Q8_1 stores it).
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct BlockQ8 {
     q: [i8; BLOCK],
-    sum: i32,
+    sums: [i32; 2],
     d: f32,
     s: f32,
 }
@@ -214,6 +234,8 @@ impl QuantMatrix {
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q8_0 => Kind::Q8_0,
+            GgmlDType::Q4K => Kind::Q4K,
+            GgmlDType::Q6K => Kind::Q6K,
             _ => return Ok(None),
         };
         let (rows, cols) = t.shape().dims2()?;
@@ -225,37 +247,42 @@ impl QuantMatrix {
         let per_block = kind.tile_vectors();
         let weights = kind.weight_vectors();
         let mut tiles = vec![Vector([0; 4 * TILE]); rows.div_ceil(TILE) * blocks * per_block];
-        for (row, bytes) in packed.chunks_exact(blocks * kind.block_bytes()).enumerate() {
+        let row_bytes = blocks / kind.unit_blocks() * kind.unit_bytes();
+        for (row, bytes) in packed.chunks_exact(row_bytes).enumerate() {
             let r = row % TILE;
-            for (b, block) in bytes.chunks_exact(kind.block_bytes()).enumerate() {
-                let (q, d, m) = decode_scalar(kind, block);
+            let units = bytes.chunks_exact(kind.unit_bytes());
+            let row_blocks = units.flat_map(|unit| (0..kind.unit_blocks()).map(move |k| (unit, k)));
+            for (b, (unit, k)) in row_blocks.enumerate() {
+                let (q, d, m) = decode_scalar(kind, unit, k);
                 let at = ((row / TILE) * blocks + b) * per_block;
                 let tile = &mut tiles[at..at + per_block];
                 let u = q.map(|v| v + kind.bias());
-                match kind {
-                    Kind::Q8_0 => {
-                        for (col, &v) in q.iter().enumerate() {
-                            tile[col / 4].0[4 * r + col % 4] = v as i8 as u8;
-                        }
+                if kind.nibbles() {
+                    for col in 0..BLOCK / 2 {
+                        let low = (u[col] & 0x0F) as u8;
+                        let high = (u[col + BLOCK / 2] & 0x0F) as u8;
+                        tile[col / 4].0[4 * r + col % 4] = low | high << 4;
                     }
-                    Kind::Q5_0 | Kind::Q4_1 => {
-                        for col in 0..BLOCK / 2 {
-                            let low = (u[col] & 0x0F) as u8;
-                            let high = (u[col + BLOCK / 2] & 0x0F) as u8;
-                            tile[col / 4].0[4 * r + col % 4] = low | high << 4;
-                        }
+                } else {
+                    for (col, &v) in u.iter().enumerate() {
+                        tile[col / 4].0[4 * r + col % 4] = v as i8 as u8;
                     }
                 }
-                if kind == Kind::Q5_0 {
+                if kind.fifth_bits() {
                     for (col, &v) in u.iter().enumerate() {
                         let bit = (col / 4) * 4 * TILE + 4 * r + col % 4;
                         tile[weights].0[bit / 8] |= ((v >> 4) as u8) << (bit % 8);
                     }
                 }
-                let scales = kind.scales_vector();
-                tile[scales].0[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                let mut put = |vector: usize, value: f32| {
+                    tile[vector].0[4 * r..4 * r + 4].copy_from_slice(&value.to_le_bytes())
+                };
+                put(kind.scales_vector(), d[0]);
+                if kind.split() {
+                    put(kind.scales_vector() + 1, d[1]);
+                }
                 if kind.offsets() {
-                    tile[scales + 1].0[4 * r..4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                    put(kind.offsets_vector(), m);
                 }
             }
         }
@@ -272,11 +299,7 @@ impl QuantMatrix {
         let mut out_dims = x.dims().to_vec();
         let m = x.elem_count() / self.cols;
         let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let activations: Vec<BlockQ8> = input
-            .par_chunks(BLOCK)
-            .with_min_len(PARALLEL_FROM_VALUES / BLOCK)
-            .map(|b| quantize_block(b, self.kind))
-            .collect();
+        let activations = quantize(&input, self.kind);
         let out = match self.kind {
             #[cfg(all(
                 target_arch = "x86_64",
@@ -296,6 +319,18 @@ impl QuantMatrix {
                 target_feature = "fma"
             ))]
             Kind::Q8_0 => self.product::<simd::Q8_0>(&activations, m),
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma"
+            ))]
+            Kind::Q4K => self.product::<simd::Q4K>(&activations, m),
+            #[cfg(all(
+                target_arch = "x86_64",
+                target_feature = "avx2",
+                target_feature = "fma"
+            ))]
+            Kind::Q6K => self.product::<simd::Q6K>(&activations, m),
             #[cfg(not(all(
                 target_arch = "x86_64",
                 target_feature = "avx2",
@@ -424,24 +459,31 @@ impl QuantMatrix {
                         let a = &acts[a_row * blocks + b];
                         let weight = |col: usize| -> i32 {
                             let at = 4 * r + col % 4;
-                            match kind {
-                                Kind::Q8_0 => v[col / 4].0[at] as i8 as i32,
-                                Kind::Q5_0 | Kind::Q4_1 => {
-                                    let byte = v[col % 16 / 4].0[at];
-                                    let mut u =
-                                        (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
-                                    if kind == Kind::Q5_0 {
-                                        let bit = (col / 4) * 4 * TILE + at;
-                                        u |= ((v[weights].0[bit / 8] >> (bit % 8)) & 1) as i32 * 16;
-                                    }
-                                    u - kind.bias()
-                                }
+                            if !kind.nibbles() {
+                                return v[col / 4].0[at] as i8 as i32 - kind.bias();
                             }
+                            let byte = v[col % 16 / 4].0[at];
+                            let mut u = (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
+                            if kind.fifth_bits() {
+                                let bit = (col / 4) * 4 * TILE + at;
+                                u |= ((v[weights].0[bit / 8] >> (bit % 8)) & 1) as i32 * 16;
+                            }
+                            u - kind.bias()
                         };
-                        let dot: i32 = (0..BLOCK).map(|col| weight(col) * a.q[col] as i32).sum();
-                        total = (dot as f32).mul_add(f32_at(&v[scales], r) * a.d, total);
+                        let dot = |cols: std::ops::Range<usize>| {
+                            cols.map(|col| weight(col) * a.q[col] as i32).sum::<i32>() as f32
+                        };
+                        if kind.split() {
+                            let half = BLOCK / 2;
+                            total = dot(0..half).mul_add(f32_at(&v[scales], r) * a.d, total);
+                            total =
+                                dot(half..BLOCK).mul_add(f32_at(&v[scales + 1], r) * a.d, total);
+                        } else {
+                            total = dot(0..BLOCK).mul_add(f32_at(&v[scales], r) * a.d, total);
+                        }
                         if kind.offsets() {
-                            offsets = f32_at(&v[scales + 1], r).mul_add(a.s, offsets);
+                            let m = f32_at(&v[kind.offsets_vector()], r);
+                            offsets = m.mul_add(a.s, offsets);
                         }
                     }
                     *sum = total + offsets;
@@ -452,32 +494,54 @@ impl QuantMatrix {
     }
 }
 
-/// 8-bit quantization of one block, rounding the scale to f16 as llama.cpp stores it.
-fn quantize_block(x: &[f32], kind: Kind) -> BlockQ8 {
+/// 8-bit quantization of a row of activations, as llama.cpp quantizes them for the weights'
+/// type: one scale per block of 32 rounded to f16 (Q8_0, Q8_1), or one f32 scale per unit of
+/// 256 (Q8_K).
+fn quantize(x: &[f32], kind: Kind) -> Vec<BlockQ8> {
+    let unit = kind.unit_blocks() * BLOCK;
+    x.par_chunks(unit)
+        .with_min_len(PARALLEL_FROM_VALUES / unit)
+        .flat_map_iter(|x| quantize_unit(x, kind))
+        .collect()
+}
+
+fn quantize_unit(x: &[f32], kind: Kind) -> impl Iterator<Item = BlockQ8> + '_ {
     let amax = x.iter().fold(0f32, |a, &v| a.max(v.abs()));
     let d = amax / 127.0;
     let inv = if d != 0.0 { 1.0 / d } else { 0.0 };
-    let mut q = [0i8; BLOCK];
-    let mut sum = 0i32;
-    for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = (v * inv).round() as i8;
-        sum += *qi as i32;
-    }
-    let d16 = f16::from_f32(d).to_f32();
-    let s = match kind {
-        Kind::Q4_1 => f16::from_f32(d * sum as f32).to_f32(),
-        Kind::Q5_0 | Kind::Q8_0 => d16 * sum as f32,
+    let stored = if kind.unit_blocks() == 1 {
+        f16::from_f32(d).to_f32()
+    } else {
+        d
     };
-    BlockQ8 { q, sum, d: d16, s }
+    x.chunks_exact(BLOCK).map(move |x| {
+        let mut q = [0i8; BLOCK];
+        for (qi, &v) in q.iter_mut().zip(x) {
+            *qi = (v * inv).round() as i8;
+        }
+        let half_sum = |h: usize| q[h * 16..(h + 1) * 16].iter().map(|&v| v as i32).sum();
+        let sums: [i32; 2] = [half_sum(0), half_sum(1)];
+        let sum = (sums[0] + sums[1]) as f32;
+        let s = match kind {
+            Kind::Q4_1 => f16::from_f32(d * sum).to_f32(),
+            _ => stored * sum,
+        };
+        BlockQ8 {
+            q,
+            sums,
+            d: stored,
+            s,
+        }
+    })
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// One GGUF weight block as signed integers, scale and offset: `w = d * q + offset`.
-fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
-    let d = f16_at(b, 0);
+/// Block `k` of a GGUF unit as integers, the scales of its halves and its offset:
+/// `w = d * q + offset`.
+fn decode_scalar(kind: Kind, b: &[u8], k: usize) -> ([i32; BLOCK], [f32; 2], f32) {
     let mut q = [0i32; BLOCK];
     match kind {
         Kind::Q5_0 => {
@@ -487,21 +551,52 @@ fn decode_scalar(kind: Kind, b: &[u8]) -> ([i32; BLOCK], f32, f32) {
                 q[j + 16] = (b[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
             }
             q.iter_mut().for_each(|v| *v -= 16);
-            (q, d, 0.0)
+            (q, [f16_at(b, 0); 2], 0.0)
         }
         Kind::Q4_1 => {
             for j in 0..BLOCK / 2 {
                 q[j] = (b[4 + j] & 0x0F) as i32;
                 q[j + 16] = (b[4 + j] >> 4) as i32;
             }
-            (q, d, f16_at(b, 2))
+            (q, [f16_at(b, 0); 2], f16_at(b, 2))
         }
         Kind::Q8_0 => {
             for (j, v) in q.iter_mut().enumerate() {
                 *v = b[2 + j] as i8 as i32;
             }
-            (q, d, 0.0)
+            (q, [f16_at(b, 0); 2], 0.0)
         }
+        Kind::Q4K => {
+            for (j, v) in q.iter_mut().enumerate() {
+                *v = ((b[16 + 32 * (k / 2) + j] >> (4 * (k % 2))) & 0x0F) as i32;
+            }
+            let (scale, min) = q4k_scale_min(&b[4..16], k);
+            let d = f16_at(b, 0) * scale as f32;
+            (q, [d; 2], -f16_at(b, 2) * min as f32)
+        }
+        Kind::Q6K => {
+            let (n, c) = (k / 4, k % 4);
+            for (j, v) in q.iter_mut().enumerate() {
+                let low = (b[64 * n + 32 * (c % 2) + j] >> (4 * (c / 2))) & 0x0F;
+                let high = (b[128 + 32 * n + j] >> (2 * c)) & 3;
+                *v = (low | high << 4) as i32 - 32;
+            }
+            let d = f16_at(b, 208);
+            let scale = |h: usize| d * b[192 + 8 * n + 2 * c + h] as i8 as f32;
+            (q, [scale(0), scale(1)], 0.0)
+        }
+    }
+}
+
+/// Scale and min of block `k` (0..8) of a Q4_K superblock, 6 bits each, from its 12 bytes.
+fn q4k_scale_min(s: &[u8], k: usize) -> (u8, u8) {
+    if k < 4 {
+        (s[k] & 63, s[k + 4] & 63)
+    } else {
+        (
+            (s[k + 4] & 0x0F) | ((s[k - 4] >> 6) << 4),
+            (s[k + 4] >> 4) | ((s[k] >> 6) << 4),
+        )
     }
 }
 
@@ -522,16 +617,21 @@ mod simd {
         /// The stored weights minus this are the weights.
         const BIAS: i32 = Self::KIND.bias();
         const NIBBLES: bool = Self::KIND.nibbles();
+        const SIGNED: bool = Self::KIND.signed();
         const FIFTH_BITS: bool = Self::KIND.fifth_bits();
+        const SPLIT: bool = Self::KIND.split();
         const OFFSETS: bool = Self::KIND.offsets();
         const WEIGHT_VECTORS: usize = Self::KIND.weight_vectors();
         const SCALES_VECTOR: usize = Self::KIND.scales_vector();
+        const OFFSETS_VECTOR: usize = Self::KIND.offsets_vector();
         const TILE_VECTORS: usize = Self::KIND.tile_vectors();
     }
 
     pub struct Q5_0;
     pub struct Q4_1;
     pub struct Q8_0;
+    pub struct Q4K;
+    pub struct Q6K;
 
     impl Format for Q5_0 {
         const KIND: Kind = Kind::Q5_0;
@@ -544,6 +644,14 @@ mod simd {
     impl Format for Q8_0 {
         const KIND: Kind = Kind::Q8_0;
         const BIAS: i32 = lanes::SIGNED_BIAS;
+    }
+
+    impl Format for Q4K {
+        const KIND: Kind = Kind::Q4K;
+    }
+
+    impl Format for Q6K {
+        const KIND: Kind = Kind::Q6K;
     }
 
     /// The vector operations of one register width.
@@ -686,7 +794,7 @@ mod simd {
         pub unsafe fn product_unsigned(acc: Int, u: Int, a: Int) -> Int {
             #[cfg(all(target_feature = "avx512vnni", target_feature = "avx512vl"))]
             return _mm256_dpbusd_epi32(acc, u, a);
-            // u <= 31: pairs summed to i16 cannot overflow.
+            // u <= 63: pairs summed to i16 cannot overflow.
             #[cfg(not(all(target_feature = "avx512vnni", target_feature = "avx512vl")))]
             return _mm256_add_epi32(
                 acc,
@@ -743,7 +851,7 @@ mod simd {
         for a in acts {
             assert_eq!(a.len(), blocks);
         }
-        let (weights, scales) = (F::WEIGHT_VECTORS, F::SCALES_VECTOR);
+        let (weights, scales, half) = (F::WEIGHT_VECTORS, F::SCALES_VECTOR, BLOCK / 8);
         // SAFETY: the build target has the register width's instructions (cfg above and in
         // `build.rs`); every vector index is below `F::TILE_VECTORS` within block
         // `b < blocks`, and every activation row has `blocks` blocks (asserted).
@@ -753,7 +861,20 @@ mod simd {
             for b in 0..blocks {
                 let v = |i: usize| tile.as_ptr().add(b * F::TILE_VECTORS + i) as *const u8;
                 let a: [&BlockQ8; C] = std::array::from_fn(|c| acts[c].get_unchecked(b));
-                let mut dot: [Int; C] = std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sum));
+                // The block's products, or for a split block its first half's, and the second
+                // half's apart.
+                let (mut dot, mut second): ([Int; C], [Int; C]) = if F::SPLIT {
+                    (
+                        std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sums[0])),
+                        std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sums[1])),
+                    )
+                } else {
+                    let sum = |c: usize| a[c].sums[0] + a[c].sums[1];
+                    (
+                        std::array::from_fn(|c| splat_i32(-F::BIAS * sum(c))),
+                        [splat_i32(0); C],
+                    )
+                };
                 if F::NIBBLES {
                     for g in 0..4 {
                         let (mut low, mut high) = nibbles(load(v(g)));
@@ -771,7 +892,16 @@ mod simd {
                     for g in 0..BLOCK / 4 {
                         let x = load(v(g));
                         for c in 0..C {
-                            dot[c] = product_signed(dot[c], x, group(a[c], g));
+                            let sum = if F::SPLIT && g >= half {
+                                &mut second[c]
+                            } else {
+                                &mut dot[c]
+                            };
+                            *sum = if F::SIGNED {
+                                product_signed(*sum, x, group(a[c], g))
+                            } else {
+                                product_unsigned(*sum, x, group(a[c], g))
+                            };
                         }
                     }
                 }
@@ -779,8 +909,14 @@ mod simd {
                 for c in 0..C {
                     acc[c] = scaled_add(acc[c], dot[c], d, splat_f32(a[c].d));
                 }
+                if F::SPLIT {
+                    let d = load_f32(v(scales + 1));
+                    for c in 0..C {
+                        acc[c] = scaled_add(acc[c], second[c], d, splat_f32(a[c].d));
+                    }
+                }
                 if F::OFFSETS {
-                    let m = load_f32(v(scales + 1));
+                    let m = load_f32(v(F::OFFSETS_VECTOR));
                     for c in 0..C {
                         off[c] = fmadd(m, splat_f32(a[c].s), off[c]);
                     }
@@ -799,7 +935,13 @@ mod simd {
 mod tests {
     use super::*;
 
-    const KINDS: [GgmlDType; 3] = [GgmlDType::Q5_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+    const KINDS: [GgmlDType; 5] = [
+        GgmlDType::Q5_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q6K,
+    ];
 
     fn weights(rows: usize, cols: usize, seed: u32) -> Tensor {
         let data: Vec<f32> = (0..rows * cols)
@@ -827,15 +969,12 @@ mod tests {
         max_abs(&(a - b).unwrap())
     }
 
-    /// The activations as the kernels see them: quantized per block, then back to f32.
+    /// The activations as the kernels see them, back in f32.
     fn requantized(x: &Tensor, kind: Kind) -> Tensor {
         let v: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let back: Vec<f32> = v
-            .chunks(BLOCK)
-            .flat_map(|b| {
-                let a = quantize_block(b, kind);
-                a.q.map(|q| q as f32 * a.d)
-            })
+        let back: Vec<f32> = quantize(&v, kind)
+            .iter()
+            .flat_map(|a| a.q.map(|q| q as f32 * a.d))
             .collect();
         Tensor::from_vec(back, x.shape(), &Device::Cpu).unwrap()
     }
@@ -845,11 +984,11 @@ mod tests {
         // 42 rows: whole tiles of four and single rows; 1..8 activation rows: both kernels
         // with every tile shape.
         for dtype in KINDS {
-            let q = QTensor::quantize(&weights(42, 320, 1), dtype).unwrap();
+            let q = QTensor::quantize(&weights(42, 512, 1), dtype).unwrap();
             let m = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             let w = q.dequantize(&Device::Cpu).unwrap().t().unwrap();
             for rows in 1..=8 {
-                let x = (weights(rows, 320, 2 + rows as u32) * 3.0).unwrap();
+                let x = (weights(rows, 512, 2 + rows as u32) * 3.0).unwrap();
                 let ours = m.forward(&x).unwrap();
                 // Same quantized activations, plain f32 arithmetic: only rounding differs (and
                 // for Q4_1 the f16 rounding of Q8_1's block sums, as llama.cpp stores them).
@@ -901,17 +1040,13 @@ mod tests {
     #[test]
     fn simd_and_scalar_kernels_agree() {
         for dtype in KINDS {
-            let q = QTensor::quantize(&weights(9, 160, 3), dtype).unwrap();
+            let q = QTensor::quantize(&weights(9, 256, 3), dtype).unwrap();
             let m = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
             for rows in [1, 4] {
-                let x = weights(rows, 160, 4);
+                let x = weights(rows, 256, 4);
                 let ours: Vec<Vec<f32>> = m.forward(&x).unwrap().to_vec2().unwrap();
                 let input: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-                let acts: Vec<BlockQ8> = input
-                    .chunks(BLOCK)
-                    .map(|b| quantize_block(b, m.kind))
-                    .collect();
-                let scalar = m.product_scalar(&acts, rows);
+                let scalar = m.product_scalar(&quantize(&input, m.kind), rows);
                 for (r, row) in ours.iter().enumerate() {
                     for (c, &v) in row.iter().enumerate() {
                         let s = scalar[r * m.rows + c];
@@ -930,9 +1065,9 @@ mod tests {
         // Decode (one or two rows) and prefill (more) use different kernels and tile shapes;
         // rows must not notice.
         for dtype in KINDS {
-            let q = QTensor::quantize(&weights(42, 320, 6), dtype).unwrap();
+            let q = QTensor::quantize(&weights(42, 512, 6), dtype).unwrap();
             let m = QuantMatrix::from_qtensor(&q).unwrap().unwrap();
-            let batch = (weights(7, 320, 7) * 2.0).unwrap();
+            let batch = (weights(7, 512, 7) * 2.0).unwrap();
             let together: Vec<Vec<f32>> = m.forward(&batch).unwrap().to_vec2().unwrap();
             for (r, row) in together.iter().enumerate() {
                 for n in [1, 2, 3] {
@@ -947,7 +1082,7 @@ mod tests {
             }
             // More rows than one run of activations: the rows of the second run too.
             let many = ACTS_PER_RUN + 5;
-            let batch = (weights(many, 320, 8) * 2.0).unwrap();
+            let batch = (weights(many, 512, 8) * 2.0).unwrap();
             let together: Vec<Vec<f32>> = m.forward(&batch).unwrap().to_vec2().unwrap();
             for (r, row) in together.iter().enumerate() {
                 let alone = m.forward(&batch.narrow(0, r, 1).unwrap()).unwrap();
@@ -963,7 +1098,13 @@ mod tests {
     #[test]
     fn candle_types_give_a_row_the_same_bits_alone_or_in_a_batch() {
         // Shapes that take candle's repacked kernels (columns a multiple of 256) and others.
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q5K,
+        ] {
             for (rows, cols) in [(64, 512), (256, 1536), (40, 768)] {
                 let q = QTensor::quantize(&weights(rows, cols, 6), dtype).unwrap();
                 let m = Matrix::new(q).unwrap();
@@ -995,7 +1136,7 @@ mod tests {
 
     #[test]
     fn other_types_are_left_to_candle() {
-        let q = QTensor::quantize(&weights(4, 256, 5), GgmlDType::Q4K).unwrap();
+        let q = QTensor::quantize(&weights(4, 256, 5), GgmlDType::Q5K).unwrap();
         assert!(QuantMatrix::from_qtensor(&q).unwrap().is_none());
     }
 }
@@ -1033,6 +1174,11 @@ mod speed {
             (GgmlDType::Q8_0, 151_936, 896),
             (GgmlDType::Q5_0, 4864, 896),
             (GgmlDType::Q5_0, 896, 896),
+            // Qwen2.5-1.5B's.
+            (GgmlDType::Q4K, 8960, 1536),
+            (GgmlDType::Q6K, 1536, 8960),
+            (GgmlDType::Q4K, 1536, 1536),
+            (GgmlDType::Q6K, 151_936, 1536),
             // SmolLM2's.
             (GgmlDType::Q4_1, 1536, 576),
             (GgmlDType::Q4_1, 576, 1536),
