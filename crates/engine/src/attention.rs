@@ -26,9 +26,8 @@ pub fn attend(
     let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let mut out = vec![0f32; batch * len * heads * dim];
     cache.read_layer(layer, |keys, values| {
-        // One task per (row, query, key/value head), for the query heads that share it: each
-        // key and value is loaded once for all of them. The output is `[batch, len, heads,
-        // dim]`, so a task's heads are one contiguous run.
+        // One task per (row, query, key/value head), for the query heads that share it. The
+        // output is `[batch, len, heads, dim]`, so a task's heads are one contiguous run.
         out.par_chunks_mut(group * dim).enumerate().for_each_init(
             Vec::new,
             |scores, (index, o)| {
@@ -41,26 +40,36 @@ pub fn attend(
                 };
                 let base = (row * kv_heads + kv_head) * capacity;
                 let slots = visible.slots(row, i);
-                // scores[j * group + g]: head g against slot j.
+                let n = slots.len();
+                let at = |s: u32| (base + s as usize) * dim;
+                // scores[g * n + j]: head g against slot j, then its softmax weight. Keys in
+                // eights: eight independent sums at a time.
                 scores.clear();
-                for &s in slots {
-                    let at = (base + s as usize) * dim;
-                    let key = &keys[at..at + dim];
-                    scores.extend((0..group).map(|g| dot(query(g), key)));
-                }
-                let mut max = vec![f32::NEG_INFINITY; group];
-                for per_slot in scores.chunks_exact(group) {
-                    for (m, &x) in max.iter_mut().zip(per_slot) {
-                        *m = m.max(x);
+                scores.resize(group * n, 0.0);
+                for (g, per_slot) in scores.chunks_exact_mut(n.max(1)).enumerate() {
+                    let (eights, rest) = slots.split_at(n / 8 * 8);
+                    for (out, ss) in per_slot.chunks_exact_mut(8).zip(eights.chunks_exact(8)) {
+                        let key = |k: usize| &keys[at(ss[k])..][..dim];
+                        out.copy_from_slice(&dots::<8>(query(g), std::array::from_fn(key)));
+                    }
+                    for (out, &s) in per_slot[n / 8 * 8..].iter_mut().zip(rest) {
+                        *out = dot(query(g), &keys[at(s)..][..dim]);
                     }
                 }
                 let mut sum = vec![0f32; group];
-                for (&s, per_slot) in slots.iter().zip(scores.chunks_exact(group)) {
-                    let at = (base + s as usize) * dim;
-                    let value = &values[at..at + dim];
+                for (per_slot, total) in scores.chunks_exact_mut(n.max(1)).zip(&mut sum) {
+                    let max = lanes(per_slot, f32::NEG_INFINITY, f32::max)
+                        .into_iter()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    per_slot
+                        .iter_mut()
+                        .for_each(|x| *x = exp_from_max(*x - max));
+                    *total = lanes(per_slot, 0.0, |a, b| a + b).iter().sum();
+                }
+                for (j, &s) in slots.iter().enumerate() {
+                    let value = &values[at(s)..][..dim];
                     for (g, o) in o.chunks_exact_mut(dim).enumerate() {
-                        let weight = (per_slot[g] - max[g]).exp();
-                        sum[g] += weight;
+                        let weight = scores[g * n + j];
                         for (o, &v) in o.iter_mut().zip(value) {
                             *o += weight * v;
                         }
@@ -81,21 +90,75 @@ pub fn attend(
     )?)
 }
 
-/// A dot product in a fixed order: eight running sums, then the remainder, then the lanes.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() / 8 * 8);
-    let (b8, b_rest) = b.split_at(a8.len());
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
+/// `x` folded by `f` into eight running lanes (lane `l` takes the values at `l` modulo 8, in
+/// order), each lane starting from `init`: vector-wide, and the same order for any `x`.
+fn lanes(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; 8] {
+    let mut lanes = [init; 8];
+    let (whole, rest) = x.split_at(x.len() / 8 * 8);
+    for chunk in whole.chunks_exact(8) {
         for l in 0..8 {
-            lanes[l] = x[l].mul_add(y[l], lanes[l]);
+            lanes[l] = f(lanes[l], chunk[l]);
         }
     }
-    let mut rest = 0f32;
-    for (x, y) in a_rest.iter().zip(b_rest) {
-        rest = x.mul_add(*y, rest);
+    for (l, &v) in rest.iter().enumerate() {
+        lanes[l] = f(lanes[l], v);
     }
-    lanes.iter().sum::<f32>() + rest
+    lanes
+}
+
+/// `e^x` for `x <= 0` (a score minus its row's largest) to about one ulp, in operations the
+/// compiler turns into vector code (libm's `expf` is a call per value, and a query at a depth
+/// of thousands of tokens takes thousands of them per head): `x = n ln 2 + r` with
+/// `|r| <= ln 2 / 2`, a degree-7 polynomial for `e^r` (minimax coefficients as in Cephes'
+/// `expf`), times `2^n` put into the exponent bits. `e^0` is exactly 1.
+#[inline(always)]
+fn exp_from_max(x: f32) -> f32 {
+    const LN2_HIGH: f32 = 0.693_359_4;
+    const LN2_LOW: f32 = -2.121_944_4e-4;
+    // Below this e^x is under f32's smallest normal; it counts as nothing beside e^0 = 1.
+    let x = x.max(-87.0);
+    let n = x.mul_add(std::f32::consts::LOG2_E, 0.5).floor();
+    let r = n.mul_add(-LN2_LOW, n.mul_add(-LN2_HIGH, x));
+    let mut p = 1.987_569_1e-4_f32;
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
+        p = p.mul_add(r, c);
+    }
+    let e_r = (p * r).mul_add(r, r) + 1.0;
+    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// A dot product in a fixed order: eight running sums, then the remainder, then the lanes.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dots(a, [b])[0]
+}
+
+/// `a`'s dot product with each of `bs`, each in [`dot`]'s order, side by side.
+#[inline(always)]
+fn dots<const K: usize>(a: &[f32], bs: [&[f32]; K]) -> [f32; K] {
+    let whole = a.len() / 8 * 8;
+    let mut lanes = [[0f32; 8]; K];
+    for c in (0..whole).step_by(8) {
+        let x = &a[c..c + 8];
+        for (lanes, b) in lanes.iter_mut().zip(&bs) {
+            let y = &b[c..c + 8];
+            for l in 0..8 {
+                lanes[l] = x[l].mul_add(y[l], lanes[l]);
+            }
+        }
+    }
+    std::array::from_fn(|k| {
+        let mut rest = 0f32;
+        for (x, y) in a[whole..].iter().zip(&bs[k][whole..]) {
+            rest = x.mul_add(*y, rest);
+        }
+        lanes[k].iter().sum::<f32>() + rest
+    })
 }
 
 #[cfg(test)]
@@ -139,6 +202,19 @@ mod tests {
         (0..n)
             .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 / 500.0) - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_f64() {
+        assert_eq!(exp_from_max(0.0), 1.0);
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let want = (x as f64).exp();
+            let got = exp_from_max(x) as f64;
+            let ulp = f32::EPSILON as f64 * want;
+            assert!((got - want).abs() <= 2.0 * ulp, "e^{x}: {got} vs {want}");
+        }
+        assert!(exp_from_max(-1e4) < 1e-37);
     }
 
     #[test]
