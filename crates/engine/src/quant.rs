@@ -1141,7 +1141,8 @@ mod tests {
     }
 }
 
-/// Kernel timings against candle on Qwen2.5-0.5B's shapes (one thread for a fair comparison):
+/// Kernel timings against candle on the catalogue models' shapes (one thread for a fair
+/// comparison):
 /// `RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1 cargo nextest run --release -p refusal-steer-engine
 /// kernel_speed --run-ignored only --no-capture`.
 #[cfg(test)]
