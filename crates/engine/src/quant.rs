@@ -300,44 +300,7 @@ impl QuantMatrix {
         let m = x.elem_count() / self.cols;
         let input: Vec<f32> = x.flatten_all()?.to_vec1()?;
         let activations = quantize(&input, self.kind);
-        let out = match self.kind {
-            #[cfg(all(
-                target_arch = "x86_64",
-                target_feature = "avx2",
-                target_feature = "fma"
-            ))]
-            Kind::Q5_0 => self.product::<simd::Q5_0>(&activations, m),
-            #[cfg(all(
-                target_arch = "x86_64",
-                target_feature = "avx2",
-                target_feature = "fma"
-            ))]
-            Kind::Q4_1 => self.product::<simd::Q4_1>(&activations, m),
-            #[cfg(all(
-                target_arch = "x86_64",
-                target_feature = "avx2",
-                target_feature = "fma"
-            ))]
-            Kind::Q8_0 => self.product::<simd::Q8_0>(&activations, m),
-            #[cfg(all(
-                target_arch = "x86_64",
-                target_feature = "avx2",
-                target_feature = "fma"
-            ))]
-            Kind::Q4K => self.product::<simd::Q4K>(&activations, m),
-            #[cfg(all(
-                target_arch = "x86_64",
-                target_feature = "avx2",
-                target_feature = "fma"
-            ))]
-            Kind::Q6K => self.product::<simd::Q6K>(&activations, m),
-            #[cfg(not(all(
-                target_arch = "x86_64",
-                target_feature = "avx2",
-                target_feature = "fma"
-            )))]
-            _ => self.product_scalar(&activations, m),
-        };
+        let out = self.product_of_kind(&activations, m);
         *out_dims.last_mut().expect("at least one dim") = self.rows;
         Ok(Tensor::from_vec(out, out_dims, &Device::Cpu)?)
     }
@@ -392,6 +355,30 @@ impl QuantMatrix {
                 }
             });
         out
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn product_of_kind(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
+        match self.kind {
+            Kind::Q5_0 => self.product::<simd::Q5_0>(acts, m),
+            Kind::Q4_1 => self.product::<simd::Q4_1>(acts, m),
+            Kind::Q8_0 => self.product::<simd::Q8_0>(acts, m),
+            Kind::Q4K => self.product::<simd::Q4K>(acts, m),
+            Kind::Q6K => self.product::<simd::Q6K>(acts, m),
+        }
+    }
+
+    #[cfg(not(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    )))]
+    fn product_of_kind(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
+        self.product_scalar(acts, m)
     }
 
     #[cfg(all(
