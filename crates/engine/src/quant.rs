@@ -9,15 +9,19 @@
 //! laid out so that one vector integer product multiplies four consecutive columns of all the
 //! tile's rows by the same four activation bytes, and the block's row scales sit in one
 //! register. Nothing is summed across lanes: the tile's outputs build up side by side, which
-//! is what makes this faster than a dot product per row.
+//! is what makes this faster than a dot product per row. A K type keeps its blocks' scales
+//! (and Q4_K its mins) as the file's small integers, a byte a row, and one f32 `d` (and
+//! `-dmin`) per superblock and row, so that a decode step reads about as many bytes as the
+//! file holds (Q4_K 0.59 bytes a weight, Q6_K 1.08).
 //!
 //! Activations are quantized to 8 bits as llama.cpp does for each weight type: one f16 scale
 //! per block of 32 (Q8_0 for Q5_0 and Q8_0 weights, Q8_1 for Q4_1), or one f32 scale per 256
 //! (Q8_K for the K types). Each block's (or half block's) dot product runs exactly in
-//! integers; every output is then `sum_b (d_w * d_a) * int_dot_b` accumulated in one fused
-//! multiply-add chain in block order (for Q4_1 and Q4_K plus `sum_b m_b * s_b` in a second
-//! chain), however many activation rows a pass takes. Batching therefore cannot change a
-//! row's bits.
+//! integers; every output is then `sum_b (s_b * (d_w * d_a)) * int_dot_b` (`s_b` 1 but for
+//! the K types) accumulated in one fused multiply-add chain in block order, and for Q4_1
+//! `sum_b m_b * s_b` in a second chain (Q4_K: per superblock, `-dmin d_a` times the integer
+//! sum of its blocks' mins times activation sums), however many activation rows a pass
+//! takes. Batching therefore cannot change a row's bits.
 
 use crate::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
@@ -111,7 +115,7 @@ impl Kind {
         matches!(self, Kind::Q5_0)
     }
 
-    /// A block's two halves have scales of their own (Q6_K's): the second follows the first.
+    /// A block's two halves have scales of their own (Q6_K's).
     const fn split(self) -> bool {
         matches!(self, Kind::Q6K)
     }
@@ -119,6 +123,17 @@ impl Kind {
     /// Offsets follow the scales.
     const fn offsets(self) -> bool {
         matches!(self, Kind::Q4_1 | Kind::Q4K)
+    }
+
+    /// Superblocks (the K types): their blocks' scales and mins are kept as the file's small
+    /// integers, one byte a row, with one f32 factor per superblock and row.
+    const fn superblocks(self) -> bool {
+        self.unit_blocks() > 1
+    }
+
+    /// Q6_K's scales are signed; Q4_K's unsigned.
+    const fn signed_scales(self) -> bool {
+        matches!(self, Kind::Q6K)
     }
 
     /// Vectors of weight bytes per tile and block.
@@ -130,19 +145,52 @@ impl Kind {
         }
     }
 
-    /// Where the scales sit among a tile's vectors for a block: after the weights and bits.
-    const fn scales_vector(self) -> usize {
+    /// Vectors per tile and block: the weights and Q5_0's fifth bits.
+    const fn block_vectors(self) -> usize {
         self.weight_vectors() + self.fifth_bits() as usize
     }
 
-    /// Where the offsets sit: after the scales.
-    const fn offsets_vector(self) -> usize {
-        self.scales_vector() + 1 + self.split() as usize
+    /// Scales per block and row.
+    const fn block_scales(self) -> usize {
+        1 + self.split() as usize
     }
 
-    /// Vectors per tile and block: the weights, Q5_0's fifth bits, the scales, the offsets.
-    const fn tile_vectors(self) -> usize {
-        self.offsets_vector() + self.offsets() as usize
+    /// Where a unit's scales sit among its vectors: after its blocks.
+    const fn scales_vector(self) -> usize {
+        self.unit_blocks() * self.block_vectors()
+    }
+
+    /// Where the offsets (K types: the mins) sit: after the scales (a K type's one byte
+    /// each, four to a row and vector; else one f32 vector).
+    const fn offsets_vector(self) -> usize {
+        self.scales_vector()
+            + if self.superblocks() {
+                self.unit_blocks() * self.block_scales() / 4
+            } else {
+                1
+            }
+    }
+
+    /// Where a K type's f32 factors `d` and `-dmin` sit: after the mins.
+    const fn factors_vector(self) -> usize {
+        self.offsets_vector()
+            + if !self.offsets() {
+                0
+            } else if self.superblocks() {
+                self.unit_blocks() / 4
+            } else {
+                1
+            }
+    }
+
+    /// Vectors per tile and unit.
+    const fn unit_vectors(self) -> usize {
+        self.factors_vector()
+            + if self.superblocks() {
+                1 + self.offsets() as usize
+            } else {
+                0
+            }
     }
 }
 
@@ -202,13 +250,18 @@ impl Matrix {
 /// repacked in tiles.
 ///
 /// Tile `t` holds rows `TILE t..TILE (t + 1)` (the last one padded with zero rows); for each
-/// block `b` of 32 columns it has `tile_vectors()` vectors. Nibble kinds: vector `v` (0..4)
-/// holds, at byte `4r + j`, column `4v + j` of row `r` in its low nibble and column
+/// unit of the file (a block of 32 columns, or a K type's superblock of eight) it has
+/// `unit_vectors()` vectors: first each block's `block_vectors()`. Nibble kinds: vector `v`
+/// (0..4) holds, at byte `4r + j`, column `4v + j` of row `r` in its low nibble and column
 /// `16 + 4v + j` in its high nibble, as the unsigned `q + bias`; Q5_0's fifth bits follow as
 /// eight words of `4 TILE` bits, word `g` with bit `4r + j` for column `4g + j`. Byte kinds:
 /// vector `g` (0..8) holds column `4g + j` of row `r` at byte `4r + j` (Q8_0 signed, Q6_K as
-/// `q + bias`). Then the rows' scales `d` (Q6_K: of the first 16 columns, then of the last
-/// 16), and for Q4_1 and Q4_K their offsets `m`, as f32.
+/// `q + bias`). Then the scales: for Q5_0, Q4_1 and Q8_0 the rows' `d` as f32, and for Q4_1
+/// their offsets `m`. A K type's scale `s` of the unit (block `k`, or its half `h`: `2k + h`)
+/// is the byte at `TILE s + r` from the scales' first vector; Q4_K's min of block `k` the byte
+/// at `2 TILE (k / 2) + 2r + k % 2` from the offsets' first (so two blocks' mins are one pair
+/// of 16-bit numbers a row); then the rows' `d` and, for Q4_K, `-dmin` as f32:
+/// `w = d * s * q - dmin * min`.
 pub struct QuantMatrix {
     kind: Kind,
     rows: usize,
@@ -243,46 +296,59 @@ impl QuantMatrix {
     }
 
     fn repack(kind: Kind, rows: usize, cols: usize, packed: &[u8]) -> Self {
-        let blocks = cols / BLOCK;
-        let per_block = kind.tile_vectors();
-        let weights = kind.weight_vectors();
-        let mut tiles = vec![Vector([0; 4 * TILE]); rows.div_ceil(TILE) * blocks * per_block];
-        let row_bytes = blocks / kind.unit_blocks() * kind.unit_bytes();
-        for (row, bytes) in packed.chunks_exact(row_bytes).enumerate() {
+        let units = cols / BLOCK / kind.unit_blocks();
+        let per_unit = kind.unit_vectors();
+        let mut tiles = vec![Vector([0; 4 * TILE]); rows.div_ceil(TILE) * units * per_unit];
+        for (row, bytes) in packed.chunks_exact(units * kind.unit_bytes()).enumerate() {
             let r = row % TILE;
-            let units = bytes.chunks_exact(kind.unit_bytes());
-            let row_blocks = units.flat_map(|unit| (0..kind.unit_blocks()).map(move |k| (unit, k)));
-            for (b, (unit, k)) in row_blocks.enumerate() {
-                let (q, d, m) = decode_scalar(kind, unit, k);
-                let at = ((row / TILE) * blocks + b) * per_block;
-                let tile = &mut tiles[at..at + per_block];
-                let u = q.map(|v| v + kind.bias());
-                if kind.nibbles() {
-                    for col in 0..BLOCK / 2 {
-                        let low = (u[col] & 0x0F) as u8;
-                        let high = (u[col + BLOCK / 2] & 0x0F) as u8;
-                        tile[col / 4].0[4 * r + col % 4] = low | high << 4;
+            for (u, unit) in bytes.chunks_exact(kind.unit_bytes()).enumerate() {
+                let at = ((row / TILE) * units + u) * per_unit;
+                let tile = &mut tiles[at..at + per_unit];
+                let (d, m) = unit_factors(kind, unit);
+                for k in 0..kind.unit_blocks() {
+                    let (q, scales, min) = decode_block(kind, unit, k);
+                    let block = &mut tile[k * kind.block_vectors()..];
+                    let u = q.map(|v| v + kind.bias());
+                    if kind.nibbles() {
+                        for col in 0..BLOCK / 2 {
+                            let low = (u[col] & 0x0F) as u8;
+                            let high = (u[col + BLOCK / 2] & 0x0F) as u8;
+                            block[col / 4].0[4 * r + col % 4] = low | high << 4;
+                        }
+                    } else {
+                        for (col, &v) in u.iter().enumerate() {
+                            block[col / 4].0[4 * r + col % 4] = v as i8 as u8;
+                        }
                     }
-                } else {
-                    for (col, &v) in u.iter().enumerate() {
-                        tile[col / 4].0[4 * r + col % 4] = v as i8 as u8;
+                    if kind.fifth_bits() {
+                        for (col, &v) in u.iter().enumerate() {
+                            let bit = (col / 4) * 4 * TILE + 4 * r + col % 4;
+                            block[kind.weight_vectors()].0[bit / 8] |=
+                                ((v >> 4) as u8) << (bit % 8);
+                        }
                     }
-                }
-                if kind.fifth_bits() {
-                    for (col, &v) in u.iter().enumerate() {
-                        let bit = (col / 4) * 4 * TILE + 4 * r + col % 4;
-                        tile[weights].0[bit / 8] |= ((v >> 4) as u8) << (bit % 8);
+                    if kind.superblocks() {
+                        for (h, &s) in scales[..kind.block_scales()].iter().enumerate() {
+                            let s_at = TILE * (kind.block_scales() * k + h) + r;
+                            put_byte(&mut tile[kind.scales_vector()..], s_at, s as u8);
+                        }
+                        if kind.offsets() {
+                            let m_at = 2 * TILE * (k / 2) + 2 * r + k % 2;
+                            put_byte(&mut tile[kind.offsets_vector()..], m_at, min as u8);
+                        }
                     }
                 }
                 let mut put = |vector: usize, value: f32| {
                     tile[vector].0[4 * r..4 * r + 4].copy_from_slice(&value.to_le_bytes())
                 };
-                put(kind.scales_vector(), d[0]);
-                if kind.split() {
-                    put(kind.scales_vector() + 1, d[1]);
-                }
+                let (d_vector, m_vector) = if kind.superblocks() {
+                    (kind.factors_vector(), kind.factors_vector() + 1)
+                } else {
+                    (kind.scales_vector(), kind.offsets_vector())
+                };
+                put(d_vector, d);
                 if kind.offsets() {
-                    put(kind.offsets_vector(), m);
+                    put(m_vector, m);
                 }
             }
         }
@@ -307,7 +373,7 @@ impl QuantMatrix {
 
     /// The vectors of tile `t`.
     fn tile(&self, t: usize) -> &[Vector] {
-        let len = self.cols / BLOCK * self.kind.tile_vectors();
+        let len = self.cols / BLOCK / self.kind.unit_blocks() * self.kind.unit_vectors();
         &self.tiles[t * len..(t + 1) * len]
     }
 
@@ -430,10 +496,9 @@ impl QuantMatrix {
         allow(dead_code)
     )]
     fn product_scalar(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
-        let blocks = self.cols / BLOCK;
         let kind = self.kind;
-        let weights = kind.weight_vectors();
-        let scales = kind.scales_vector();
+        let unit_blocks = kind.unit_blocks();
+        let blocks = self.cols / BLOCK;
         let f32_at =
             |v: &Vector, r: usize| f32::from_le_bytes(v.0[4 * r..4 * r + 4].try_into().unwrap());
         self.by_tiles(m, |tile, rows, put| {
@@ -442,35 +507,62 @@ impl QuantMatrix {
                 for (r, sum) in sums.iter_mut().enumerate() {
                     let mut total = 0f32;
                     let mut offsets = 0f32;
-                    for (b, v) in tile.chunks_exact(kind.tile_vectors()).enumerate() {
-                        let a = &acts[a_row * blocks + b];
-                        let weight = |col: usize| -> i32 {
-                            let at = 4 * r + col % 4;
-                            if !kind.nibbles() {
-                                return v[col / 4].0[at] as i8 as i32 - kind.bias();
-                            }
-                            let byte = v[col % 16 / 4].0[at];
-                            let mut u = (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
-                            if kind.fifth_bits() {
-                                let bit = (col / 4) * 4 * TILE + at;
-                                u |= ((v[weights].0[bit / 8] >> (bit % 8)) & 1) as i32 * 16;
-                            }
-                            u - kind.bias()
-                        };
-                        let dot = |cols: std::ops::Range<usize>| {
-                            cols.map(|col| weight(col) * a.q[col] as i32).sum::<i32>() as f32
-                        };
-                        if kind.split() {
-                            let half = BLOCK / 2;
-                            total = dot(0..half).mul_add(f32_at(&v[scales], r) * a.d, total);
-                            total =
-                                dot(half..BLOCK).mul_add(f32_at(&v[scales + 1], r) * a.d, total);
+                    for (u, v) in tile.chunks_exact(kind.unit_vectors()).enumerate() {
+                        let unit_acts = &acts[a_row * blocks + u * unit_blocks..][..unit_blocks];
+                        // A K type's superblock: its `d` times the activations' scale.
+                        let d_da = if kind.superblocks() {
+                            f32_at(&v[kind.factors_vector()], r) * unit_acts[0].d
                         } else {
-                            total = dot(0..BLOCK).mul_add(f32_at(&v[scales], r) * a.d, total);
+                            0.0
+                        };
+                        let mut mins = 0i32;
+                        for (k, a) in unit_acts.iter().enumerate() {
+                            let block = &v[k * kind.block_vectors()..];
+                            let weight = |col: usize| -> i32 {
+                                let at = 4 * r + col % 4;
+                                if !kind.nibbles() {
+                                    return block[col / 4].0[at] as i8 as i32 - kind.bias();
+                                }
+                                let byte = block[col % 16 / 4].0[at];
+                                let mut u = (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
+                                if kind.fifth_bits() {
+                                    let bit = (col / 4) * 4 * TILE + at;
+                                    let bits = block[kind.weight_vectors()].0[bit / 8];
+                                    u |= ((bits >> (bit % 8)) & 1) as i32 * 16;
+                                }
+                                u - kind.bias()
+                            };
+                            let dot = |cols: std::ops::Range<usize>| {
+                                cols.map(|col| weight(col) * a.q[col] as i32).sum::<i32>() as f32
+                            };
+                            let width = BLOCK / kind.block_scales();
+                            for h in 0..kind.block_scales() {
+                                let factor = if kind.superblocks() {
+                                    let s_at = TILE * (kind.block_scales() * k + h) + r;
+                                    let s = byte_at(&v[kind.scales_vector()..], s_at);
+                                    let s = if kind.signed_scales() {
+                                        s as i8 as f32
+                                    } else {
+                                        s as f32
+                                    };
+                                    s * d_da
+                                } else {
+                                    f32_at(&v[kind.scales_vector()], r) * a.d
+                                };
+                                total = dot(h * width..(h + 1) * width).mul_add(factor, total);
+                            }
+                            if kind.offsets() && kind.superblocks() {
+                                let m_at = 2 * TILE * (k / 2) + 2 * r + k % 2;
+                                let min = byte_at(&v[kind.offsets_vector()..], m_at) as i32;
+                                mins += min * (a.sums[0] + a.sums[1]);
+                            } else if kind.offsets() {
+                                let m = f32_at(&v[kind.offsets_vector()], r);
+                                offsets = m.mul_add(a.s, offsets);
+                            }
                         }
-                        if kind.offsets() {
-                            let m = f32_at(&v[kind.offsets_vector()], r);
-                            offsets = m.mul_add(a.s, offsets);
+                        if kind.offsets() && kind.superblocks() {
+                            let m_da = f32_at(&v[kind.factors_vector() + 1], r) * unit_acts[0].d;
+                            offsets = (mins as f32).mul_add(m_da, offsets);
                         }
                     }
                     *sum = total + offsets;
@@ -526,9 +618,20 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// Block `k` of a GGUF unit as integers, the scales of its halves and its offset:
-/// `w = d * q + offset`.
-fn decode_scalar(kind: Kind, b: &[u8], k: usize) -> ([i32; BLOCK], [f32; 2], f32) {
+/// A unit's factors `(d, m)`: its one block's `d` and offset (Q4_1), or a K type's
+/// superblock `d` and `-dmin`.
+fn unit_factors(kind: Kind, b: &[u8]) -> (f32, f32) {
+    match kind {
+        Kind::Q5_0 | Kind::Q8_0 => (f16_at(b, 0), 0.0),
+        Kind::Q4_1 => (f16_at(b, 0), f16_at(b, 2)),
+        Kind::Q4K => (f16_at(b, 0), -f16_at(b, 2)),
+        Kind::Q6K => (f16_at(b, 208), 0.0),
+    }
+}
+
+/// Block `k` of a GGUF unit as integers: its weights `q`, the scales of its halves and its
+/// min, so that `w = d * scale * q + m * min` with the unit's factors `(d, m)`.
+fn decode_block(kind: Kind, b: &[u8], k: usize) -> ([i32; BLOCK], [i32; 2], i32) {
     let mut q = [0i32; BLOCK];
     match kind {
         Kind::Q5_0 => {
@@ -538,28 +641,27 @@ fn decode_scalar(kind: Kind, b: &[u8], k: usize) -> ([i32; BLOCK], [f32; 2], f32
                 q[j + 16] = (b[6 + j] >> 4) as i32 | (((qh >> (j + 16)) & 1) << 4) as i32;
             }
             q.iter_mut().for_each(|v| *v -= 16);
-            (q, [f16_at(b, 0); 2], 0.0)
+            (q, [1; 2], 0)
         }
         Kind::Q4_1 => {
             for j in 0..BLOCK / 2 {
                 q[j] = (b[4 + j] & 0x0F) as i32;
                 q[j + 16] = (b[4 + j] >> 4) as i32;
             }
-            (q, [f16_at(b, 0); 2], f16_at(b, 2))
+            (q, [1; 2], 1)
         }
         Kind::Q8_0 => {
             for (j, v) in q.iter_mut().enumerate() {
                 *v = b[2 + j] as i8 as i32;
             }
-            (q, [f16_at(b, 0); 2], 0.0)
+            (q, [1; 2], 0)
         }
         Kind::Q4K => {
             for (j, v) in q.iter_mut().enumerate() {
                 *v = ((b[16 + 32 * (k / 2) + j] >> (4 * (k % 2))) & 0x0F) as i32;
             }
             let (scale, min) = q4k_scale_min(&b[4..16], k);
-            let d = f16_at(b, 0) * scale as f32;
-            (q, [d; 2], -f16_at(b, 2) * min as f32)
+            (q, [scale as i32; 2], min as i32)
         }
         Kind::Q6K => {
             let (n, c) = (k / 4, k % 4);
@@ -568,11 +670,20 @@ fn decode_scalar(kind: Kind, b: &[u8], k: usize) -> ([i32; BLOCK], [f32; 2], f32
                 let high = (b[128 + 32 * n + j] >> (2 * c)) & 3;
                 *v = (low | high << 4) as i32 - 32;
             }
-            let d = f16_at(b, 208);
-            let scale = |h: usize| d * b[192 + 8 * n + 2 * c + h] as i8 as f32;
-            (q, [scale(0), scale(1)], 0.0)
+            let scale = |h: usize| b[192 + 2 * k + h] as i8 as i32;
+            (q, [scale(0), scale(1)], 0)
         }
     }
+}
+
+/// Writes byte `at` of the vectors from `vectors[0]` on.
+fn put_byte(vectors: &mut [Vector], at: usize, value: u8) {
+    vectors[at / (4 * TILE)].0[at % (4 * TILE)] = value;
+}
+
+/// Reads byte `at` of the vectors from `vectors[0]` on.
+fn byte_at(vectors: &[Vector], at: usize) -> u8 {
+    vectors[at / (4 * TILE)].0[at % (4 * TILE)]
 }
 
 /// Scale and min of block `k` (0..8) of a Q4_K superblock, 6 bits each, from its 12 bytes.
@@ -608,10 +719,16 @@ mod simd {
         const FIFTH_BITS: bool = Self::KIND.fifth_bits();
         const SPLIT: bool = Self::KIND.split();
         const OFFSETS: bool = Self::KIND.offsets();
+        const SUPERBLOCKS: bool = Self::KIND.superblocks();
+        const SIGNED_SCALES: bool = Self::KIND.signed_scales();
+        const UNIT_BLOCKS: usize = Self::KIND.unit_blocks();
         const WEIGHT_VECTORS: usize = Self::KIND.weight_vectors();
+        const BLOCK_VECTORS: usize = Self::KIND.block_vectors();
+        const BLOCK_SCALES: usize = Self::KIND.block_scales();
         const SCALES_VECTOR: usize = Self::KIND.scales_vector();
         const OFFSETS_VECTOR: usize = Self::KIND.offsets_vector();
-        const TILE_VECTORS: usize = Self::KIND.tile_vectors();
+        const FACTORS_VECTOR: usize = Self::KIND.factors_vector();
+        const UNIT_VECTORS: usize = Self::KIND.unit_vectors();
     }
 
     pub struct Q5_0;
@@ -693,10 +810,42 @@ mod simd {
         pub unsafe fn product_signed(acc: Int, w: Int, a: Int) -> Int {
             _mm512_dpbusd_epi32(acc, _mm512_xor_si512(w, _mm512_set1_epi8(-128)), a)
         }
-        /// `acc + float(dot) * (d * da)`.
+        /// `acc + float(dot) * factor`.
         #[inline(always)]
-        pub unsafe fn scaled_add(acc: Float, dot: Int, d: Float, da: Float) -> Float {
-            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, da), acc)
+        pub unsafe fn scaled_add(acc: Float, dot: Int, factor: Float) -> Float {
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), factor, acc)
+        }
+        #[inline(always)]
+        pub unsafe fn mul(a: Float, b: Float) -> Float {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        pub unsafe fn to_f32(x: Int) -> Float {
+            _mm512_cvtepi32_ps(x)
+        }
+        #[inline(always)]
+        pub unsafe fn add_i32(a: Int, b: Int) -> Int {
+            _mm512_add_epi32(a, b)
+        }
+        /// The `TILE` bytes at `p`, one a lane, sign- or zero-extended.
+        #[inline(always)]
+        pub unsafe fn widen_bytes(p: *const u8, signed: bool) -> Int {
+            let x = _mm_loadu_si128(p as *const _);
+            if signed {
+                _mm512_cvtepi8_epi32(x)
+            } else {
+                _mm512_cvtepu8_epi32(x)
+            }
+        }
+        /// The `2 TILE` bytes at `p`, two a lane as 16-bit numbers.
+        #[inline(always)]
+        pub unsafe fn widen_byte_pairs(p: *const u8) -> Int {
+            _mm512_cvtepu8_epi16(_mm256_loadu_si256(p as *const _))
+        }
+        /// Each lane's two 16-bit products summed.
+        #[inline(always)]
+        pub unsafe fn product_pairs(a: Int, b: Int) -> Int {
+            _mm512_madd_epi16(a, b)
         }
         #[inline(always)]
         pub unsafe fn fmadd(a: Float, b: Float, c: Float) -> Float {
@@ -802,10 +951,42 @@ mod simd {
                 ),
             );
         }
-        /// `acc + float(dot) * (d * da)`.
+        /// `acc + float(dot) * factor`.
         #[inline(always)]
-        pub unsafe fn scaled_add(acc: Float, dot: Int, d: Float, da: Float) -> Float {
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, da), acc)
+        pub unsafe fn scaled_add(acc: Float, dot: Int, factor: Float) -> Float {
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), factor, acc)
+        }
+        #[inline(always)]
+        pub unsafe fn mul(a: Float, b: Float) -> Float {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        pub unsafe fn to_f32(x: Int) -> Float {
+            _mm256_cvtepi32_ps(x)
+        }
+        #[inline(always)]
+        pub unsafe fn add_i32(a: Int, b: Int) -> Int {
+            _mm256_add_epi32(a, b)
+        }
+        /// The `TILE` bytes at `p`, one a lane, sign- or zero-extended.
+        #[inline(always)]
+        pub unsafe fn widen_bytes(p: *const u8, signed: bool) -> Int {
+            let x = _mm_loadl_epi64(p as *const _);
+            if signed {
+                _mm256_cvtepi8_epi32(x)
+            } else {
+                _mm256_cvtepu8_epi32(x)
+            }
+        }
+        /// The `2 TILE` bytes at `p`, two a lane as 16-bit numbers.
+        #[inline(always)]
+        pub unsafe fn widen_byte_pairs(p: *const u8) -> Int {
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const _))
+        }
+        /// Each lane's two 16-bit products summed.
+        #[inline(always)]
+        pub unsafe fn product_pairs(a: Int, b: Int) -> Int {
+            _mm256_madd_epi16(a, b)
         }
         #[inline(always)]
         pub unsafe fn fmadd(a: Float, b: Float, c: Float) -> Float {
@@ -818,6 +999,19 @@ mod simd {
     }
 
     use lanes::*;
+
+    /// Bytes ahead of the weights being read that are asked for early: a decode step reads
+    /// every weight once, and the hardware's own prefetching left it waiting on memory
+    /// (distance chosen by `bench`; see docs/results/engine-vs-llama-cpp.md).
+    const PREFETCH_DISTANCE: usize = 4096;
+
+    /// Asks for the cache line `PREFETCH_DISTANCE` bytes after `p`; past the tiles' end it
+    /// is a hint that fetches nothing.
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8) {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_DISTANCE) as *const i8);
+    }
 
     /// Activation bytes `4g..4g+4` of a block in every lane.
     #[inline(always)]
@@ -834,78 +1028,127 @@ mod simd {
         tile: &[Vector],
         acts: [&[BlockQ8]; C],
     ) -> [[f32; TILE]; C] {
-        let blocks = tile.len() / F::TILE_VECTORS;
+        let units = tile.len() / F::UNIT_VECTORS;
         for a in acts {
-            assert_eq!(a.len(), blocks);
+            assert_eq!(a.len(), units * F::UNIT_BLOCKS);
         }
-        let (weights, scales, half) = (F::WEIGHT_VECTORS, F::SCALES_VECTOR, BLOCK / 8);
+        let half = BLOCK / 8;
         // SAFETY: the build target has the register width's instructions (cfg above and in
-        // `build.rs`); every vector index is below `F::TILE_VECTORS` within block
-        // `b < blocks`, and every activation row has `blocks` blocks (asserted).
+        // `build.rs`); every vector index is below `F::UNIT_VECTORS` within unit `u < units`
+        // (a K type's scale and min bytes too: see the layout's offsets in `Kind`), and every
+        // activation row has `units * F::UNIT_BLOCKS` blocks (asserted).
         unsafe {
             let mut acc = [zero_f32(); C];
             let mut off = [zero_f32(); C];
-            for b in 0..blocks {
-                let v = |i: usize| tile.as_ptr().add(b * F::TILE_VECTORS + i) as *const u8;
-                let a: [&BlockQ8; C] = std::array::from_fn(|c| acts[c].get_unchecked(b));
-                // The block's products, or for a split block its first half's, and the second
-                // half's apart.
-                let (mut dot, mut second): ([Int; C], [Int; C]) = if F::SPLIT {
-                    (
-                        std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sums[0])),
-                        std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sums[1])),
-                    )
+            for u in 0..units {
+                let v = |i: usize| tile.as_ptr().add(u * F::UNIT_VECTORS + i) as *const u8;
+                let first = u * F::UNIT_BLOCKS;
+                // A K type's superblock `d` times each activation row's scale.
+                let d_da: [Float; C] = if F::SUPERBLOCKS {
+                    let d = load_f32(v(F::FACTORS_VECTOR));
+                    std::array::from_fn(|c| mul(d, splat_f32(acts[c].get_unchecked(first).d)))
                 } else {
-                    let sum = |c: usize| a[c].sums[0] + a[c].sums[1];
-                    (
-                        std::array::from_fn(|c| splat_i32(-F::BIAS * sum(c))),
-                        [splat_i32(0); C],
-                    )
+                    [zero_f32(); C]
                 };
-                if F::NIBBLES {
-                    for g in 0..4 {
-                        let (mut low, mut high) = nibbles(load(v(g)));
-                        if F::FIFTH_BITS {
-                            let word = TILE / 2;
-                            low = with_fifth_bits(low, v(weights).add(g * word));
-                            high = with_fifth_bits(high, v(weights).add((g + 4) * word));
+                let mut mins = [splat_i32(0); C];
+                for k in 0..F::UNIT_BLOCKS {
+                    let w = |i: usize| v(k * F::BLOCK_VECTORS + i);
+                    let a: [&BlockQ8; C] =
+                        std::array::from_fn(|c| acts[c].get_unchecked(first + k));
+                    // The block's products, or for a split block its first half's, and the
+                    // second half's apart.
+                    let (mut dot, mut second): ([Int; C], [Int; C]) = if F::SPLIT {
+                        (
+                            std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sums[0])),
+                            std::array::from_fn(|c| splat_i32(-F::BIAS * a[c].sums[1])),
+                        )
+                    } else {
+                        let sum = |c: usize| a[c].sums[0] + a[c].sums[1];
+                        (
+                            std::array::from_fn(|c| splat_i32(-F::BIAS * sum(c))),
+                            [splat_i32(0); C],
+                        )
+                    };
+                    if F::NIBBLES {
+                        for g in 0..4 {
+                            prefetch(w(g));
+                            let (mut low, mut high) = nibbles(load(w(g)));
+                            if F::FIFTH_BITS {
+                                let word = TILE / 2;
+                                let bits = w(F::WEIGHT_VECTORS);
+                                low = with_fifth_bits(low, bits.add(g * word));
+                                high = with_fifth_bits(high, bits.add((g + 4) * word));
+                            }
+                            for c in 0..C {
+                                dot[c] = product_unsigned(dot[c], low, group(a[c], g));
+                                dot[c] = product_unsigned(dot[c], high, group(a[c], g + 4));
+                            }
                         }
-                        for c in 0..C {
-                            dot[c] = product_unsigned(dot[c], low, group(a[c], g));
-                            dot[c] = product_unsigned(dot[c], high, group(a[c], g + 4));
+                    } else {
+                        for g in 0..BLOCK / 4 {
+                            prefetch(w(g));
+                            let x = load(w(g));
+                            for c in 0..C {
+                                let sum = if F::SPLIT && g >= half {
+                                    &mut second[c]
+                                } else {
+                                    &mut dot[c]
+                                };
+                                *sum = if F::SIGNED {
+                                    product_signed(*sum, x, group(a[c], g))
+                                } else {
+                                    product_unsigned(*sum, x, group(a[c], g))
+                                };
+                            }
                         }
                     }
-                } else {
-                    for g in 0..BLOCK / 4 {
-                        let x = load(v(g));
-                        for c in 0..C {
-                            let sum = if F::SPLIT && g >= half {
-                                &mut second[c]
-                            } else {
-                                &mut dot[c]
-                            };
-                            *sum = if F::SIGNED {
-                                product_signed(*sum, x, group(a[c], g))
-                            } else {
-                                product_unsigned(*sum, x, group(a[c], g))
-                            };
+                    // The factor of half `h`'s products for activation row `c`.
+                    let scale = |h: usize| {
+                        if F::SUPERBLOCKS {
+                            let at = v(F::SCALES_VECTOR).add(TILE * (F::BLOCK_SCALES * k + h));
+                            to_f32(widen_bytes(at, F::SIGNED_SCALES))
+                        } else {
+                            load_f32(v(F::SCALES_VECTOR))
                         }
-                    }
-                }
-                let d = load_f32(v(scales));
-                for c in 0..C {
-                    acc[c] = scaled_add(acc[c], dot[c], d, splat_f32(a[c].d));
-                }
-                if F::SPLIT {
-                    let d = load_f32(v(scales + 1));
+                    };
+                    let factor = |s: Float, c: usize| {
+                        if F::SUPERBLOCKS {
+                            mul(s, d_da[c])
+                        } else {
+                            mul(s, splat_f32(a[c].d))
+                        }
+                    };
+                    let s = scale(0);
                     for c in 0..C {
-                        acc[c] = scaled_add(acc[c], second[c], d, splat_f32(a[c].d));
+                        acc[c] = scaled_add(acc[c], dot[c], factor(s, c));
+                    }
+                    if F::SPLIT {
+                        let s = scale(1);
+                        for c in 0..C {
+                            acc[c] = scaled_add(acc[c], second[c], factor(s, c));
+                        }
+                    }
+                    if F::OFFSETS && F::SUPERBLOCKS && k % 2 == 1 {
+                        // Two blocks' mins times their activation sums, in 16-bit pairs.
+                        let pairs = widen_byte_pairs(v(F::OFFSETS_VECTOR).add(2 * TILE * (k / 2)));
+                        for c in 0..C {
+                            let sum = |a: &BlockQ8| (a.sums[0] + a.sums[1]) as u16 as u32;
+                            let before = acts[c].get_unchecked(first + k - 1);
+                            let both = (sum(before) | sum(a[c]) << 16) as i32;
+                            mins[c] = add_i32(mins[c], product_pairs(pairs, splat_i32(both)));
+                        }
+                    } else if F::OFFSETS && !F::SUPERBLOCKS {
+                        let m = load_f32(v(F::OFFSETS_VECTOR));
+                        for c in 0..C {
+                            off[c] = fmadd(m, splat_f32(a[c].s), off[c]);
+                        }
                     }
                 }
-                if F::OFFSETS {
-                    let m = load_f32(v(F::OFFSETS_VECTOR));
+                if F::OFFSETS && F::SUPERBLOCKS {
+                    let m = load_f32(v(F::FACTORS_VECTOR + 1));
                     for c in 0..C {
-                        off[c] = fmadd(m, splat_f32(a[c].s), off[c]);
+                        let m_da = mul(m, splat_f32(acts[c].get_unchecked(first).d));
+                        off[c] = fmadd(to_f32(mins[c]), m_da, off[c]);
                     }
                 }
             }
