@@ -8,6 +8,9 @@
 # THREADS: thread counts to try (default "1 2"). PP, TG: prompt and decode lengths (128, 64).
 # DEPTHS: tokens already in the cache when each test starts (default "0"; e.g. "0 2048 4096",
 # llama-bench's -d).
+# For decode (tg) it also prints the weight bandwidth each engine reaches (GB/s: steps a second
+# times the bytes of the weights it multiplies, ours as repacked, llama.cpp's the file's
+# tensors) and a plain read's on the same threads (`bench --read-bandwidth`), the ceiling.
 # Run it on an otherwise idle machine: both engines spin while waiting for their threads.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,12 +25,12 @@ models=("$@")
 cargo build --release -q -p refusal-steer
 ours=target/release/refusal-steer
 
-printf "%-30s %3s %11s %12s %12s %7s %9s\n" model thr test "ours tok/s" "llama.cpp" ratio "ours MiB"
+printf "%-30s %3s %11s %12s %12s %7s %9s  %s\n" model thr test "ours tok/s" "llama.cpp" ratio "ours MiB" "GB/s ours, llama.cpp, read"
 for model in "${models[@]}"; do
   if [ -f "$model" ]; then path=$model; else path=$($ours models fetch "$model"); fi
   for t in $THREADS; do
     for depth in $DEPTHS; do
-      o=$($ours --threads "$t" bench --model "$path" --prompt-tokens "$PP" --gen-tokens "$TG" --depth "$depth" --repetitions 3)
+      o=$($ours --threads "$t" bench --model "$path" --prompt-tokens "$PP" --gen-tokens "$TG" --depth "$depth" --repetitions 3 --read-bandwidth)
       l=$("$LLAMA_BENCH" -m "$path" -t "$t" -p "$PP" -n "$TG" -d "$depth" -r 3 -o json 2>/dev/null)
       OURS="$o" LLAMA="$l" MODEL="$model" T="$t" python3 - <<'PY'
 import json, os
@@ -35,11 +38,16 @@ ours = json.loads(os.environ["OURS"])
 def test(r):
     name = "pp%d" % r["n_prompt"] if r["n_gen"] == 0 else "tg%d" % r["n_gen"]
     return name + ("@d%d" % r["n_depth"] if r.get("n_depth") else "")
-llama = {test(r): r["avg_ts"] for r in json.loads(os.environ["LLAMA"])}
+runs = json.loads(os.environ["LLAMA"])
+llama = {test(r): r["avg_ts"] for r in runs}
+llama_bytes = runs[0]["model_size"] if runs else float("nan")
 for r in ours["results"]:
     theirs = llama.get(r["test"])
     ratio = r["tokens_per_second"] / theirs if theirs else float("nan")
-    print("%-30s %3s %11s %12.1f %12.1f %6.2fx %9.0f" % (os.environ["MODEL"], os.environ["T"], r["test"], r["tokens_per_second"], theirs or float("nan"), ratio, ours["peak_rss_mb"]))
+    bandwidth = ""
+    if "weight_gb_per_s" in r:
+        bandwidth = "%5.1f %5.1f %5.1f" % (r["weight_gb_per_s"], (theirs or float("nan")) * llama_bytes / 1e9, ours["read_gb_per_s"])
+    print("%-30s %3s %11s %12.1f %12.1f %6.2fx %9.0f  %s" % (os.environ["MODEL"], os.environ["T"], r["test"], r["tokens_per_second"], theirs or float("nan"), ratio, ours["peak_rss_mb"], bandwidth))
 PY
     done
   done

@@ -14,6 +14,7 @@ use crate::steering::SteerArgs;
 use crate::ModelArg;
 use anyhow::Result;
 use clap::Args;
+use rayon::prelude::*;
 use refusal_steer_engine::kv_cache::KvCache;
 use refusal_steer_engine::{Hooks, Logits, Model};
 use refusal_steer_pipeline::recipe::hooks_for;
@@ -40,6 +41,10 @@ pub struct BenchArgs {
     /// Timed repetitions of each test (after one warm-up).
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
+    /// Also time a plain read of 512 MiB on the same threads: the ceiling for the weight
+    /// bandwidth that decode reaches (`weight_gb_per_s` of each `tg` test).
+    #[arg(long)]
+    read_bandwidth: bool,
     /// Steering to time against no steering (e.g. `--steer v.safetensors --alpha -4`).
     #[command(flatten)]
     steer: SteerArgs,
@@ -122,6 +127,23 @@ fn record(test: String, n: usize, times: &[f64]) -> (serde_json::Value, f64) {
     )
 }
 
+/// GB/s of the best of three parallel reads of a buffer far larger than any cache.
+fn read_bandwidth_gb_per_s() -> f64 {
+    const BYTES: usize = 512 << 20;
+    let buffer = vec![1u64; BYTES / 8];
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            let sum = buffer
+                .par_chunks(1 << 17)
+                .map(|chunk| chunk.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+                .reduce(|| 0, u64::wrapping_add);
+            assert_eq!(sum, (BYTES / 8) as u64);
+            BYTES as f64 / start.elapsed().as_secs_f64() / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -170,7 +192,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             test += &format!("x{}", shape.rows);
         }
         let counted = n * shape.rows;
-        let (plain_record, plain_median) = record(test.clone(), counted, &plain);
+        let (mut plain_record, plain_median) = record(test.clone(), counted, &plain);
+        if test.starts_with("tg") {
+            // Every decode step reads each weight once, whatever the batch.
+            let steps_per_second = plain_median / shape.rows as f64;
+            plain_record["weight_gb_per_s"] =
+                (steps_per_second * model.matrix_bytes as f64 / 1e9).into();
+        }
         results.push(plain_record);
         if steered {
             let (steered_record, steered_median) =
@@ -186,8 +214,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "model": model.path.display().to_string(),
         "threads": threads,
         "results": results,
+        "weight_bytes": model.matrix_bytes,
         "peak_rss_mb": peak_rss_mb(),
     });
+    if args.read_bandwidth {
+        drop(model);
+        out["read_gb_per_s"] = read_bandwidth_gb_per_s().into();
+    }
     if let Some(steer) = steer {
         out["steer"] = steer;
         out["steered_over_plain"] = serde_json::Value::Array(ratios);

@@ -144,6 +144,7 @@ fn bench_runs_batched_tests_at_depth_and_refuses_an_empty_batch() {
                 "3",
                 "--repetitions",
                 "1",
+                "--read-bandwidth",
             ][..],
             &shape,
         ]
@@ -166,6 +167,13 @@ fn bench_runs_batched_tests_at_depth_and_refuses_an_empty_batch() {
         ["pp5@d4x3", "tg3@d4x3"]
     );
     assert!(tests.iter().all(|t| t.1 > 0.0), "{tests:?}");
+    // Decode reads every weight once a step, however many rows the step has.
+    let weight_bytes = report["weight_bytes"].as_f64().unwrap();
+    assert!(weight_bytes > 0.0, "{report}");
+    let achieved = report["results"][1]["weight_gb_per_s"].as_f64().unwrap();
+    let expected = tests[1].1 / 3.0 * weight_bytes / 1e9;
+    assert!((achieved - expected).abs() <= 1e-9 * expected, "{report}");
+    assert!(report["read_gb_per_s"].as_f64().unwrap() > 0.0, "{report}");
 
     let result =
         refusal_steer(&[&["bench", "--model", model, "--batch", "0"][..], &shape].concat());

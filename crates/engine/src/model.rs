@@ -7,7 +7,7 @@ use crate::hooks::{Hooks, Intervention};
 use crate::kv_cache::{Chunk, KvCache};
 use crate::layers::{RmsNorm, Rope, StepContext};
 use crate::quant::Matrix;
-use crate::weights::Weights;
+use crate::weights::{Counted, Weights};
 use crate::{gemma3, llama, EngineError, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::QMatMul;
@@ -243,6 +243,10 @@ pub struct Model {
     pub tokenizer: Tokenizer,
     pub template: ChatTemplate,
     pub path: PathBuf,
+    /// Bytes of all weight matrices as multiplied (the token embeddings, looked up, not
+    /// counted unless the output head is tied to them): what one decode step reads, all
+    /// experts of a mixture counted.
+    pub matrix_bytes: usize,
     decoder: Decoder,
 }
 
@@ -279,18 +283,20 @@ impl Model {
                 ),
             });
         }
+        let mut counted = Counted::new(weights);
         let decoder = match config.architecture {
             Architecture::Llama
             | Architecture::Qwen2
             | Architecture::Qwen3
-            | Architecture::Qwen3Moe => llama::load(weights, &config)?,
-            Architecture::Gemma3 => gemma3::load(weights, &config)?,
+            | Architecture::Qwen3Moe => llama::load(&mut counted, &config)?,
+            Architecture::Gemma3 => gemma3::load(&mut counted, &config)?,
         };
         Ok(Self {
             config,
             tokenizer,
             template,
             path: path.to_path_buf(),
+            matrix_bytes: counted.matrix_bytes,
             decoder,
         })
     }

@@ -230,6 +230,17 @@ impl Matrix {
         Ok(Matrix::Dense(runs))
     }
 
+    /// Bytes of the weights as multiplied: what a decode step reads.
+    pub fn bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Matrix::Own(m) => m.tiles.len() * std::mem::size_of::<Vector>(),
+            Matrix::Dense(runs) => runs.iter().map(dense).sum(),
+            Matrix::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes(),
+            Matrix::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense(t),
+        }
+    }
+
     /// `x`: `[.., in]` -> `[.., out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -1361,6 +1372,23 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn k_types_take_about_the_files_bytes() {
+        // Q4_K: 128 bytes of nibbles, 8 scales, 8 mins, d and -dmin per superblock and row
+        // (the file: 144); Q6_K: 256 bytes, 16 scales, d (the file: 210).
+        for (dtype, bytes_per_superblock) in [(GgmlDType::Q4K, 152), (GgmlDType::Q6K, 276)] {
+            let (rows, cols) = (64, 1024);
+            let q = QTensor::quantize(&weights(rows, cols, 9), dtype).unwrap();
+            let m = Matrix::new(q).unwrap();
+            assert!(matches!(m, Matrix::Own(_)));
+            assert_eq!(
+                m.bytes(),
+                rows * cols / 256 * bytes_per_superblock,
+                "{dtype:?}"
+            );
         }
     }
 

@@ -37,3 +37,48 @@ pub trait Weights {
         self.matrix(name)
     }
 }
+
+/// A source that adds up the bytes of the matrices loaded through it.
+pub struct Counted<'a> {
+    inner: &'a mut dyn Weights,
+    pub matrix_bytes: usize,
+}
+
+impl<'a> Counted<'a> {
+    pub fn new(inner: &'a mut dyn Weights) -> Self {
+        Self {
+            inner,
+            matrix_bytes: 0,
+        }
+    }
+}
+
+impl Weights for Counted<'_> {
+    fn origin(&self) -> &Path {
+        self.inner.origin()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.inner.has(name)
+    }
+
+    fn matrix(&mut self, name: &str) -> Result<Matrix> {
+        let m = self.inner.matrix(name)?;
+        self.matrix_bytes += m.bytes();
+        Ok(m)
+    }
+
+    fn embedding(&mut self, name: &str) -> Result<QMatMul> {
+        self.inner.embedding(name)
+    }
+
+    fn vector(&mut self, name: &str) -> Result<Tensor> {
+        self.inner.vector(name)
+    }
+
+    fn experts(&mut self, name: &str, count: usize) -> Result<Vec<Matrix>> {
+        let experts = self.inner.experts(name, count)?;
+        self.matrix_bytes += experts.iter().map(Matrix::bytes).sum::<usize>();
+        Ok(experts)
+    }
+}
