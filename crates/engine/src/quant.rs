@@ -281,7 +281,9 @@ pub struct QuantMatrix {
 }
 
 /// One block of 8-bit activations: `x ~= d * q`, `sums` those of `q`'s first and last 16
-/// values, `s = d * sum(q)` (rounded to f16 for Q4_1 as llama.cpp's Q8_1 stores it).
+/// values, `s = d * sum(q)` (rounded to f16 for Q4_1 as llama.cpp's Q8_1 stores it). For a K
+/// type, the second block of each pair holds in `pair_sums` the two blocks' `sum(q)` as the
+/// low and high 16 bits (each within ±32·127), ready for Q4_K's mins.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct BlockQ8 {
@@ -289,6 +291,7 @@ struct BlockQ8 {
     sums: [i32; 2],
     d: f32,
     s: f32,
+    pair_sums: i32,
 }
 
 impl QuantMatrix {
@@ -589,10 +592,18 @@ impl QuantMatrix {
 /// 256 (Q8_K).
 fn quantize(x: &[f32], kind: Kind) -> Vec<BlockQ8> {
     let unit = kind.unit_blocks() * BLOCK;
-    x.par_chunks(unit)
+    let mut blocks: Vec<BlockQ8> = x
+        .par_chunks(unit)
         .with_min_len(PARALLEL_FROM_VALUES / unit)
         .flat_map_iter(|x| quantize_unit(x, kind))
-        .collect()
+        .collect();
+    if kind.superblocks() {
+        for pair in blocks.chunks_exact_mut(2) {
+            let sum = |b: &BlockQ8| (b.sums[0] + b.sums[1]) as u16 as u32;
+            pair[1].pair_sums = (sum(&pair[0]) | sum(&pair[1]) << 16) as i32;
+        }
+    }
+    blocks
 }
 
 fn quantize_unit(x: &[f32], kind: Kind) -> impl Iterator<Item = BlockQ8> + '_ {
@@ -621,6 +632,7 @@ fn quantize_unit(x: &[f32], kind: Kind) -> impl Iterator<Item = BlockQ8> + '_ {
             sums,
             d: stored,
             s,
+            pair_sums: 0,
         }
     })
 }
@@ -1143,10 +1155,8 @@ mod simd {
                         // Two blocks' mins times their activation sums, in 16-bit pairs.
                         let pairs = widen_byte_pairs(v(F::OFFSETS_VECTOR).add(2 * TILE * (k / 2)));
                         for c in 0..C {
-                            let sum = |a: &BlockQ8| (a.sums[0] + a.sums[1]) as u16 as u32;
-                            let before = acts[c].get_unchecked(first + k - 1);
-                            let both = (sum(before) | sum(a[c]) << 16) as i32;
-                            mins[c] = add_i32(mins[c], product_pairs(pairs, splat_i32(both)));
+                            let both = splat_i32(a[c].pair_sums);
+                            mins[c] = add_i32(mins[c], product_pairs(pairs, both));
                         }
                     } else if F::OFFSETS && !F::SUPERBLOCKS {
                         let m = load_f32(v(F::OFFSETS_VECTOR));
