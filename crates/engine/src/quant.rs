@@ -315,8 +315,8 @@ impl QuantMatrix {
         let mut tiles = vec![Vector([0; 4 * TILE]); rows.div_ceil(TILE) * units * per_unit];
         for (row, bytes) in packed.chunks_exact(units * kind.unit_bytes()).enumerate() {
             let r = row % TILE;
-            for (u, unit) in bytes.chunks_exact(kind.unit_bytes()).enumerate() {
-                let at = ((row / TILE) * units + u) * per_unit;
+            for (index, unit) in bytes.chunks_exact(kind.unit_bytes()).enumerate() {
+                let at = ((row / TILE) * units + index) * per_unit;
                 let tile = &mut tiles[at..at + per_unit];
                 let (d, m) = unit_factors(kind, unit);
                 for k in 0..kind.unit_blocks() {
@@ -521,8 +521,9 @@ impl QuantMatrix {
                 for (r, sum) in sums.iter_mut().enumerate() {
                     let mut total = 0f32;
                     let mut offsets = 0f32;
-                    for (u, v) in tile.chunks_exact(kind.unit_vectors()).enumerate() {
-                        let unit_acts = &acts[a_row * blocks + u * unit_blocks..][..unit_blocks];
+                    for (index, v) in tile.chunks_exact(kind.unit_vectors()).enumerate() {
+                        let first = a_row * blocks + index * unit_blocks;
+                        let unit_acts = &acts[first..first + unit_blocks];
                         // A K type's superblock: its `d` times the activations' scale.
                         let d_da = if kind.superblocks() {
                             f32_at(&v[kind.factors_vector()], r) * unit_acts[0].d
