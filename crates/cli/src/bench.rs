@@ -138,7 +138,7 @@ fn read_bandwidth_gb_per_s() -> f64 {
                 .par_chunks(1 << 17)
                 .map(|chunk| chunk.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
                 .reduce(|| 0, u64::wrapping_add);
-            assert_eq!(sum, (BYTES / 8) as u64);
+            std::hint::black_box(sum);
             BYTES as f64 / start.elapsed().as_secs_f64() / 1e9
         })
         .fold(0.0, f64::max)
