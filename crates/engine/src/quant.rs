@@ -443,12 +443,25 @@ impl QuantMatrix {
         target_feature = "fma"
     ))]
     fn product_of_kind(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
+        if simd::prefetch_pays() {
+            self.product_prefetching::<true>(acts, m)
+        } else {
+            self.product_prefetching::<false>(acts, m)
+        }
+    }
+
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma"
+    ))]
+    fn product_prefetching<const PREFETCH: bool>(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
         match self.kind {
-            Kind::Q5_0 => self.product::<simd::Q5_0>(acts, m),
-            Kind::Q4_1 => self.product::<simd::Q4_1>(acts, m),
-            Kind::Q8_0 => self.product::<simd::Q8_0>(acts, m),
-            Kind::Q4K => self.product::<simd::Q4K>(acts, m),
-            Kind::Q6K => self.product::<simd::Q6K>(acts, m),
+            Kind::Q5_0 => self.product::<simd::Q5_0, PREFETCH>(acts, m),
+            Kind::Q4_1 => self.product::<simd::Q4_1, PREFETCH>(acts, m),
+            Kind::Q8_0 => self.product::<simd::Q8_0, PREFETCH>(acts, m),
+            Kind::Q4K => self.product::<simd::Q4K, PREFETCH>(acts, m),
+            Kind::Q6K => self.product::<simd::Q6K, PREFETCH>(acts, m),
         }
     }
 
@@ -466,7 +479,11 @@ impl QuantMatrix {
         target_feature = "avx2",
         target_feature = "fma"
     ))]
-    fn product<F: simd::Format>(&self, acts: &[BlockQ8], m: usize) -> Vec<f32> {
+    fn product<F: simd::Format, const PREFETCH: bool>(
+        &self,
+        acts: &[BlockQ8],
+        m: usize,
+    ) -> Vec<f32> {
         let blocks = self.cols / BLOCK;
         assert_eq!(acts.len(), m * blocks);
         let act = |r: usize| &acts[r * blocks..(r + 1) * blocks];
@@ -476,24 +493,27 @@ impl QuantMatrix {
                 let n = (rows.end - r).min(ACTS_PER_PASS);
                 match n {
                     4 => {
-                        let sums = simd::tile::<F, 4>(tile, std::array::from_fn(|i| act(r + i)));
+                        let sums =
+                            simd::tile::<F, 4, PREFETCH>(tile, std::array::from_fn(|i| act(r + i)));
                         sums.into_iter()
                             .enumerate()
                             .for_each(|(i, s)| put(r + i, s));
                     }
                     3 => {
-                        let sums = simd::tile::<F, 3>(tile, std::array::from_fn(|i| act(r + i)));
+                        let sums =
+                            simd::tile::<F, 3, PREFETCH>(tile, std::array::from_fn(|i| act(r + i)));
                         sums.into_iter()
                             .enumerate()
                             .for_each(|(i, s)| put(r + i, s));
                     }
                     2 => {
-                        let sums = simd::tile::<F, 2>(tile, std::array::from_fn(|i| act(r + i)));
+                        let sums =
+                            simd::tile::<F, 2, PREFETCH>(tile, std::array::from_fn(|i| act(r + i)));
                         sums.into_iter()
                             .enumerate()
                             .for_each(|(i, s)| put(r + i, s));
                     }
-                    _ => put(r, simd::tile::<F, 1>(tile, [act(r)])[0]),
+                    _ => put(r, simd::tile::<F, 1, PREFETCH>(tile, [act(r)])[0]),
                 }
                 r += n;
             }
@@ -1024,10 +1044,23 @@ mod simd {
 
     use lanes::*;
 
-    /// Bytes ahead of the weights being read that are asked for early: a decode step reads
-    /// every weight once, and the hardware's own prefetching left it waiting on memory
-    /// (distance chosen by `bench`; see docs/results/engine-vs-llama-cpp.md).
+    /// Bytes ahead of the weights being read that are asked for early, where that pays: a
+    /// decode step reads every weight once, and on Intel's Xeons the hardware's own
+    /// prefetching left it waiting on memory (distance chosen by `bench`; see
+    /// docs/results/engine-vs-llama-cpp.md).
     const PREFETCH_DISTANCE: usize = 4096;
+
+    /// Whether to ask for weights ahead: on the Intel Xeon the kernels were tuned on it made
+    /// Qwen2.5-1.5B's decode 45% faster, on an AMD EPYC (Zen 4) 35% slower, at any distance
+    /// or cache level tried (docs/results/engine-vs-llama-cpp.md). Intel's CPUs ask for it.
+    pub fn prefetch_pays() -> bool {
+        static PAYS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PAYS.get_or_init(|| {
+            let id = std::arch::x86_64::__cpuid(0);
+            let vendor = [id.ebx, id.edx, id.ecx].map(u32::to_le_bytes).concat();
+            vendor == b"GenuineIntel"
+        })
+    }
 
     /// Asks for the cache line `PREFETCH_DISTANCE` bytes after `p`; past the tiles' end it
     /// is a hint that fetches nothing.
@@ -1045,10 +1078,11 @@ mod simd {
         ))
     }
 
-    /// The outputs of one tile for each of `C` activation rows. Each output is the same chain
-    /// of operations whatever `C` is.
+    /// The outputs of one tile for each of `C` activation rows, asking for the weights ahead
+    /// if `PREFETCH` ([`prefetch_pays`]). Each output is the same chain of operations whatever
+    /// `C` is.
     #[inline(always)]
-    pub fn tile<F: Format, const C: usize>(
+    pub fn tile<F: Format, const C: usize, const PREFETCH: bool>(
         tile: &[Vector],
         acts: [&[BlockQ8]; C],
     ) -> [[f32; TILE]; C] {
@@ -1095,7 +1129,9 @@ mod simd {
                     };
                     if F::NIBBLES {
                         for g in 0..4 {
-                            prefetch(w(g));
+                            if PREFETCH {
+                                prefetch(w(g));
+                            }
                             let (mut low, mut high) = nibbles(load(w(g)));
                             if F::FIFTH_BITS {
                                 let word = TILE / 2;
@@ -1110,7 +1146,9 @@ mod simd {
                         }
                     } else {
                         for g in 0..BLOCK / 4 {
-                            prefetch(w(g));
+                            if PREFETCH {
+                                prefetch(w(g));
+                            }
                             let x = load(w(g));
                             for c in 0..C {
                                 let sum = if F::SPLIT && g >= half {
