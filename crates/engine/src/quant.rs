@@ -12,7 +12,7 @@
 //! is what makes this faster than a dot product per row. A K type keeps its blocks' scales
 //! (and Q4_K its mins) as the file's small integers, a byte a row, and one f32 `d` (and
 //! `-dmin`) per superblock and row, so that a decode step reads about as many bytes as the
-//! file holds (Q4_K 0.59 bytes a weight, Q6_K 1.08).
+//! file holds (Q4_K 0.59 bytes a weight, Q6_K 0.83).
 //!
 //! Activations are quantized to 8 bits as llama.cpp does for each weight type: one f16 scale
 //! per block of 32 (Q8_0 for Q5_0 and Q8_0 weights, Q8_1 for Q4_1), or one f32 scale per 256
@@ -99,20 +99,20 @@ impl Kind {
         }
     }
 
-    /// Two columns' worth of nibbles per byte; else one byte per column (Q6_K's six bits
-    /// are stored whole: unpacking two bit planes costs more than the bytes' reads).
+    /// Two columns' worth of nibbles per byte, unsigned (the bits above them apart); else
+    /// (Q8_0) one signed byte per column.
     const fn nibbles(self) -> bool {
-        matches!(self, Kind::Q5_0 | Kind::Q4_1 | Kind::Q4K)
+        !matches!(self, Kind::Q8_0)
     }
 
-    /// One signed byte per column (Q8_0); the other kinds store unsigned values.
-    const fn signed(self) -> bool {
-        matches!(self, Kind::Q8_0)
-    }
-
-    /// Q5_0's fifth bits follow the nibbles.
-    const fn fifth_bits(self) -> bool {
-        matches!(self, Kind::Q5_0)
+    /// Bits of each stored weight above its nibble, kept as bit planes after the nibbles:
+    /// Q5_0's fifth, Q6_K's fifth and sixth.
+    const fn high_bits(self) -> usize {
+        match self {
+            Kind::Q5_0 => 1,
+            Kind::Q6K => 2,
+            Kind::Q4_1 | Kind::Q8_0 | Kind::Q4K => 0,
+        }
     }
 
     /// A block's two halves have scales of their own (Q6_K's).
@@ -145,9 +145,9 @@ impl Kind {
         }
     }
 
-    /// Vectors per tile and block: the weights and Q5_0's fifth bits.
+    /// Vectors per tile and block: the nibbles (or bytes) and one per bit plane above them.
     const fn block_vectors(self) -> usize {
-        self.weight_vectors() + self.fifth_bits() as usize
+        self.weight_vectors() + self.high_bits()
     }
 
     /// Scales per block and row.
@@ -264,10 +264,10 @@ impl Matrix {
 /// unit of the file (a block of 32 columns, or a K type's superblock of eight) it has
 /// `unit_vectors()` vectors: first each block's `block_vectors()`. Nibble kinds: vector `v`
 /// (0..4) holds, at byte `4r + j`, column `4v + j` of row `r` in its low nibble and column
-/// `16 + 4v + j` in its high nibble, as the unsigned `q + bias`; Q5_0's fifth bits follow as
-/// eight words of `4 TILE` bits, word `g` with bit `4r + j` for column `4g + j`. Byte kinds:
-/// vector `g` (0..8) holds column `4g + j` of row `r` at byte `4r + j` (Q8_0 signed, Q6_K as
-/// `q + bias`). Then the scales: for Q5_0, Q4_1 and Q8_0 the rows' `d` as f32, and for Q4_1
+/// `16 + 4v + j` in its high nibble, as the unsigned `q + bias`; the bits above the nibble
+/// (Q5_0's fifth, Q6_K's fifth and sixth) follow, a vector each: eight words of `4 TILE` bits,
+/// word `g` with bit `4r + j` for column `4g + j`. Byte kinds (Q8_0): vector `g` (0..8) holds
+/// column `4g + j` of row `r` at byte `4r + j`, signed. Then the scales: for Q5_0, Q4_1 and Q8_0 the rows' `d` as f32, and for Q4_1
 /// their offsets `m`. A K type's scale `s` of the unit (block `k`, or its half `h`: `2k + h`)
 /// is the byte at `TILE s + r` from the scales' first vector; Q4_K's min of block `k` the byte
 /// at `2 TILE (k / 2) + 2r + k % 2` from the offsets' first (so two blocks' mins are one pair
@@ -334,11 +334,11 @@ impl QuantMatrix {
                             block[col / 4].0[4 * r + col % 4] = v as i8 as u8;
                         }
                     }
-                    if kind.fifth_bits() {
+                    for plane in 0..kind.high_bits() {
                         for (col, &v) in u.iter().enumerate() {
                             let bit = (col / 4) * 4 * TILE + 4 * r + col % 4;
-                            block[kind.weight_vectors()].0[bit / 8] |=
-                                ((v >> 4) as u8) << (bit % 8);
+                            block[kind.weight_vectors() + plane].0[bit / 8] |=
+                                ((v >> (4 + plane)) as u8 & 1) << (bit % 8);
                         }
                     }
                     if kind.superblocks() {
@@ -560,10 +560,10 @@ impl QuantMatrix {
                                 }
                                 let byte = block[col % 16 / 4].0[at];
                                 let mut u = (if col < 16 { byte & 0x0F } else { byte >> 4 }) as i32;
-                                if kind.fifth_bits() {
+                                for plane in 0..kind.high_bits() {
                                     let bit = (col / 4) * 4 * TILE + at;
-                                    let bits = block[kind.weight_vectors()].0[bit / 8];
-                                    u |= ((bits >> (bit % 8)) & 1) as i32 * 16;
+                                    let bits = block[kind.weight_vectors() + plane].0[bit / 8];
+                                    u |= (((bits >> (bit % 8)) & 1) as i32) << (4 + plane);
                                 }
                                 u - kind.bias()
                             };
@@ -759,8 +759,7 @@ mod simd {
         /// The stored weights minus this are the weights.
         const BIAS: i32 = Self::KIND.bias();
         const NIBBLES: bool = Self::KIND.nibbles();
-        const SIGNED: bool = Self::KIND.signed();
-        const FIFTH_BITS: bool = Self::KIND.fifth_bits();
+        const HIGH_BITS: usize = Self::KIND.high_bits();
         const SPLIT: bool = Self::KIND.split();
         const OFFSETS: bool = Self::KIND.offsets();
         const SUPERBLOCKS: bool = Self::KIND.superblocks();
@@ -840,11 +839,12 @@ mod simd {
                 _mm512_and_si512(_mm512_srli_epi16(x, 4), mask),
             )
         }
-        /// `x` with 0x10 added to byte j where bit j of the word at `bits` is set.
+        /// `x` with `bit` set in byte j where bit j of the word at `bits` is set.
         #[inline(always)]
-        pub unsafe fn with_fifth_bits(x: Int, bits: *const u8) -> Int {
+        pub unsafe fn with_bit(x: Int, bits: *const u8, bit: i8) -> Int {
             let word = std::ptr::read_unaligned(bits as *const u64);
-            _mm512_or_si512(x, _mm512_maskz_mov_epi8(word, _mm512_set1_epi8(0x10)))
+            // The bit is clear in `x`: adding it sets it.
+            _mm512_mask_add_epi8(x, word, x, _mm512_set1_epi8(bit))
         }
         #[inline(always)]
         pub unsafe fn product_unsigned(acc: Int, u: Int, a: Int) -> Int {
@@ -945,14 +945,15 @@ mod simd {
                 _mm256_and_si256(_mm256_srli_epi16(x, 4), mask),
             )
         }
-        /// `x` with 0x10 added to byte j where bit j of the word at `bits` is set.
+        /// `x` with `bit` set in byte j where bit j of the word at `bits` is set.
         #[inline(always)]
-        pub unsafe fn with_fifth_bits(x: Int, bits: *const u8) -> Int {
+        pub unsafe fn with_bit(x: Int, bits: *const u8, bit: i8) -> Int {
             let word = std::ptr::read_unaligned(bits as *const u32);
+            // The bit is clear in `x`: adding it sets it.
             #[cfg(all(target_feature = "avx512bw", target_feature = "avx512vl"))]
-            let fifth = _mm256_maskz_mov_epi8(word, _mm256_set1_epi8(0x10));
+            return _mm256_mask_add_epi8(x, word, x, _mm256_set1_epi8(bit));
             #[cfg(not(all(target_feature = "avx512bw", target_feature = "avx512vl")))]
-            let fifth = {
+            {
                 // Broadcast byte j/8 of the word to byte j, then test bit j%8 by OR-ing the
                 // others in.
                 let spread = _mm256_shuffle_epi8(
@@ -965,10 +966,9 @@ mod simd {
                     ),
                 );
                 let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe_u64 as i64);
-                let set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
-                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-            };
-            _mm256_or_si256(x, fifth)
+                let all = _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi8(-1));
+                _mm256_or_si256(x, _mm256_and_si256(all, _mm256_set1_epi8(bit)))
+            }
         }
         #[inline(always)]
         pub unsafe fn product_unsigned(acc: Int, u: Int, a: Int) -> Int {
@@ -1090,7 +1090,6 @@ mod simd {
         for a in acts {
             assert_eq!(a.len(), units * F::UNIT_BLOCKS);
         }
-        let half = BLOCK / 8;
         // SAFETY: the build target has the register width's instructions (cfg above and in
         // `build.rs`); every vector index is below `F::UNIT_VECTORS` within unit `u < units`
         // (a K type's scale and min bytes too: see the layout's offsets in `Kind`), and every
@@ -1133,15 +1132,22 @@ mod simd {
                                 prefetch(w(g));
                             }
                             let (mut low, mut high) = nibbles(load(w(g)));
-                            if F::FIFTH_BITS {
+                            for plane in 0..F::HIGH_BITS {
                                 let word = TILE / 2;
-                                let bits = w(F::WEIGHT_VECTORS);
-                                low = with_fifth_bits(low, bits.add(g * word));
-                                high = with_fifth_bits(high, bits.add((g + 4) * word));
+                                let bits = w(F::WEIGHT_VECTORS + plane);
+                                let bit = 0x10 << plane;
+                                low = with_bit(low, bits.add(g * word), bit);
+                                high = with_bit(high, bits.add((g + 4) * word), bit);
                             }
+                            // The high nibbles are the block's second half.
                             for c in 0..C {
                                 dot[c] = product_unsigned(dot[c], low, group(a[c], g));
-                                dot[c] = product_unsigned(dot[c], high, group(a[c], g + 4));
+                                let upper = if F::SPLIT {
+                                    &mut second[c]
+                                } else {
+                                    &mut dot[c]
+                                };
+                                *upper = product_unsigned(*upper, high, group(a[c], g + 4));
                             }
                         }
                     } else {
@@ -1151,16 +1157,7 @@ mod simd {
                             }
                             let x = load(w(g));
                             for c in 0..C {
-                                let sum = if F::SPLIT && g >= half {
-                                    &mut second[c]
-                                } else {
-                                    &mut dot[c]
-                                };
-                                *sum = if F::SIGNED {
-                                    product_signed(*sum, x, group(a[c], g))
-                                } else {
-                                    product_unsigned(*sum, x, group(a[c], g))
-                                };
+                                dot[c] = product_signed(dot[c], x, group(a[c], g));
                             }
                         }
                     }
@@ -1427,8 +1424,9 @@ mod tests {
     #[test]
     fn k_types_take_about_the_files_bytes() {
         // Q4_K: 128 bytes of nibbles, 8 scales, 8 mins, d and -dmin per superblock and row
-        // (the file: 144); Q6_K: 256 bytes, 16 scales, d (the file: 210).
-        for (dtype, bytes_per_superblock) in [(GgmlDType::Q4K, 152), (GgmlDType::Q6K, 276)] {
+        // (the file: 144); Q6_K: 128 bytes of nibbles, 64 of high bits, 16 scales, d (the
+        // file: 210).
+        for (dtype, bytes_per_superblock) in [(GgmlDType::Q4K, 152), (GgmlDType::Q6K, 212)] {
             let (rows, cols) = (64, 1024);
             let q = QTensor::quantize(&weights(rows, cols, 9), dtype).unwrap();
             let m = Matrix::new(q).unwrap();
