@@ -267,12 +267,12 @@ impl Matrix {
 /// `16 + 4v + j` in its high nibble, as the unsigned `q + bias`; the bits above the nibble
 /// (Q5_0's fifth, Q6_K's fifth and sixth) follow, a vector each: eight words of `4 TILE` bits,
 /// word `g` with bit `4r + j` for column `4g + j`. Byte kinds (Q8_0): vector `g` (0..8) holds
-/// column `4g + j` of row `r` at byte `4r + j`, signed. Then the scales: for Q5_0, Q4_1 and Q8_0 the rows' `d` as f32, and for Q4_1
-/// their offsets `m`. A K type's scale `s` of the unit (block `k`, or its half `h`: `2k + h`)
-/// is the byte at `TILE s + r` from the scales' first vector; Q4_K's min of block `k` the byte
-/// at `2 TILE (k / 2) + 2r + k % 2` from the offsets' first (so two blocks' mins are one pair
-/// of 16-bit numbers a row); then the rows' `d` and, for Q4_K, `-dmin` as f32:
-/// `w = d * s * q - dmin * min`.
+/// column `4g + j` of row `r` at byte `4r + j`, signed. Then the scales: for Q5_0, Q4_1 and
+/// Q8_0 the rows' `d` as f32, and for Q4_1 their offsets `m`. A K type's scale `s` of the unit
+/// (block `k`, or its half `h`: `2k + h`) is the byte at `TILE s + r` from the scales' first
+/// vector; Q4_K's min of block `k` the byte at `2 TILE (k / 2) + 2r + k % 2` from the offsets'
+/// first (so two blocks' mins are one pair of 16-bit numbers a row); then the rows' `d` and,
+/// for Q4_K, `-dmin` as f32: `w = d * s * q - dmin * min`.
 pub struct QuantMatrix {
     kind: Kind,
     rows: usize,
